@@ -1,0 +1,54 @@
+"""Turn pytest-benchmark JSON into a markdown table of times and ratios.
+
+Usage: python bench/report.py results.json [--baseline eager]
+Each group (one op, size, dtype, setting) gets a row per implementation with its median
+time and its speed-up over the baseline implementation measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+
+def impl_name(bench: dict) -> str:
+    params = bench.get("params") or {}
+    if "impl" in params:
+        return str(params["impl"])
+    m = re.search(r"\[(.*)\]", bench["name"])
+    return m.group(1).split("-")[-1] if m else bench["name"]
+
+
+def table(data: dict, baseline: str = "eager") -> str:
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench["group"] or bench["name"]][impl_name(bench)] = bench["stats"]["median"]
+    lines = ["| case | impl | median (ms) | speed-up vs " + baseline + " |", "|---|---|---:|---:|"]
+    for group in sorted(groups):
+        times = groups[group]
+        base = times.get(baseline)
+        for impl, t in sorted(times.items(), key=lambda kv: -kv[1]):
+            ratio = f"{base / t:.2f}x" if base else "n/a"
+            lines.append(f"| {group} | {impl} | {t * 1e3:.1f} | {ratio} |")
+    machine = data.get("machine_info", {})
+    cpu = machine.get("cpu", {})
+    header = (f"Measured {data.get('datetime', '?')[:10]} on {cpu.get('brand_raw', '?')} "
+              f"({cpu.get('count', '?')} cores, {machine.get('torch_threads', '?')} torch threads), "
+              f"torch {machine.get('torch', '?')}.")
+    return header + "\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", help="file written by pytest --benchmark-json")
+    ap.add_argument("--baseline", default="eager")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        print(table(json.load(f), args.baseline))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

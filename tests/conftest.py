@@ -1,0 +1,63 @@
+"""Shared fixtures: devices, dtype tolerances, and helpers for the statistical tests."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import dmmd_ops
+
+HAS_CUDA = torch.cuda.is_available()
+
+# dtype -> (rtol, atol) for losses / log-probs computed from logits of that dtype.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),  # same float32 math on the bf16 values the reference sees
+    torch.float16: (1e-5, 1e-5),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gen():
+    """A seeded torch.Generator for building random test inputs."""
+    return torch.Generator().manual_seed(1234)
+
+
+def chi2_pvalue(counts: np.ndarray, probs: np.ndarray, min_expected: float = 5.0) -> float:
+    """Pearson chi-square p-value of observed ``counts`` against exact ``probs``.
+
+    Classes with tiny expected counts are pooled into one bin so the test stays valid.
+    Classes with probability zero must never be observed (asserted here).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    assert counts[probs == 0].sum() == 0, "a class of probability zero was drawn"
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= min_expected
+    obs = list(counts[big])
+    exp = list(expected[big])
+    rest_exp = expected[~big & (probs > 0)].sum()
+    if rest_exp > 0:
+        obs.append(counts[~big].sum())
+        exp.append(rest_exp)
+    if len(obs) < 2:
+        return 1.0
+    return float(stats.chisquare(obs, np.asarray(exp) * (sum(obs) / sum(exp))).pvalue)
+
+
+def bincount(x: torch.Tensor, v: int) -> np.ndarray:
+    return torch.bincount(x.reshape(-1).cpu(), minlength=v).numpy()
+
+
+__all__ = ["HAS_CUDA", "TOLERANCES", "bincount", "chi2_pvalue", "dmmd_ops"]
