@@ -68,7 +68,9 @@ def _extension():
     with_cuda = _want_cuda()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    # OpenMP: at::parallel_for runs serially without it. No FP contraction: every pass must
+    # round a * (1 / temperature) - max identically (the nucleus bins depend on it).
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp", "-ffp-contract=off"]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec only vectorizes for a named CPU capability; AVX2+FMA is the portable
         # baseline we build for (no -march=native).
@@ -108,6 +110,7 @@ def _extension():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
         define_macros=define_macros,
     )
 

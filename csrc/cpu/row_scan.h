@@ -1,0 +1,228 @@
+// The per-row passes every CPU kernel shares: the row maximum (with the NaN / infinity
+// checks), the exponentials of the tempered teacher logits into a per-thread scratch row,
+// and the top-p nucleus found without sorting the row.
+//
+// Nucleus: classes are ranked by the raw logit a (higher first, ties by lower index) and a
+// class is kept while the mass strictly before it is < top_p (SPEC section 1). We bin every
+// class by the float bits of d = max(s) - s (s = a / temperature; d >= 0, so its bits order
+// like its value and like -a), accumulate each bin's mass in float64, find the bin where
+// the cumulative mass crosses top_p, split that bin again by finer bits, and sort only the
+// few classes of the crossing sub-bin. The result is a threshold (a_star, i_star) on the raw
+// logits: keep iff a > a_star, or a == a_star and index <= i_star.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "vec.h"
+
+namespace dmmd::cpu {
+
+constexpr int kBins = 2048;    // bits(d) >> 20: sign (0), exponent, 3 mantissa bits
+constexpr int kSubBins = 1024;  // the next 10 mantissa bits
+constexpr int kHistCopies = 4;  // interleaved copies break the add-latency chain on one bin
+constexpr int kBlock = 64;      // elements per float32 partial sum of the inverse-CDF walk
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+// Per-thread scratch, sized for one row and reused across the rows of a parallel chunk.
+struct Workspace {
+  std::vector<float> e;          // exp(s - max s) of the row
+  std::vector<uint16_t> key;     // coarse bin of each class
+  std::vector<double> hist;      // kHistCopies x kBins
+  std::vector<double> sub;       // kSubBins
+  std::vector<int32_t> cand, cand2;
+  std::vector<double> blocks;    // per-kBlock sums for the inverse CDF
+  explicit Workspace(int64_t v)
+      : e(v + kW), key(v + 16), hist(kHistCopies * kBins), sub(kSubBins), blocks(v / kBlock + 2) {}
+};
+
+// Loads lanes [i, i + n) of a row with lane `exclude - i` (if in range) replaced by -inf.
+template <typename T>
+inline fVec load_excluding(const T* row, int64_t i, int n, int64_t exclude) {
+  fVec x = load(row, i, n, -kInf);
+  if (static_cast<uint64_t>(exclude - i) < static_cast<uint64_t>(n)) {
+    const fVec lane = fVec::arange(0.f, 1.f) == fVec(static_cast<float>(exclude - i));
+    x = fVec::blendv(x, fVec(-kInf), lane);
+  }
+  return x;
+}
+
+// The maximum of a row (class `exclude` left out; -1 for none). NaN if the row has a NaN.
+template <typename T>
+inline float row_max(const T* row, int64_t v, int64_t exclude = -1) {
+  fVec m(-kInf);
+  fVec nan(0.f);
+  over_row(v, [&](int64_t i, int n) {
+    const fVec x = load_excluding(row, i, n, exclude);
+    m = at::vec::maximum(m, x);
+    nan = nan | nan_mask(x);
+  });
+  if (any(nan)) return std::numeric_limits<float>::quiet_NaN();
+  return hmax(m);
+}
+
+// Raises (ValueError, naming the argument) unless a row maximum is finite: NaN means the row
+// has a NaN, +inf a +inf logit, -inf a row where no class can occur.
+inline void check_row_max(float m, const char* op, const char* arg, int64_t row) {
+  TORCH_CHECK_VALUE(!std::isnan(m), op, ": ", arg, " contains NaN (row ", row, ")");
+  TORCH_CHECK_VALUE(m != kInf, op, ": ", arg, " contains +inf (row ", row, "); only -inf logits are allowed");
+  TORCH_CHECK_VALUE(m != -kInf, op, ": ", arg, " has a row where every logit is -inf (row ", row,
+                    "): no class can occur");
+}
+
+// x = a * inv_t - ms, the tempered logit relative to its maximum (<= 0). One definition, so
+// that every pass (and the bin keys) sees bit-identical values (built with -ffp-contract=off).
+inline fVec tempered(const fVec& a, float inv_t, float ms) { return a * fVec(inv_t) - fVec(ms); }
+inline float tempered(float a, float inv_t, float ms) { return a * inv_t - ms; }
+
+// Stores the coarse bin keys bits(0 - x) >> 20 of lanes [i, i + n).
+inline void store_keys(uint16_t* key, int64_t i, int n, const fVec& x) {
+  const fVec d = fVec(0.f) - x;  // 0 - 0 = +0, and -inf becomes +inf (the last bin)
+#if defined(CPU_CAPABILITY_AVX2)
+  if (n == kW) {
+    const __m256i k = _mm256_srli_epi32(_mm256_castps_si256(d), 20);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(key + i), packed);
+    return;
+  }
+#endif
+  alignas(32) float tmp[kW];
+  d.store(tmp);
+  for (int k = 0; k < n; ++k) key[i + k] = static_cast<uint16_t>(float_bits(tmp[k]) >> 20);
+}
+
+// The exponentials e_c = exp(x_c) of a row into ws.e, with their float64 sum. With
+// `keys`, also each class's coarse nucleus bin. Class `exclude` gets e = 0.
+template <typename T>
+inline double teacher_exp(const T* row, int64_t v, float inv_t, float ms, int64_t exclude, bool keys,
+                          Workspace& ws) {
+  BlockSum total;
+  float* e = ws.e.data();
+  uint16_t* key = ws.key.data();
+  over_row(v, [&](int64_t i, int n) {
+    const fVec x = tempered(load_excluding(row, i, n, exclude), inv_t, ms);
+    const fVec ex = vexp(x);
+    ex.store(e + i, n);
+    total.add(ex);
+    if (keys) store_keys(key, i, n, x);
+  });
+  return total.get();
+}
+
+// The nucleus threshold of a row whose ws.e and ws.key are filled by teacher_exp(keys=true).
+struct Nucleus {
+  float a_star;
+  int64_t i_star;
+  double kept;   // mass of the kept classes
+  double total;  // mass of all classes (summed bin by bin)
+};
+
+template <typename T>
+inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, double top_p, Workspace& ws) {
+  const float* e = ws.e.data();
+  const uint16_t* key = ws.key.data();
+  double* h = ws.hist.data();
+  std::fill(ws.hist.begin(), ws.hist.end(), 0.0);
+  int64_t c = 0;
+  for (; c + kHistCopies <= v; c += kHistCopies) {
+    for (int k = 0; k < kHistCopies; ++k) h[k * kBins + key[c + k]] += e[c + k];
+  }
+  for (; c < v; ++c) h[key[c]] += e[c];
+  double total = 0;
+  for (int b = 0; b < kBins; ++b) {
+    double m = 0;
+    for (int k = 0; k < kHistCopies; ++k) m += h[k * kBins + b];
+    h[b] = m;  // fold the copies into copy 0
+    total += m;
+  }
+  const double target = top_p * total;
+  double cum = 0;
+  int bin = kBins - 1;
+  for (int b = 0; b < kBins; ++b) {
+    if (cum + h[b] >= target && h[b] > 0) {
+      bin = b;
+      break;
+    }
+    cum += h[b];
+  }
+  // Classes of the crossing bin, in index order.
+  ws.cand.clear();
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256i want = _mm256_set1_epi16(static_cast<int16_t>(bin));
+  for (c = 0; c + 16 <= v; c += 16) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + c));
+    uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(k, want)));
+    while (bits) {
+      const int lane = __builtin_ctz(bits) >> 1;
+      ws.cand.push_back(static_cast<int32_t>(c + lane));
+      bits &= ~(3u << (2 * lane));
+    }
+  }
+#else
+  c = 0;
+#endif
+  for (; c < v; ++c)
+    if (key[c] == bin) ws.cand.push_back(static_cast<int32_t>(c));
+
+  // Split a large crossing bin by the next bits of d.
+  std::vector<int32_t>* final_cand = &ws.cand;
+  if (ws.cand.size() > 32) {
+    std::fill(ws.sub.begin(), ws.sub.end(), 0.0);
+    auto sub_key = [&](int32_t i) {
+      const float d = 0.f - tempered(static_cast<float>(row[i]), inv_t, ms);
+      return (float_bits(d) >> 10) & (kSubBins - 1);
+    };
+    for (int32_t i : ws.cand) ws.sub[sub_key(i)] += e[i];
+    uint32_t sb = kSubBins - 1;
+    for (uint32_t b = 0; b < static_cast<uint32_t>(kSubBins); ++b) {
+      if (cum + ws.sub[b] >= target && ws.sub[b] > 0) {
+        sb = b;
+        break;
+      }
+      cum += ws.sub[b];
+    }
+    ws.cand2.clear();
+    for (int32_t i : ws.cand)
+      if (sub_key(i) == sb) ws.cand2.push_back(i);
+    final_cand = &ws.cand2;
+  }
+  std::vector<int32_t>& fc = *final_cand;
+  std::sort(fc.begin(), fc.end(), [&](int32_t x, int32_t y) {
+    const float ax = static_cast<float>(row[x]), ay = static_cast<float>(row[y]);
+    return ax > ay || (ax == ay && x < y);
+  });
+  Nucleus out{static_cast<float>(row[fc.empty() ? 0 : fc.back()]), fc.empty() ? 0 : fc.back(), cum, total};
+  for (int32_t i : fc) {
+    cum += e[i];
+    if (cum >= target) {
+      out.a_star = static_cast<float>(row[i]);
+      out.i_star = i;
+      break;
+    }
+  }
+  out.kept = std::min(cum, total);
+  return out;
+}
+
+// Keep mask of lanes [i, i + kW) given the raw logits `a` of those lanes.
+inline fVec keep_mask(const fVec& a, int64_t i, float a_star, float i_star) {
+  const fVec idx = fVec::arange(static_cast<float>(i), 1.f);
+  return (a > fVec(a_star)) | ((a == fVec(a_star)) & (idx <= fVec(i_star)));
+}
+
+// log of the teacher's normaliser after the soft top-p mask, relative to max(s):
+// Z' = kept + e^{-delta} (total - kept).
+inline double masked_log_normaliser(const Nucleus& nu, double delta) {
+  return std::log(nu.kept + std::exp(-delta) * std::max(nu.total - nu.kept, 0.0));
+}
+
+}  // namespace dmmd::cpu
