@@ -14,18 +14,40 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     EXTENSION_LOADED = False
     EXTENSION_ERROR = str(exc)
 
+# Every op of the schema (csrc/ops.cpp).
+OPS = ("philox4x32", "teacher_logprobs", "generator_loss_forward", "generator_loss_backward",
+       "aux_loss_forward", "aux_loss_backward", "sample_categorical", "posterior_sample",
+       "denoise_step", "grad_gram")
+
 _warned: set[str] = set()
+_has: dict[tuple[str, str], bool] = {}
+
+
+def _lookup(op: str, device_type: str) -> bool:
+    if not EXTENSION_LOADED:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dmmd::{op}", device_type.upper())
+    except RuntimeError:
+        return False
 
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
-    """Whether `dmmd::<op>` has a compiled kernel for the dispatch key of `device`."""
-    if not EXTENSION_LOADED:
-        return False
-    key = "CUDA" if torch.device(device).type == "cuda" else torch.device(device).type.upper()
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"dmmd::{op}", key)
-    except RuntimeError:
-        return False
+    """Whether `dmmd::<op>` has a compiled kernel for the dispatch key of `device`.
+
+    Cached per (op, device type): a plain dict lookup, so torch.compile traces through it.
+    """
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, device_type)
+    if key not in _has:
+        _has[key] = _lookup(op, device_type)
+    return _has[key]
+
+
+# Filled at import, so that calls traced by torch.compile only ever read the dict.
+for _op in OPS:
+    for _device_type in ("cpu", "cuda"):
+        has_kernel(_op, _device_type)
 
 
 def warn_fallback(op: str, device: torch.device | str) -> None:

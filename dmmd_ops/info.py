@@ -7,11 +7,7 @@ import os
 
 import torch
 
-from dmmd_ops._ext import EXTENSION_ERROR, EXTENSION_LOADED, has_kernel
-
-OPS = ("philox4x32", "teacher_logprobs", "generator_loss_forward", "generator_loss_backward",
-       "aux_loss_forward", "aux_loss_backward", "sample_categorical", "posterior_sample",
-       "denoise_step", "grad_gram")
+from dmmd_ops._ext import EXTENSION_ERROR, EXTENSION_LOADED, OPS, has_kernel
 
 
 def build_info() -> dict:

@@ -5,16 +5,41 @@ from __future__ import annotations
 
 import torch
 
+from dmmd_ops import (
+    _meta,  # noqa: F401  (fake and autograd registrations)
+    reference,
+)
 from dmmd_ops import _validate as check
-from dmmd_ops import reference
 from dmmd_ops._ext import has_kernel, warn_fallback
 
 
-def _use_kernel(op: str, device: torch.device) -> bool:
+def _use_kernel(op: str, device: torch.device, *tensors: torch.Tensor | None) -> bool:
+    """Whether to run the compiled kernel. float64 inputs (gradcheck, test oracles) run the
+    float64 reference on purpose; a missing kernel falls back to it with one warning."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return False
     if has_kernel(op, device):
         return True
     warn_fallback(op, device)
     return False
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., V]`` as ``[rows, V]`` with a unit last stride (a view whenever one exists)."""
+    r = t.reshape(-1, t.shape[-1])
+    return r if r.stride(-1) == 1 else r.contiguous()
+
+
+def _one_dtype(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The kernels take one logits dtype per call: mixed dtypes meet in float32."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) <= 1:
+        return tensors
+    return tuple(None if t is None else t.to(torch.float32) for t in tensors)
+
+
+def _flat_alpha(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.broadcast_to(alpha, like.shape).reshape(-1).to(torch.float64).contiguous()
 
 
 def philox4x32(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -48,14 +73,20 @@ def teacher_logprobs(teacher_logits: torch.Tensor, *, temperature: float = 1.0, 
     """
     check.logits("teacher_logits", teacher_logits)
     temperature, top_p, delta = check.temperature(temperature), check.top_p(top_p), check.delta(delta)
+    if _use_kernel("teacher_logprobs", teacher_logits.device, teacher_logits):
+        out = torch.ops.dmmd.teacher_logprobs(_rows(teacher_logits), temperature, top_p, delta)
+        return out.reshape(teacher_logits.shape)
     check.no_nan("teacher_logits", teacher_logits)
-    _use_kernel("teacher_logprobs", teacher_logits.device)
     return reference.teacher_logprobs(teacher_logits, temperature=temperature, top_p=top_p, delta=delta)
 
 
 def _check_loss_common(logits_args: dict[str, torch.Tensor | None], weight: torch.Tensor | None,
-                       temperature: float, top_p: float, delta: float, reduction: str):
-    """Shapes, devices, scalars and NaNs shared by the two loss ops; the first logits is the reference."""
+                       temperature: float, top_p: float, delta: float, reduction: str, op: str):
+    """Shapes, devices, scalars and NaNs shared by the two loss ops; the first logits is the reference.
+
+    Returns ``(use_kernel, weight, temperature, top_p, delta, reduction)``. The kernels check
+    the logits for NaN as they stream them, so only the reference path scans for NaN here.
+    """
     names = [n for n, t in logits_args.items() if t is not None]
     ref_name, ref = names[0], logits_args[names[0]]
     for name in names:
@@ -65,10 +96,12 @@ def _check_loss_common(logits_args: dict[str, torch.Tensor | None], weight: torc
             check.same_device(name, t, ref_name, ref)
     weight = check.weight(weight, ref.shape[:-1], ref)
     out = (check.temperature(temperature), check.top_p(top_p), check.delta(delta), check.reduction(reduction))
-    for name in names:
-        check.no_nan(name, logits_args[name])
+    use_kernel = _use_kernel(op, ref.device, *logits_args.values())
+    if not use_kernel:
+        for name in names:
+            check.no_nan(name, logits_args[name])
     check.no_nan("weight", weight)
-    return (weight, *out)
+    return (use_kernel, weight, *out)
 
 
 def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, aux_logits: torch.Tensor,
@@ -85,10 +118,13 @@ def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
         weight: optional per-row weights ``[...]`` (e.g. ``w(s)``).
         reduction: ``"none"`` (float32 ``[...]``), ``"sum"`` or ``"mean"`` (weighted sum / rows).
     """
-    weight, temperature, top_p, delta, reduction = _check_loss_common(
+    use_kernel, weight, temperature, top_p, delta, reduction = _check_loss_common(
         {"student_logits": student_logits, "teacher_logits": teacher_logits, "aux_logits": aux_logits},
-        weight, temperature, top_p, delta, reduction)
-    _use_kernel("generator_loss_forward", student_logits.device)
+        weight, temperature, top_p, delta, reduction, "generator_loss_forward")
+    if use_kernel:
+        u, a, b = _one_dtype(student_logits, teacher_logits, aux_logits)
+        rows, _ = torch.ops.dmmd.generator_loss_forward(_rows(u), _rows(a), _rows(b), temperature, top_p, delta)
+        return reference.reduce_rows(rows.reshape(student_logits.shape[:-1]), weight, reduction)
     return reference.generator_loss(student_logits, teacher_logits, aux_logits, weight=weight,
                                     temperature=temperature, top_p=top_p, delta=delta, reduction=reduction)
 
@@ -105,15 +141,18 @@ def aux_loss(aux_logits: torch.Tensor, target: torch.Tensor, teacher_logits: tor
         target: hard ``x`` as int64 ``[...]`` or soft ``x`` as float probabilities ``[..., V]``.
         teacher_logits: ``[..., V]`` giving ``q_teacher = exp(teacher_logprobs(.))``; None drops that term.
     """
-    weight, temperature, top_p, delta, reduction = _check_loss_common(
+    use_kernel, weight, temperature, top_p, delta, reduction = _check_loss_common(
         {"aux_logits": aux_logits, "teacher_logits": teacher_logits}, weight, temperature, top_p, delta,
-        reduction)
+        reduction, "aux_loss_forward")
     target = check.tensor("target", target)
     check.same_device("target", target, "aux_logits", aux_logits)
     v = aux_logits.shape[-1]
     if target.is_floating_point():
         check.same_shape("target", target, "aux_logits", aux_logits)
-        check.probabilities("target", target)
+        if target.dtype == torch.float64:
+            use_kernel = False
+        if not use_kernel:  # the kernel checks soft targets as it reads them
+            check.probabilities("target", target)
     elif target.dtype == torch.int64:
         if target.shape != aux_logits.shape[:-1]:
             raise ValueError(f"hard target must have shape {tuple(aux_logits.shape[:-1])} "
@@ -121,7 +160,12 @@ def aux_loss(aux_logits: torch.Tensor, target: torch.Tensor, teacher_logits: tor
         check.ids_in_range("target", target, v)
     else:
         raise ValueError(f"target must be int64 ids or float probabilities, got {target.dtype}")
-    _use_kernel("aux_loss_forward", aux_logits.device)
+    if use_kernel:
+        b, a = _one_dtype(aux_logits, teacher_logits)
+        x = _rows(target.to(torch.float32)) if target.is_floating_point() else target.reshape(-1)
+        rows, _ = torch.ops.dmmd.aux_loss_forward(_rows(b), x, None if a is None else _rows(a), temperature,
+                                                  top_p, delta)
+        return reference.reduce_rows(rows.reshape(aux_logits.shape[:-1]), weight, reduction)
     return reference.aux_loss(aux_logits, target, teacher_logits, weight=weight, temperature=temperature,
                               top_p=top_p, delta=delta, reduction=reduction)
 
@@ -135,8 +179,10 @@ def sample_categorical(logits: torch.Tensor, *, temperature: float = 1.0, top_p:
     check.logits("logits", logits)
     temperature, top_p = check.temperature(temperature), check.top_p(top_p)
     seed, offset = check.seed("seed", seed), check.seed("offset", offset)
+    if _use_kernel("sample_categorical", logits.device, logits):
+        out = torch.ops.dmmd.sample_categorical(_rows(logits), temperature, top_p, seed, offset)
+        return out.reshape(logits.shape[:-1])
     check.no_nan("logits", logits)
-    _use_kernel("sample_categorical", logits.device)
     return reference.sample_categorical(logits, temperature=temperature, top_p=top_p, seed=seed, offset=offset)
 
 
@@ -188,13 +234,19 @@ def posterior_sample(z_t: torch.Tensor, x: torch.Tensor, alpha_s: torch.Tensor |
     a_s, a_t = check.alphas(alpha_s, alpha_t, z_t)
     seed, offset = check.seed("seed", seed), check.seed("offset", offset)
     check.ids_in_range("z_t", z_t, v)
+    use_kernel = _use_kernel("posterior_sample", z_t.device, x if soft else None)
     if soft:
         check.probabilities("x", x)
     else:
         check.ids_in_range("x", x, v)
         if process == "masked" and check.value_checks_enabled(x) and bool((x == mask_id).any()):
             raise ValueError("x must not contain mask_id: the mask class is never a clean token")
-    _use_kernel("posterior_sample", z_t.device)
+    if use_kernel:
+        xk = _rows(x.to(torch.float32)) if soft else x.reshape(-1)
+        out = torch.ops.dmmd.posterior_sample(
+            z_t.reshape(-1), xk, _flat_alpha(a_s, z_t), _flat_alpha(a_t, z_t), process,
+            -1 if mask_id is None else mask_id, -1 if num_classes is None else num_classes, seed, offset)
+        return out.reshape(z_t.shape)
     return reference.posterior_sample(z_t, x, a_s, a_t, process=process, mask_id=mask_id,
                                       num_classes=num_classes, seed=seed, offset=offset)
 
@@ -220,9 +272,13 @@ def denoise_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_s: torch.Tensor 
     a_s, a_t = check.alphas(alpha_s, alpha_t, z_t)
     temperature, top_p = check.temperature(temperature), check.top_p(top_p)
     seed, offset = check.seed("seed", seed), check.seed("offset", offset)
-    check.no_nan("logits", logits)
     check.ids_in_range("z_t", z_t, v)
-    _use_kernel("denoise_step", logits.device)
+    if _use_kernel("denoise_step", logits.device, logits):
+        out = torch.ops.dmmd.denoise_step(
+            _rows(logits), z_t.reshape(-1), _flat_alpha(a_s, z_t), _flat_alpha(a_t, z_t), process,
+            -1 if mask_id is None else mask_id, temperature, top_p, seed, offset)
+        return out.reshape(z_t.shape)
+    check.no_nan("logits", logits)
     return reference.denoise_step(logits, z_t, a_s, a_t, process=process, mask_id=mask_id,
                                   temperature=temperature, top_p=top_p, seed=seed, offset=offset)
 
@@ -247,5 +303,6 @@ def grad_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     check.same_device("g", g, "a", a)
     check.no_nan("a", a)
     check.no_nan("g", g)
-    _use_kernel("grad_gram", a.device)
+    if _use_kernel("grad_gram", a.device, a, g):
+        return torch.ops.dmmd.grad_gram(a, g)
     return reference.grad_gram(a, g)

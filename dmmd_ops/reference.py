@@ -102,15 +102,16 @@ def nucleus_mask(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> tor
 
 def _teacher_logprobs64(teacher_logits: torch.Tensor, temperature: float, top_p: float,
                         delta: float) -> torch.Tensor:
-    a = teacher_logits.detach().to(F64)
+    a = teacher_logits.to(F64)
     s = a / temperature
     if top_p < 1.0:
-        keep = nucleus_mask(a, torch.softmax(s, dim=-1), top_p)
+        keep = nucleus_mask(a.detach(), torch.softmax(s.detach(), dim=-1), top_p)
         s = s - delta * (~keep).to(F64)
     return torch.log_softmax(s, dim=-1)
 
 
-def _reduce(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+def reduce_rows(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    """Per-row losses times the optional row weights, then ``"none"``, ``"sum"`` or ``"mean"``."""
     if weight is not None:
         rows = rows * weight.to(rows.dtype)
     if reduction == "none":
@@ -144,11 +145,11 @@ def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
     """
     logp = torch.log_softmax(student_logits.to(F64), dim=-1)
     p = logp.exp()
-    diff = _teacher_logprobs64(teacher_logits, temperature, top_p, delta) - \
+    diff = _teacher_logprobs64(teacher_logits.detach(), temperature, top_p, delta) - \
         torch.log_softmax(aux_logits.detach().to(F64), dim=-1)
     diff = torch.where(p > 0, diff, torch.zeros_like(diff))  # 0 * (-inf) must be 0, not NaN
     rows = -(p * diff).sum(-1)
-    out = _reduce(rows, weight, reduction)
+    out = reduce_rows(rows, weight, reduction)
     return out.to(_out_dtype(student_logits, teacher_logits, aux_logits))
 
 
@@ -169,9 +170,9 @@ def aux_loss(aux_logits: torch.Tensor, target: torch.Tensor, teacher_logits: tor
         x = target.detach().to(F64)
         rows = -(x * torch.where(x > 0, alp, torch.zeros_like(alp))).sum(-1)
     if teacher_logits is not None:
-        q = _teacher_logprobs64(teacher_logits, temperature, top_p, delta).exp()
+        q = _teacher_logprobs64(teacher_logits.detach(), temperature, top_p, delta).exp()
         rows = rows - (q * torch.where(q > 0, alp, torch.zeros_like(alp))).sum(-1)
-    out = _reduce(rows, weight, reduction)
+    out = reduce_rows(rows, weight, reduction)
     dt = _out_dtype(aux_logits, teacher_logits, target if target.is_floating_point() else None)
     return out.to(dt)
 

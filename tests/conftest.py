@@ -61,3 +61,14 @@ def bincount(x: torch.Tensor, v: int) -> np.ndarray:
 
 
 __all__ = ["HAS_CUDA", "TOLERANCES", "bincount", "chi2_pvalue", "dmmd_ops"]
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def ops(request):
+    """The op implementation under test: the public ops (compiled CPU kernels) or the float64
+    reference, so each behavioural test holds both to the same oracle."""
+    if request.param == "reference":
+        return dmmd_ops.reference
+    if not dmmd_ops.has_kernel("generator_loss_forward", "cpu"):
+        pytest.fail("the extension has no CPU kernels; build it (make test does)")
+    return dmmd_ops

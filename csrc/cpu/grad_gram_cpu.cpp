@@ -17,6 +17,9 @@ namespace {
 
 constexpr int64_t kChunkBytes = int64_t{128} << 20;  // per intermediate block
 
+// K is symmetric by definition; a diagonal block summed in two orders is made exactly so.
+at::Tensor symmetric(const at::Tensor& blk) { return blk.add(blk.t()).mul_(0.5); }
+
 at::Tensor gram_trick(const at::Tensor& a, const at::Tensor& g) {
   const int64_t n = a.size(0), t = a.size(1);
   // Examples per chunk so that one [m T, m T] product stays within kChunkBytes.
@@ -30,7 +33,8 @@ at::Tensor gram_trick(const at::Tensor& a, const at::Tensor& g) {
       const int64_t mj = std::min(m, n - j0);
       const at::Tensor aa = at::mm(ai, af.narrow(0, j0 * t, mj * t).t());
       const at::Tensor gg = at::mm(gi, gf.narrow(0, j0 * t, mj * t).t());
-      const at::Tensor blk = aa.mul_(gg).view({mi, t, mj, t}).sum({1, 3});
+      at::Tensor blk = aa.mul_(gg).view({mi, t, mj, t}).sum({1, 3});
+      if (j0 == i0) blk = symmetric(blk);
       k.narrow(0, i0, mi).narrow(1, j0, mj).copy_(blk);
       if (j0 != i0) k.narrow(0, j0, mj).narrow(1, i0, mi).copy_(blk.t());
     }
@@ -50,7 +54,7 @@ at::Tensor materialised(const at::Tensor& a, const at::Tensor& g) {
     const at::Tensor gi = grads(i0, mi);
     for (int64_t j0 = i0; j0 < n; j0 += m) {
       const int64_t mj = std::min(m, n - j0);
-      const at::Tensor blk = at::mm(gi, j0 == i0 ? gi.t() : grads(j0, mj).t());
+      const at::Tensor blk = j0 == i0 ? symmetric(at::mm(gi, gi.t())) : at::mm(gi, grads(j0, mj).t());
       k.narrow(0, i0, mi).narrow(1, j0, mj).copy_(blk);
       if (j0 != i0) k.narrow(0, j0, mj).narrow(1, i0, mi).copy_(blk.t());
     }

@@ -1,4 +1,4 @@
-"""The reference losses held to the math: brute-force formulas, the analytic gradients of
+"""The losses (compiled kernels and the float64 reference, via the `ops` fixture) held to the math: brute-force formulas, the analytic gradients of
 eq. 11 and eq. 12, and float64 finite differences (gradcheck)."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import dmmd_ops
 from dmmd_ops import reference
 
 
@@ -66,18 +65,18 @@ def test_nucleus_tie_breaks_to_lower_index():
 
 @pytest.mark.parametrize("temperature,top_p,delta", [(1.0, 1.0, 2.0), (0.7, 1.0, 2.0), (1.3, 0.8, 2.0),
                                                     (1.0, 0.5, 5.0), (0.5, 0.95, 0.0)])
-def test_teacher_logprobs_matches_formula(temperature, top_p, delta, gen):
+def test_teacher_logprobs_matches_formula(ops, temperature, top_p, delta, gen):
     a = torch.randn(7, 23, generator=gen) * 2
-    got = dmmd_ops.teacher_logprobs(a, temperature=temperature, top_p=top_p, delta=delta)
+    got = ops.teacher_logprobs(a, temperature=temperature, top_p=top_p, delta=delta)
     assert got.dtype == torch.float32 and got.shape == a.shape
     want = brute_teacher_logprobs(a.numpy(), temperature, top_p, delta)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
 
 
-def test_teacher_logprobs_soft_mask_never_infinite(gen):
+def test_teacher_logprobs_soft_mask_never_infinite(ops, gen):
     """Outside the nucleus the log-probs drop by exactly delta relative to inside, never to -inf."""
     a = torch.randn(4, 50, generator=gen) * 4
-    out = dmmd_ops.teacher_logprobs(a, top_p=0.1, delta=2.0)
+    out = ops.teacher_logprobs(a, top_p=0.1, delta=2.0)
     assert torch.isfinite(out).all()
     keep = reference.nucleus_mask(a.double(), torch.softmax(a.double(), -1), 0.1)
     shift = (out - a).double()  # = -lse - delta * (1 - keep) per row
@@ -102,29 +101,29 @@ def brute_generator_loss_rows(u, a, b, temperature, top_p, delta):
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_generator_loss_value(top_p, dtype, gen):
+def test_generator_loss_value(ops, top_p, dtype, gen):
     u, a, b = (torch.randn(2, 5, 31, generator=gen).to(dtype) for _ in range(3))
-    got = dmmd_ops.generator_loss(u, a, b, temperature=0.9, top_p=top_p, reduction="none")
+    got = ops.generator_loss(u, a, b, temperature=0.9, top_p=top_p, reduction="none")
     assert got.dtype == torch.float32 and got.shape == (2, 5)
     want = brute_generator_loss_rows(u.float().reshape(10, 31).numpy(), a.float().reshape(10, 31).numpy(),
                                      b.float().reshape(10, 31).numpy(), 0.9, top_p, 2.0)
     np.testing.assert_allclose(got.reshape(-1).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_generator_loss_weights_and_reductions(gen):
+def test_generator_loss_weights_and_reductions(ops, gen):
     u, a, b = (torch.randn(6, 17, generator=gen) for _ in range(3))
     w = torch.rand(6, generator=gen)
-    rows = dmmd_ops.generator_loss(u, a, b, reduction="none")
-    torch.testing.assert_close(dmmd_ops.generator_loss(u, a, b, weight=w, reduction="none"), rows * w)
-    torch.testing.assert_close(dmmd_ops.generator_loss(u, a, b, weight=w), (rows * w).sum())
-    torch.testing.assert_close(dmmd_ops.generator_loss(u, a, b, weight=w, reduction="mean"), (rows * w).sum() / 6)
+    rows = ops.generator_loss(u, a, b, reduction="none")
+    torch.testing.assert_close(ops.generator_loss(u, a, b, weight=w, reduction="none"), rows * w)
+    torch.testing.assert_close(ops.generator_loss(u, a, b, weight=w), (rows * w).sum())
+    torch.testing.assert_close(ops.generator_loss(u, a, b, weight=w, reduction="mean"), (rows * w).sum() / 6)
 
 
-def test_generator_loss_fixed_point_is_zero(gen):
+def test_generator_loss_fixed_point_is_zero(ops, gen):
     """Teacher == auxiliary model: the loss and its gradient vanish (the D-MMD fixed point)."""
     u = torch.randn(5, 40, generator=gen, requires_grad=True)
     a = torch.randn(5, 40, generator=gen)
-    loss = dmmd_ops.generator_loss(u, a, a.clone())
+    loss = ops.generator_loss(u, a, a.clone())
     loss.backward()
     assert abs(float(loss.detach())) < 1e-6 and float(u.grad.abs().max()) < 1e-6
 
@@ -154,24 +153,24 @@ def test_generator_loss_gradcheck(gen):
                                                          reduction="none"), (u,))
 
 
-def test_generator_loss_gradient_only_to_student(gen):
+def test_generator_loss_gradient_only_to_student(ops, gen):
     u, a, b = (torch.randn(3, 9, generator=gen, requires_grad=True) for _ in range(3))
-    dmmd_ops.generator_loss(u, a, b).backward()
+    ops.generator_loss(u, a, b).backward()
     assert u.grad is not None and a.grad is None and b.grad is None
 
 
-def test_generator_loss_minus_inf_classes(gen):
+def test_generator_loss_minus_inf_classes(ops, gen):
     """A class no model can produce (-inf everywhere, e.g. the mask) contributes exactly 0."""
     u, a, b = (torch.randn(4, 12, generator=gen) for _ in range(3))
     for t in (u, a, b):
         t[:, 3] = float("-inf")
     u.requires_grad_(True)
-    loss = dmmd_ops.generator_loss(u, a, b, top_p=0.7)
+    loss = ops.generator_loss(u, a, b, top_p=0.7)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(u.grad).all()
     keep = [c for c in range(12) if c != 3]
     u2, a2, b2 = (t.detach()[:, keep] for t in (u, a, b))
-    torch.testing.assert_close(loss, dmmd_ops.generator_loss(u2, a2, b2, top_p=0.7))
+    torch.testing.assert_close(loss, ops.generator_loss(u2, a2, b2, top_p=0.7))
     assert float(u.grad[:, 3].abs().max()) == 0.0
 
 
@@ -189,14 +188,14 @@ def brute_aux_loss_rows(b, x, a, temperature, top_p, delta):
 @pytest.mark.parametrize("with_teacher", [True, False])
 @pytest.mark.parametrize("soft", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_aux_loss_value(with_teacher, soft, dtype, gen):
+def test_aux_loss_value(ops, with_teacher, soft, dtype, gen):
     b = torch.randn(8, 19, generator=gen).to(dtype)
     a = torch.randn(8, 19, generator=gen).to(dtype) if with_teacher else None
     hard = torch.randint(0, 19, (8,), generator=gen)
     x = torch.softmax(torch.randn(8, 19, generator=gen), -1) if soft else \
         torch.nn.functional.one_hot(hard, 19).double()
     target = x.float() if soft else hard
-    got = dmmd_ops.aux_loss(b, target, a, temperature=1.2, top_p=0.85, reduction="none")
+    got = ops.aux_loss(b, target, a, temperature=1.2, top_p=0.85, reduction="none")
     want = brute_aux_loss_rows(b.float().numpy(), x.float().double().numpy(),
                                None if a is None else a.float().numpy(), 1.2, 0.85, 2.0)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
@@ -218,23 +217,23 @@ def test_aux_loss_analytic_gradient_and_gradcheck(gen):
     assert torch.autograd.gradcheck(lambda z: reference.aux_loss(z, x, None, reduction="mean"), (b2,))
 
 
-def test_aux_loss_hard_equals_one_hot(gen):
+def test_aux_loss_hard_equals_one_hot(ops, gen):
     b = torch.randn(6, 10, generator=gen)
     a = torch.randn(6, 10, generator=gen)
     hard = torch.randint(0, 10, (6,), generator=gen)
     soft = torch.nn.functional.one_hot(hard, 10).float()
-    torch.testing.assert_close(dmmd_ops.aux_loss(b, hard, a), dmmd_ops.aux_loss(b, soft, a))
+    torch.testing.assert_close(ops.aux_loss(b, hard, a), ops.aux_loss(b, soft, a))
 
 
-def test_aux_loss_zero_target_on_minus_inf_logit(gen):
+def test_aux_loss_zero_target_on_minus_inf_logit(ops, gen):
     b = torch.randn(3, 8, generator=gen)
     b[:, 0] = float("-inf")
     x = torch.softmax(torch.randn(3, 8, generator=gen), -1)
     x[:, 0] = 0.0
     b.requires_grad_(True)
-    loss = dmmd_ops.aux_loss(b, x)
+    loss = ops.aux_loss(b, x)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(b.grad).all()
     a = b.detach().clone()
     a[:, 0] = float("-inf")
-    assert torch.isfinite(dmmd_ops.aux_loss(b.detach(), x, a))
+    assert torch.isfinite(ops.aux_loss(b.detach(), x, a))
