@@ -1,5 +1,6 @@
-"""The losses (compiled kernels and the float64 reference, via the `ops` fixture) held to the math: brute-force formulas, the analytic gradients of
-eq. 11 and eq. 12, and float64 finite differences (gradcheck)."""
+"""The losses (compiled kernels and the float64 reference, via the `ops` fixture) held to the
+math: brute-force formulas, the analytic gradients of eq. 11 and eq. 12, and float64 finite
+differences (gradcheck)."""
 from __future__ import annotations
 
 import math

@@ -1,7 +1,7 @@
 """The samplers (compiled kernels and the float64 reference, via the `ops` fixture) held to the
-exact distributions: chi-square against softmax with
-temperature and top-p, against eq. 4 written out by brute force (masked and uniform, hard
-and soft x), the fused denoise step against its composition, and the far tail."""
+exact distributions: chi-square against softmax with temperature and top-p, against eq. 4
+written out by brute force (masked and uniform, hard and soft x), the fused denoise step
+against its composition, and the far tail."""
 from __future__ import annotations
 
 import numpy as np
