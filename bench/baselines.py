@@ -29,3 +29,63 @@ def generator_loss(u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, temperatur
     p = torch.softmax(u.float(), -1)
     d = teacher_logprobs(a, temperature, top_p, delta) - torch.log_softmax(b.float(), -1)
     return -(p * torch.where(p > 0, d, torch.zeros_like(d))).sum()
+
+
+def aux_loss(b: torch.Tensor, target: torch.Tensor, a: torch.Tensor | None, temperature: float = 1.0,
+             top_p: float = 1.0, delta: float = 2.0) -> torch.Tensor:
+    """Sum over rows of ``-sum_c (x + q_teacher)_c log_softmax(b)_c`` (hard or soft ``x``)."""
+    lb = torch.log_softmax(b.float(), -1)
+    if target.dtype == torch.int64:
+        loss = -lb.gather(-1, target.unsqueeze(-1)).sum()
+    else:
+        loss = -(target * torch.where(target > 0, lb, torch.zeros_like(lb))).sum()
+    if a is not None:
+        q = teacher_logprobs(a, temperature, top_p, delta).exp()
+        loss = loss - (q * torch.where(q > 0, lb, torch.zeros_like(lb))).sum()
+    return loss
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float,
+                   exclude: int | None = None) -> torch.Tensor:
+    """softmax(logits / temperature) truncated to the top-p nucleus (sort-based), float32."""
+    x = logits.float()
+    if exclude is not None:
+        x = x.clone()
+        x[..., exclude] = float("-inf")
+    p = torch.softmax(x / temperature, -1)
+    if top_p < 1.0:
+        p = p * nucleus_keep(x, p, top_p)
+    return p
+
+
+def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1).squeeze(-1)
+
+
+def denoise_step(logits: torch.Tensor, z: torch.Tensor, alpha_s: float, alpha_t: float, process: str,
+                 mask_id: int | None, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Sample x for every token, then the posterior (masked: reveal coin; uniform: eq. 4 densely)."""
+    x = sample_categorical_excluding(logits, temperature, top_p, mask_id)
+    if process == "masked":
+        reveal = (z == mask_id) & (torch.rand(z.shape) < (alpha_s - alpha_t) / (1 - alpha_t))
+        return torch.where(reveal, x, z)
+    return uniform_posterior(z, x, alpha_s, alpha_t, logits.shape[-1])
+
+
+def sample_categorical_excluding(logits, temperature, top_p, exclude):
+    return torch.multinomial(sampling_probs(logits, temperature, top_p, exclude), 1).squeeze(-1)
+
+
+def uniform_posterior(z: torch.Tensor, x: torch.Tensor, alpha_s: float, alpha_t: float, v: int) -> torch.Tensor:
+    """eq. 4 for uniform diffusion with hard x, as dense [N, V] weights and torch.multinomial."""
+    a_ts = alpha_t / alpha_s
+    zo = torch.nn.functional.one_hot(z, v).float()
+    xo = torch.nn.functional.one_hot(x, v).float()
+    w = (a_ts * zo + (1 - a_ts) / v) * (alpha_s * xo + (1 - alpha_s) / v)
+    return torch.multinomial(w, 1).squeeze(-1)
+
+
+def grad_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients materialised, then their Gram matrix (float32)."""
+    grads = torch.einsum("nto,nti->noi", g.float(), a.float()).reshape(a.shape[0], -1)
+    return grads @ grads.T

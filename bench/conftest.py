@@ -1,5 +1,6 @@
-"""Benchmark sizes. DMMD_BENCH_QUICK=1 (the README's quick run, CI smoke runs) uses small
-shapes; the default uses the sizes the issues quote (N = 4096, V in {32768, 50257})."""
+"""Benchmark sizes and the shared timing rule. DMMD_BENCH_QUICK=1 (the README's quick run,
+CI smoke runs) uses small shapes; the default uses the sizes the issues quote (N = 4096,
+V in {32768, 50257})."""
 from __future__ import annotations
 
 import os
@@ -10,11 +11,19 @@ QUICK = os.environ.get("DMMD_BENCH_QUICK", "0") == "1"
 ROW_SIZES = [(256, 8192)] if QUICK else [(4096, 32768), (4096, 50257)]
 DTYPES = [torch.float32, torch.bfloat16]
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+IMPLS = ["eager", "compile", "dmmd"]
 
 
 def make_logits(n: int, v: int, dtype: torch.dtype, count: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, v, generator=gen) * 2).to(dtype) for _ in range(count)]
+
+
+def run(benchmark, fn, impl: str) -> None:
+    """One warm-up call (compiles for torch.compile, faults in memory), then timed rounds:
+    the slow baselines take seconds per call, so they get fewer rounds than ours."""
+    fn()
+    benchmark.pedantic(fn, rounds=5 if impl == "dmmd" else 2, iterations=1, warmup_rounds=0)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

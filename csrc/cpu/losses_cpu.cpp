@@ -18,6 +18,7 @@
 
 #include "../checks.h"
 #include "dmmd/rowmath.h"
+#include "memory.h"
 #include "row_scan.h"
 
 namespace dmmd::cpu {
@@ -65,6 +66,7 @@ at::Tensor teacher_logprobs_cpu(const at::Tensor& teacher, double temperature, d
   const at::Tensor a = logit_rows(teacher, op, "teacher_logits");
   const int64_t rows = a.size(0), v = a.size(1), sa = a.stride(0);
   at::Tensor out = at::empty({rows, v}, a.options().dtype(at::kFloat));
+  prefer_huge_pages(out);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
   dispatch_logits(a.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -165,6 +167,7 @@ at::Tensor generator_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
                     op, ": stats must be float32 [rows, ", int(kGenStats), "], got ", stats.sizes());
   const at::Tensor st = stats.contiguous();
   at::Tensor grad = at::empty({rows, v}, u.options());
+  prefer_huge_pages(grad);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
   dispatch_logits(u.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -322,6 +325,7 @@ at::Tensor aux_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                     op, ": stats must be float32 [rows, ", int(kAuxStats), "], got ", stats.sizes());
   const at::Tensor st = stats.contiguous();
   at::Tensor grad = at::empty({rows, v}, in.b.options());
+  prefer_huge_pages(grad);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
   dispatch_logits(in.b.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);

@@ -4,11 +4,12 @@
 //
 // Nucleus: classes are ranked by the raw logit a (higher first, ties by lower index) and a
 // class is kept while the mass strictly before it is < top_p (SPEC section 1). We bin every
-// class by the float bits of d = max(s) - s (s = a / temperature; d >= 0, so its bits order
-// like its value and like -a), accumulate each bin's mass in float64, find the bin where
-// the cumulative mass crosses top_p, split that bin again by finer bits, and sort only the
-// few classes of the crossing sub-bin. The result is a threshold (a_star, i_star) on the raw
-// logits: keep iff a > a_star, or a == a_star and index <= i_star.
+// class by d = max(s) - s (s = a / temperature, so d >= 0 orders like -a) in bins of width
+// 1/64 over [0, 64) (beyond, each class has mass < e^-64), accumulate each bin's mass in
+// float64, find the bin where the cumulative mass crosses top_p, split that bin into 1024
+// finer bins, and sort only the few classes of the crossing sub-bin. The result is a
+// threshold (a_star, i_star) on the raw logits: keep iff a > a_star, or a == a_star and
+// index <= i_star.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -21,17 +22,12 @@
 
 namespace dmmd::cpu {
 
-constexpr int kBins = 2048;    // bits(d) >> 20: sign (0), exponent, 3 mantissa bits
-constexpr int kSubBins = 1024;  // the next 10 mantissa bits
-constexpr int kHistCopies = 4;  // interleaved copies break the add-latency chain on one bin
+constexpr int kBins = 4096;          // floor(64 d), the last bin open-ended
+constexpr float kBinsPerUnit = 64.f;
+constexpr int kSubBins = 1024;       // floor(1024 frac(64 d)) inside one bin
+constexpr int kHistCopies = 2;       // interleaved copies break the add-latency chain on one bin
 constexpr int kBlock = 64;      // elements per float32 partial sum of the inverse-CDF walk
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-inline uint32_t float_bits(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return b;
-}
 
 // Per-thread scratch, sized for one row and reused across the rows of a parallel chunk.
 struct Workspace {
@@ -84,20 +80,31 @@ inline void check_row_max(float m, const char* op, const char* arg, int64_t row)
 inline fVec tempered(const fVec& a, float inv_t, float ms) { return a * fVec(inv_t) - fVec(ms); }
 inline float tempered(float a, float inv_t, float ms) { return a * inv_t - ms; }
 
-// Stores the coarse bin keys bits(0 - x) >> 20 of lanes [i, i + n).
+// 64 d (d = -x >= 0) in bin units, and its bin: one definition for the vector and scalar passes.
+inline fVec bin_position(const fVec& x) { return (fVec(0.f) - x) * fVec(kBinsPerUnit); }
+inline float bin_position(float x) { return (0.f - x) * kBinsPerUnit; }
+inline int bin_of(float t) { return t < static_cast<float>(kBins - 1) ? static_cast<int>(t) : kBins - 1; }
+// Position inside a bin in 1/1024 steps (exact: t - floor(t) and the power-of-two scale).
+inline int sub_bin_of(float t) {
+  const float frac = (t - static_cast<float>(bin_of(t))) * static_cast<float>(kSubBins);
+  return frac < static_cast<float>(kSubBins - 1) ? static_cast<int>(frac) : kSubBins - 1;
+}
+
+// Stores the bins of lanes [i, i + n) given their tempered logits x.
 inline void store_keys(uint16_t* key, int64_t i, int n, const fVec& x) {
-  const fVec d = fVec(0.f) - x;  // 0 - 0 = +0, and -inf becomes +inf (the last bin)
+  const fVec t = bin_position(x);
 #if defined(CPU_CAPABILITY_AVX2)
   if (n == kW) {
-    const __m256i k = _mm256_srli_epi32(_mm256_castps_si256(d), 20);
+    // min() first: +inf and huge t truncate to the last bin, like bin_of.
+    const __m256i k = _mm256_cvttps_epi32(at::vec::minimum(t, fVec(static_cast<float>(kBins - 1))));
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(k), _mm256_extracti128_si256(k, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(key + i), packed);
     return;
   }
 #endif
   alignas(32) float tmp[kW];
-  d.store(tmp);
-  for (int k = 0; k < n; ++k) key[i + k] = static_cast<uint16_t>(float_bits(tmp[k]) >> 20);
+  t.store(tmp);
+  for (int k = 0; k < n; ++k) key[i + k] = static_cast<uint16_t>(bin_of(tmp[k]));
 }
 
 // The exponentials e_c = exp(x_c) of a row into ws.e, with their float64 sum. With
@@ -178,8 +185,7 @@ inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, doub
   if (ws.cand.size() > 32) {
     std::fill(ws.sub.begin(), ws.sub.end(), 0.0);
     auto sub_key = [&](int32_t i) {
-      const float d = 0.f - tempered(static_cast<float>(row[i]), inv_t, ms);
-      return (float_bits(d) >> 10) & (kSubBins - 1);
+      return static_cast<uint32_t>(sub_bin_of(bin_position(tempered(static_cast<float>(row[i]), inv_t, ms))));
     };
     for (int32_t i : ws.cand) ws.sub[sub_key(i)] += e[i];
     uint32_t sb = kSubBins - 1;
