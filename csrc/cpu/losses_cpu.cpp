@@ -45,7 +45,7 @@ TeacherRow scan_teacher(const T* a, int64_t v, float inv_t, double top_p, double
   if (t.masked) {
     teacher_exp(a, v, inv_t, t.ms, -1, true, ws);
     t.nu = find_nucleus(a, v, inv_t, t.ms, top_p, ws);
-    t.log_z = masked_log_normaliser(t.nu, delta);
+    t.log_z = masked_log_normaliser(t.nu.kept, t.nu.total, delta);
   }
   return t;
 }

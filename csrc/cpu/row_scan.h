@@ -14,7 +14,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -180,7 +179,7 @@ inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, doub
   for (; c < v; ++c)
     if (key[c] == bin) ws.cand.push_back(static_cast<int32_t>(c));
 
-  // Split a large crossing bin by the next bits of d.
+  // Split a large crossing bin into kSubBins finer bins.
   std::vector<int32_t>* final_cand = &ws.cand;
   if (ws.cand.size() > 32) {
     std::fill(ws.sub.begin(), ws.sub.end(), 0.0);
@@ -188,17 +187,29 @@ inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, doub
       return static_cast<uint32_t>(sub_bin_of(bin_position(tempered(static_cast<float>(row[i]), inv_t, ms))));
     };
     for (int32_t i : ws.cand) ws.sub[sub_key(i)] += e[i];
-    uint32_t sb = kSubBins - 1;
-    for (uint32_t b = 0; b < static_cast<uint32_t>(kSubBins); ++b) {
-      if (cum + ws.sub[b] >= target && ws.sub[b] > 0) {
-        sb = b;
-        break;
+    // The crossing sub-bin; if rounding (sub-bins summed in another order than their bin)
+    // leaves none crossing, the last sub-bin with mass.
+    int sb = -1, last = 0;
+    double before = cum, before_last = cum;
+    for (int b = 0; b < kSubBins; ++b) {
+      if (ws.sub[b] > 0) {
+        if (before + ws.sub[b] >= target) {
+          sb = b;
+          break;
+        }
+        last = b;
+        before_last = before;
       }
-      cum += ws.sub[b];
+      before += ws.sub[b];
     }
+    if (sb < 0) {
+      sb = last;
+      before = before_last;
+    }
+    cum = before;
     ws.cand2.clear();
     for (int32_t i : ws.cand)
-      if (sub_key(i) == sb) ws.cand2.push_back(i);
+      if (sub_key(i) == static_cast<uint32_t>(sb)) ws.cand2.push_back(i);
     final_cand = &ws.cand2;
   }
   std::vector<int32_t>& fc = *final_cand;
@@ -206,7 +217,9 @@ inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, doub
     const float ax = static_cast<float>(row[x]), ay = static_cast<float>(row[y]);
     return ax > ay || (ax == ay && x < y);
   });
-  Nucleus out{static_cast<float>(row[fc.empty() ? 0 : fc.back()]), fc.empty() ? 0 : fc.back(), cum, total};
+  if (fc.empty()) return Nucleus{-kInf, v - 1, total, total};  // unreachable: the bin has mass
+  // Walk the sorted candidates; if rounding keeps the target out of reach, the last one.
+  Nucleus out{static_cast<float>(row[fc.back()]), fc.back(), cum, total};
   for (int32_t i : fc) {
     cum += e[i];
     if (cum >= target) {
@@ -223,12 +236,6 @@ inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, doub
 inline fVec keep_mask(const fVec& a, int64_t i, float a_star, float i_star) {
   const fVec idx = fVec::arange(static_cast<float>(i), 1.f);
   return (a > fVec(a_star)) | ((a == fVec(a_star)) & (idx <= fVec(i_star)));
-}
-
-// log of the teacher's normaliser after the soft top-p mask, relative to max(s):
-// Z' = kept + e^{-delta} (total - kept).
-inline double masked_log_normaliser(const Nucleus& nu, double delta) {
-  return std::log(nu.kept + std::exp(-delta) * std::max(nu.total - nu.kept, 0.0));
 }
 
 }  // namespace dmmd::cpu

@@ -1,6 +1,7 @@
 // Per-row scalar math shared by the CPU and CUDA kernels (torch-free, host + device).
 // The streaming loops live with each backend; what a row's answer *means* lives here.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "dmmd/common.h"
@@ -18,6 +19,14 @@ enum AuxStat : int { kAuxMaxB, kAuxLogZB, kAuxMaxT, kAuxLogZT, kAuxAStar, kAuxIS
 // kept iff a_c > a_star, or a_c == a_star and c <= i_star (ties go to the lower index).
 DMMD_HD bool nucleus_keeps(float a, int64_t c, float a_star, int64_t i_star) {
   return a > a_star || (a == a_star && c <= i_star);
+}
+
+// log of the teacher's normaliser after the soft top-p mask, relative to max(s):
+// Z' = kept + e^{-delta} (total - kept), from the masses (relative to max(s)) of the kept
+// classes and of all classes.
+DMMD_HD double masked_log_normaliser(double kept, double total, double delta) {
+  const double dropped = total - kept > 0 ? total - kept : 0.0;
+  return ::log(kept + ::exp(-delta) * dropped);
 }
 
 // alpha_{t|s} = alpha_t / alpha_s, taken as 1 when alpha_s = 0 (then alpha_t = 0 too).

@@ -1,0 +1,158 @@
+"""Token sources, none downloaded. Each gives fixed-length windows ``[B, L]`` (int64) from an
+explicit ``torch.Generator``, so a training step's batch depends only on its seed.
+
+- :class:`ByteText`: the English documentation text every CPython ships
+  (``pydoc_data.topics``), as UTF-8 bytes (V = 256), split into train / validation.
+- :class:`TokenFile`: nanoGPT-style ``.bin`` files of ``uint16`` / ``uint32`` ids (memory-mapped).
+- :class:`MarkovSource`: a random sparse Markov chain whose distribution is known exactly:
+  ``log_prob`` of any sequence, and for small ``V ** L`` the full distribution.
+- :class:`TokenGrids`: small 2-D images as tokens (coloured rectangles and lines on a
+  background), flattened row-major.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class WindowSource:
+    """Random windows of ``length`` tokens from a 1-D token array (train or validation part)."""
+
+    def __init__(self, tokens: np.ndarray, vocab_size: int, length: int, *, val_fraction: float = 0.1):
+        if len(tokens) < 2 * (length + 1):
+            raise ValueError(f"need at least {2 * (length + 1)} tokens for windows of {length}, got {len(tokens)}")
+        self.tokens, self.vocab_size, self.length = tokens, vocab_size, length
+        self.split = int(len(tokens) * (1 - val_fraction))
+
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+        """``[batch, length]`` int64 windows starting at uniform random offsets of the split."""
+        lo, hi = (0, self.split) if split == "train" else (self.split, len(self.tokens))
+        starts = torch.randint(lo, hi - self.length, (batch,), generator=generator).numpy()
+        rows = np.stack([np.asarray(self.tokens[s:s + self.length], dtype=np.int64) for s in starts])
+        return torch.from_numpy(rows)
+
+
+class ByteText(WindowSource):
+    """The standard library's documentation topics (about 0.8 MB of English) as bytes, V = 256."""
+
+    def __init__(self, length: int, *, val_fraction: float = 0.1):
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+        super().__init__(np.frombuffer(text.encode("utf-8"), dtype=np.uint8), 256, length,
+                         val_fraction=val_fraction)
+
+    @staticmethod
+    def decode(tokens: torch.Tensor) -> str:
+        """Byte ids ``[L]`` -> text (invalid UTF-8 replaced, mask / out-of-range ids shown as '_')."""
+        ids = [int(i) for i in tokens.reshape(-1)]
+        return bytes(i if 0 <= i < 256 else ord("_") for i in ids).decode("utf-8", errors="replace")
+
+
+class TokenFile(WindowSource):
+    """A nanoGPT-style token file: a flat ``uint16`` (or ``uint32``) array, memory-mapped."""
+
+    def __init__(self, path: str, vocab_size: int, length: int, *, dtype: str = "uint16",
+                 val_fraction: float = 0.1):
+        if dtype not in ("uint16", "uint32"):
+            raise ValueError(f"dtype must be uint16 or uint32, got {dtype!r}")
+        tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+        super().__init__(tokens, vocab_size, length, val_fraction=val_fraction)
+
+
+@dataclass
+class MarkovSource:
+    """A stationary-start Markov chain over ``vocab_size`` tokens with ``fanout`` successors per
+    state (Dirichlet(``concentration``) weights): strongly correlated across positions, with
+    exact probabilities. Built deterministically from ``seed``."""
+
+    vocab_size: int
+    length: int
+    fanout: int = 3
+    concentration: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        rng = np.random.default_rng(self.seed)
+        v = self.vocab_size
+        trans = np.zeros((v, v))
+        for i in range(v):
+            succ = rng.choice(v, size=min(self.fanout, v), replace=False)
+            trans[i, succ] = rng.dirichlet(np.full(len(succ), self.concentration))
+        self.transition = torch.from_numpy(trans)
+        self.initial = torch.from_numpy(rng.dirichlet(np.full(v, 1.0)))
+
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+        """``[batch, length]`` exact draws (the split is ignored: the source is infinite)."""
+        x = torch.empty(batch, self.length, dtype=torch.long)
+        x[:, 0] = torch.multinomial(self.initial, batch, replacement=True, generator=generator)
+        for i in range(1, self.length):
+            x[:, i] = torch.multinomial(self.transition[x[:, i - 1]], 1, generator=generator).squeeze(-1)
+        return x
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``log p(x)`` (natural log) of sequences ``[..., L]`` -> ``[...]`` float64
+        (``-inf`` for impossible sequences, e.g. ones containing a mask id)."""
+        x = x.long()
+        ok = (x >= 0) & (x < self.vocab_size)
+        xc = x.clamp(0, self.vocab_size - 1)
+        lp = torch.log(self.initial[xc[..., 0]])
+        lp = lp + torch.log(self.transition[xc[..., :-1], xc[..., 1:]]).sum(-1)
+        return torch.where(ok.all(-1), lp, torch.full_like(lp, -math.inf))
+
+    def all_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence and its probability, for ``V ** L <= 2e6``: ``([N, L], [N])``."""
+        n = self.vocab_size ** self.length
+        if n > 2_000_000:
+            raise ValueError(f"V^L = {n} is too many sequences to enumerate")
+        seqs = torch.tensor(list(itertools.product(range(self.vocab_size), repeat=self.length)), dtype=torch.long)
+        return seqs, self.log_prob(seqs).exp()
+
+    @property
+    def entropy_bits_per_token(self) -> float:
+        """Exact entropy rate of the data distribution in bits per token (from the enumeration
+        when small, else a Monte Carlo estimate over 20000 sequences)."""
+        try:
+            _, p = self.all_sequences()
+            p = p[p > 0]
+            h = float(-(p * p.log()).sum())
+        except ValueError:
+            x = self.sample(20000, torch.Generator().manual_seed(self.seed + 1))
+            h = float(-self.log_prob(x).mean())
+        return h / self.length / math.log(2)
+
+
+@dataclass
+class TokenGrids:
+    """``size x size`` images with ``colors`` colours (token 0 is the background): one to three
+    axis-aligned rectangles or lines each, flattened row-major to ``L = size * size``."""
+
+    size: int = 8
+    colors: int = 4
+
+    @property
+    def vocab_size(self) -> int:
+        return self.colors
+
+    @property
+    def length(self) -> int:
+        return self.size * self.size
+
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+        s = self.size
+        img = torch.zeros(batch, s, s, dtype=torch.long)
+        shapes = torch.randint(1, 4, (batch,), generator=generator)
+        for b in range(batch):
+            for _ in range(int(shapes[b])):
+                r0, c0 = torch.randint(0, s, (2,), generator=generator).tolist()
+                h, w = torch.randint(1, s // 2 + 1, (2,), generator=generator).tolist()
+                if torch.rand((), generator=generator) < 0.3:  # a line
+                    h = 1 if torch.rand((), generator=generator) < 0.5 else h
+                    w = 1 if h != 1 else w
+                color = int(torch.randint(1, self.colors, (), generator=generator))
+                img[b, r0:r0 + h, c0:c0 + w] = color
+        return img.reshape(batch, -1)

@@ -1,0 +1,149 @@
+"""The bidirectional transformer denoiser shared by teacher, generator and auxiliary model.
+
+``Denoiser(z_t [B, L], t [B], noise=None) -> logits [B, L, V]`` (float32). Built on
+``torch.nn.functional.scaled_dot_product_attention``; time enters every block through
+adaptive LayerNorm (shift, scale and gate from an embedding of ``t``, DiT-style).
+
+- Masked diffusion: the mask class is never predicted (its logit is ``-inf``) and an
+  unmasked input position outputs its own token (carry-over: one finite logit).
+- ``noise_dim > 0``: a Gaussian noise input ``[B, L, noise_dim]`` projected into the residual
+  stream, for D-MMD generators; the projection starts at zero, so a generator initialised
+  from a teacher starts as the teacher.
+- ``block_size``: block-causal attention for block-autoregressive diffusion (paper section
+  6.3): a position attends to its own block and the blocks before it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DenoiserConfig:
+    """Architecture and process of a denoiser (saved beside its weights as JSON)."""
+
+    num_classes: int            # V, every output class (masked: includes the mask)
+    length: int                 # L, tokens per sequence
+    process: str = "masked"     # "masked" or "uniform"
+    mask_id: int | None = None  # masked: default V - 1
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    noise_dim: int = 0          # > 0: Gaussian noise input (D-MMD generators)
+    block_size: int | None = None  # block-causal attention
+
+    def __post_init__(self):
+        if self.process not in ("masked", "uniform"):
+            raise ValueError(f"process must be 'masked' or 'uniform', got {self.process!r}")
+        if self.process == "masked" and self.mask_id is None:
+            self.mask_id = self.num_classes - 1
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.block_size is not None and not 0 < self.block_size <= self.length:
+            raise ValueError(f"block_size must be in [1, length], got {self.block_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of ``t`` in [0, 1] (scaled by 1000). ``[B]`` -> ``[B, dim]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float().unsqueeze(-1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor:
+    """Bool ``[L, L]``: True where query ``i`` may attend key ``j`` (``block(j) <= block(i)``)."""
+    block = torch.arange(length, device=device) // block_size
+    return block.unsqueeze(0) <= block.unsqueeze(1)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * width, width))
+        self.ada = nn.Linear(width, 6 * width)  # shift, scale, gate for attention and MLP
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, w = h.shape
+        s1, k1, g1, s2, k2, g2 = self.ada(c).unsqueeze(1).chunk(6, dim=-1)
+        x = self.norm1(h) * (1 + k1) + s1
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        h = h + (1 + g1) * self.proj(a.transpose(1, 2).reshape(b, n, w))
+        x = self.norm2(h) * (1 + k2) + s2
+        return h + (1 + g2) * self.mlp(x)
+
+
+class Denoiser(nn.Module):
+    """``x_hat(z_t)`` as logits; see the module docstring."""
+
+    def __init__(self, config: DenoiserConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.num_classes, cfg.width)
+        self.pos = nn.Parameter(torch.randn(cfg.length, cfg.width) * 0.02)
+        self.time = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
+        self.noise_proj = nn.Linear(cfg.noise_dim, cfg.width, bias=False) if cfg.noise_dim > 0 else None
+        if self.noise_proj is not None:
+            nn.init.zeros_(self.noise_proj.weight)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False)
+        self.ada_out = nn.Linear(cfg.width, 2 * cfg.width)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        self.head = nn.Linear(cfg.width, cfg.num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        if cfg.block_size is not None:
+            self.register_buffer("attn_mask", block_causal_mask(cfg.length, cfg.block_size), persistent=False)
+        else:
+            self.attn_mask = None
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``z_t [B, L]`` int64, ``t [B]`` in [0, 1], optional ``noise [B, L, noise_dim]``
+        -> float32 logits ``[B, L, V]``."""
+        cfg = self.config
+        b, n = z_t.shape
+        if n > cfg.length:
+            raise ValueError(f"z_t has {n} tokens; this model was built for at most {cfg.length}")
+        h = self.embed(z_t) + self.pos[:n]
+        if self.noise_proj is not None and noise is not None:
+            h = h + self.noise_proj(noise.to(h.dtype))
+        c = self.time(timestep_embedding(t.reshape(b), cfg.width).to(h.dtype))
+        mask = None if self.attn_mask is None else self.attn_mask[:n, :n]
+        for block in self.blocks:
+            h = block(h, c, mask)
+        shift, scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
+        logits = self.head(self.norm_out(h) * (1 + scale) + shift).float()
+        if cfg.process == "masked":
+            logits = self._carry_over(logits, z_t)
+        return logits
+
+    def _carry_over(self, logits: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """Masked diffusion: never the mask class; an unmasked position is its own token."""
+        mask_id = self.config.mask_id
+        logits = logits.clone()
+        logits[..., mask_id] = float("-inf")
+        unmasked = (z_t != mask_id).unsqueeze(-1)
+        own = F.one_hot(z_t, self.config.num_classes).bool()
+        carried = torch.where(own, torch.zeros_like(logits), torch.full_like(logits, float("-inf")))
+        return torch.where(unmasked, carried, logits)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
