@@ -71,13 +71,15 @@ class DiffusionProcess:
     def diffuse(self, x: torch.Tensor, t: torch.Tensor | float, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         """``z_t ~ Cat(alpha_t x + (1 - alpha_t) pi)`` per token. ``x [..., L]`` -> ``[..., L]``."""
+        # Random numbers come from `generator`'s device (CPU by default), then move to x's.
+        gdev = generator.device if generator is not None else torch.device("cpu")
         a = _per_token(self.alpha(t).to(x.device), x)
-        u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+        u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=gdev).to(x.device)
         keep = u < a
         if self.kind == "masked":
             noise = torch.full_like(x, self.mask_id)
         else:
-            noise = torch.randint(0, self.num_classes, x.shape, generator=generator, device=x.device)
+            noise = torch.randint(0, self.num_classes, x.shape, generator=generator, device=gdev).to(x.device)
         return torch.where(keep, x, noise)
 
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
@@ -85,7 +87,8 @@ class DiffusionProcess:
         """``z_1``: all masks, or uniform random tokens."""
         if self.kind == "masked":
             return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
-        return torch.randint(0, self.num_classes, shape, generator=generator, device=device)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        return torch.randint(0, self.num_classes, shape, generator=generator, device=gdev).to(device)
 
     # ------------------------------------------------------------------ reverse process
 
@@ -161,7 +164,8 @@ class DiffusionProcess:
         times its KL. ``x_hat_fn(z_t, t) -> probabilities [..., L, V]``. ``x [B, L]`` -> ``[B]``.
         """
         b = x.shape[0]
-        i = torch.randint(1, steps + 1, (b,), generator=generator, device=x.device)
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        i = torch.randint(1, steps + 1, (b,), generator=generator, device=gdev).to(x.device)
         t = i.to(torch.float64) / steps
         s = (i - 1).to(torch.float64) / steps
         z_t = self.diffuse(x, t, generator)

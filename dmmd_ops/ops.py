@@ -301,8 +301,14 @@ def grad_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if a.shape[:2] != g.shape[:2]:
         raise ValueError(f"a {tuple(a.shape)} and g {tuple(g.shape)} must agree on [n, T]")
     check.same_device("g", g, "a", a)
+    if _use_kernel("grad_gram", a.device, a, g):
+        k = torch.ops.dmmd.grad_gram(a, g)
+        # A NaN anywhere in a or g reaches K: scan the inputs only then, to name the culprit.
+        if check.value_checks_enabled(k) and bool(torch.isnan(k).any()):
+            check.no_nan("a", a)
+            check.no_nan("g", g)
+            raise ValueError("grad_gram: a or g holds infinite values (K has NaN)")
+        return k
     check.no_nan("a", a)
     check.no_nan("g", g)
-    if _use_kernel("grad_gram", a.device, a, g):
-        return torch.ops.dmmd.grad_gram(a, g)
     return reference.grad_gram(a, g)
