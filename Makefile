@@ -33,12 +33,12 @@ test: build
 bench: build
 	mkdir -p runs
 	$(PY) -m pytest -q bench --benchmark-json=runs/bench.json
-	$(PY) bench/report.py runs/bench.json
+	$(PY) bench/report.py runs/bench.json --wide
 
 bench-quick: build
 	mkdir -p runs
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q bench --benchmark-json=runs/bench-quick.json
-	$(PY) bench/report.py runs/bench-quick.json
+	$(PY) bench/report.py runs/bench-quick.json --wide
 
 # The main job. Until `dmmd demo` exists it is the quick benchmark of the ops.
 demo: bench-quick

@@ -10,9 +10,10 @@ from bench import baselines
 from bench.conftest import IMPLS, QUICK, run
 
 _compiled = torch.compile(baselines.grad_gram, dynamic=False)
-# (n, T, d_in, d_out): a GPT-2-small MLP layer with short sequences (Gram trick), and one with
-# long sequences (materialised).
-SHAPES = [(16, 32, 256, 1024), (16, 256, 64, 64)] if QUICK else [(64, 64, 768, 3072), (64, 1024, 128, 128)]
+# (n, T, d_in, d_out): a GPT-2-small MLP layer with many short sequences (the Gram trick wins),
+# with fewer, longer ones (materialising wins narrowly), and a small layer with long sequences.
+SHAPES = [(16, 32, 256, 1024), (16, 256, 64, 64)] if QUICK else \
+    [(256, 16, 768, 3072), (64, 64, 768, 3072), (64, 1024, 128, 128)]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

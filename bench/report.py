@@ -1,8 +1,10 @@
 """Turn pytest-benchmark JSON into a markdown table of times and ratios.
 
-Usage: python bench/report.py results.json [--baseline eager]
+Usage: python bench/report.py results.json [more.json ...] [--baseline eager] [--wide]
 Each group (one op, size, dtype, setting) gets a row per implementation with its median
-time and its speed-up over the baseline implementation measured in the same run.
+time and its speed-up over the baseline implementation measured in the same run; with
+``--wide``, one row per group with the eager, compile and dmmd medians and dmmd's speed-up
+over each (the README's table).
 """
 from __future__ import annotations
 
@@ -21,10 +23,27 @@ def impl_name(bench: dict) -> str:
     return m.group(1).split("-")[-1] if m else bench["name"]
 
 
-def table(data: dict, baseline: str = "eager") -> str:
+def medians(data: dict) -> dict[str, dict[str, float]]:
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         groups[bench["group"] or bench["name"]][impl_name(bench)] = bench["stats"]["median"]
+    return groups
+
+
+def wide_table(groups: dict[str, dict[str, float]]) -> str:
+    lines = ["| case | eager (ms) | compile (ms) | dmmd (ms) | dmmd vs eager | dmmd vs compile |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for group in sorted(groups):
+        t = groups[group]
+        if not {"eager", "compile", "dmmd"} <= t.keys():
+            continue
+        lines.append(f"| {group} | {t['eager'] * 1e3:.0f} | {t['compile'] * 1e3:.0f} | {t['dmmd'] * 1e3:.1f} | "
+                     f"{t['eager'] / t['dmmd']:.1f}x | {t['compile'] / t['dmmd']:.1f}x |")
+    return "\n".join(lines)
+
+
+def table(data: dict, baseline: str = "eager") -> str:
+    groups = medians(data)
     lines = ["| case | impl | median (ms) | speed-up vs " + baseline + " |", "|---|---|---:|---:|"]
     for group in sorted(groups):
         times = groups[group]
@@ -42,11 +61,22 @@ def table(data: dict, baseline: str = "eager") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json", help="file written by pytest --benchmark-json")
+    ap.add_argument("json", nargs="+", help="files written by pytest --benchmark-json")
     ap.add_argument("--baseline", default="eager")
+    ap.add_argument("--wide", action="store_true", help="one row per case: eager, compile, dmmd")
     args = ap.parse_args(argv)
-    with open(args.json) as f:
-        print(table(json.load(f), args.baseline))
+    runs = []
+    for path in args.json:
+        with open(path) as f:
+            runs.append(json.load(f))
+    if args.wide:
+        groups: dict[str, dict[str, float]] = {}
+        for data in runs:
+            groups.update(medians(data))  # a later file's group replaces an earlier one's
+        print(wide_table(groups))
+    else:
+        for data in runs:
+            print(table(data, args.baseline))
     return 0
 
 

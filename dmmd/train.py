@@ -108,6 +108,12 @@ def lr_at(step: int, cfg: TeacherConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def ema_decay(step: int, ema: float) -> float:
+    """EMA decay with a warm-up, ``min(ema, (1 + step) / (10 + step))``: early weights, which
+    are far from the final ones, do not linger for ``1 / (1 - ema)`` steps."""
+    return min(ema, (1 + step) / (10 + step))
+
+
 def step_generator(seed: int, step: int, purpose: int = 0) -> torch.Generator:
     """The generator of one step's randomness: a function of ``(seed, step)`` only."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + purpose)
@@ -194,8 +200,9 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
             g["lr"] = lr_at(step, cfg)
         opt.step()
         with torch.no_grad():
+            decay = ema_decay(step, cfg.ema)
             for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - cfg.ema)
+                pe.lerp_(pm, 1 - decay)
         tokens += x.numel() * world
         done = step + 1
         record = {"step": done, "loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": lr_at(step, cfg)}
@@ -206,6 +213,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
             (stop_at is not None and done >= stop_at)
         if rank == 0:
             log.write(json.dumps(record) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_bits:.3f}")
             if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
                 save_checkpoint(ckpt, models={"model": model, "ema": ema}, optimizers={"opt": opt},

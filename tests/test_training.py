@@ -9,10 +9,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from dmmd.checkpoint import load_tensors, read_state, save_checkpoint
+from dmmd.data import MarkovSource, TokenFile
 from dmmd.sampling import sample
 from dmmd.train import TeacherConfig, load_teacher, make_source, train_teacher
 
@@ -122,3 +124,27 @@ def test_sources_give_windows(data):
     x = src.sample(5, torch.Generator().manual_seed(0))
     assert x.shape == (5, cfg.length) and x.dtype == torch.long
     assert 0 <= int(x.min()) and int(x.max()) < src.vocab_size
+
+
+def test_token_file_windows_are_memory_mapped_slices(tmp_path):
+    ids = (np.arange(5000) * 7 % 50257).astype(np.uint16)
+    path = tmp_path / "train.bin"
+    ids.tofile(path)
+    src = TokenFile(str(path), 50257, 16)
+    x = src.sample(4, torch.Generator().manual_seed(1))
+    for row in x:  # every window is a contiguous slice of the file, in the train split
+        start = int(np.nonzero(ids == int(row[0]))[0][0])
+        assert row.tolist() == ids[start:start + 16].astype(np.int64).tolist() and start + 16 <= src.split
+    v = src.sample(4, torch.Generator().manual_seed(1), split="val")
+    assert all(int(np.nonzero(ids == int(r[0]))[0][0]) >= src.split for r in v)
+
+
+def test_markov_source_probabilities_are_exact():
+    src = MarkovSource(3, 4, fanout=2, seed=3)
+    seqs, p = src.all_sequences()
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0, dtype=torch.float64))
+    x = src.sample(20000, torch.Generator().manual_seed(0))
+    assert torch.isfinite(src.log_prob(x)).all()  # samples only ever take allowed transitions
+    idx = (x * torch.tensor([27, 9, 3, 1])).sum(-1)
+    freq = torch.bincount(idx, minlength=81).double() / len(x)
+    assert float((freq - p).abs().max()) < 0.02
