@@ -52,6 +52,15 @@ inline at::Tensor row_vector(const at::Tensor& t, int64_t rows, at::ScalarType s
   return t.contiguous();
 }
 
+// The per-row statistics a loss forward saved for its backward: float32 [rows, k], contiguous.
+inline at::Tensor stats_rows(const at::Tensor& stats, int64_t rows, int64_t k, const char* op) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == k &&
+                        stats.scalar_type() == at::kFloat,
+                    op, ": stats must be float32 [", rows, ", ", k, "], got ", stats.scalar_type(), " ",
+                    stats.sizes());
+  return stats.contiguous();
+}
+
 inline void check_top_p_args(double temperature, double top_p, double delta, const char* op) {
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), op, ": temperature must be > 0, got ",
                     temperature);

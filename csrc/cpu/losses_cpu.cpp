@@ -162,10 +162,7 @@ at::Tensor generator_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
   check_like(b, u, op, "aux_logits", "student_logits");
   const int64_t rows = u.size(0), v = u.size(1);
   const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kGenStats &&
-                        stats.scalar_type() == at::kFloat,
-                    op, ": stats must be float32 [rows, ", int(kGenStats), "], got ", stats.sizes());
-  const at::Tensor st = stats.contiguous();
+  const at::Tensor st = stats_rows(stats, rows, kGenStats, op);
   at::Tensor grad = at::empty({rows, v}, u.options());
   prefer_huge_pages(grad);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
@@ -320,10 +317,7 @@ at::Tensor aux_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   const AuxArgs in = aux_args(aux, target, teacher, op);
   const int64_t rows = in.b.size(0), v = in.b.size(1);
   const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kAuxStats &&
-                        stats.scalar_type() == at::kFloat,
-                    op, ": stats must be float32 [rows, ", int(kAuxStats), "], got ", stats.sizes());
-  const at::Tensor st = stats.contiguous();
+  const at::Tensor st = stats_rows(stats, rows, kAuxStats, op);
   at::Tensor grad = at::empty({rows, v}, in.b.options());
   prefer_huge_pages(grad);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
