@@ -26,6 +26,11 @@ def _per_token(a: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return torch.broadcast_to(a, like.shape)
 
 
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    """Where ``generator`` draws (the default generator: CPU); draws then move to the data's device."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 @dataclass
 class DiffusionProcess:
     """A discrete diffusion process over ``num_classes`` classes.
@@ -71,8 +76,7 @@ class DiffusionProcess:
     def diffuse(self, x: torch.Tensor, t: torch.Tensor | float, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
         """``z_t ~ Cat(alpha_t x + (1 - alpha_t) pi)`` per token. ``x [..., L]`` -> ``[..., L]``."""
-        # Random numbers come from `generator`'s device (CPU by default), then move to x's.
-        gdev = generator.device if generator is not None else torch.device("cpu")
+        gdev = _generator_device(generator)
         a = _per_token(self.alpha(t).to(x.device), x)
         u = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=gdev).to(x.device)
         keep = u < a
@@ -87,7 +91,7 @@ class DiffusionProcess:
         """``z_1``: all masks, or uniform random tokens."""
         if self.kind == "masked":
             return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
-        gdev = generator.device if generator is not None else torch.device("cpu")
+        gdev = _generator_device(generator)
         return torch.randint(0, self.num_classes, shape, generator=generator, device=gdev).to(device)
 
     # ------------------------------------------------------------------ reverse process
@@ -164,7 +168,7 @@ class DiffusionProcess:
         times its KL. ``x_hat_fn(z_t, t) -> probabilities [..., L, V]``. ``x [B, L]`` -> ``[B]``.
         """
         b = x.shape[0]
-        gdev = generator.device if generator is not None else torch.device("cpu")
+        gdev = _generator_device(generator)
         i = torch.randint(1, steps + 1, (b,), generator=generator, device=gdev).to(x.device)
         t = i.to(torch.float64) / steps
         s = (i - 1).to(torch.float64) / steps

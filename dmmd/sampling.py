@@ -61,7 +61,7 @@ def _sample_chunk(model_fn, process, n, length, steps, *, seed, chunk_index, tem
             s = torch.full((n,), (i - 1) / steps, device=device)
             logits = model_fn(z[:, :hi], t)[:, lo:hi]
             # A distinct Philox offset per (chunk, block, step): no stream is ever reused.
-            offset = ((chunk_index * len(blocks) + bi) * steps + (steps - i)) * 1
+            offset = (chunk_index * len(blocks) + bi) * steps + (steps - i)
             z_block = process.denoise_step(logits, z[:, lo:hi].contiguous(), s.double(), t.double(),
                                            temperature=temperature, top_p=top_p, seed=seed, offset=offset)
             z = torch.cat([z[:, :lo], z_block, z[:, hi:]], dim=1)

@@ -21,6 +21,12 @@ def _rows(t: torch.Tensor) -> int:
     return t.shape[0]
 
 
+def _loss_outputs(logits: torch.Tensor, stats: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss forward's outputs: float32 ``loss [rows]`` and ``stats [rows, stats]``."""
+    n = _rows(logits)
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n, stats), dtype=torch.float32)
+
+
 def _register() -> None:
     lib = "dmmd::"
 
@@ -34,9 +40,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "generator_loss_forward")
     def _(student_logits, teacher_logits, aux_logits, temperature, top_p, delta):
-        n = _rows(student_logits)
-        return (student_logits.new_empty((n,), dtype=torch.float32),
-                student_logits.new_empty((n, GEN_STATS), dtype=torch.float32))
+        return _loss_outputs(student_logits, GEN_STATS)
 
     @torch.library.register_fake(lib + "generator_loss_backward")
     def _(grad_loss, student_logits, teacher_logits, aux_logits, stats, temperature, top_p, delta):
@@ -44,9 +48,7 @@ def _register() -> None:
 
     @torch.library.register_fake(lib + "aux_loss_forward")
     def _(aux_logits, target, teacher_logits, temperature, top_p, delta):
-        n = _rows(aux_logits)
-        return (aux_logits.new_empty((n,), dtype=torch.float32),
-                aux_logits.new_empty((n, AUX_STATS), dtype=torch.float32))
+        return _loss_outputs(aux_logits, AUX_STATS)
 
     @torch.library.register_fake(lib + "aux_loss_backward")
     def _(grad_loss, aux_logits, target, teacher_logits, stats, temperature, top_p, delta):

@@ -38,10 +38,6 @@ def _one_dtype(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]
     return tuple(None if t is None else t.to(torch.float32) for t in tensors)
 
 
-def _flat_alpha(alpha: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return torch.broadcast_to(alpha, like.shape).reshape(-1).to(torch.float64).contiguous()
-
-
 def philox4x32(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Raw Philox4x32-10 output words.
 
@@ -244,7 +240,8 @@ def posterior_sample(z_t: torch.Tensor, x: torch.Tensor, alpha_s: torch.Tensor |
     if use_kernel:
         xk = _rows(x.to(torch.float32)) if soft else x.reshape(-1)
         out = torch.ops.dmmd.posterior_sample(
-            z_t.reshape(-1), xk, _flat_alpha(a_s, z_t), _flat_alpha(a_t, z_t), process,
+            z_t.reshape(-1), xk, reference.flat_alpha(a_s, z_t).contiguous(),
+            reference.flat_alpha(a_t, z_t).contiguous(), process,
             -1 if mask_id is None else mask_id, -1 if num_classes is None else num_classes, seed, offset)
         return out.reshape(z_t.shape)
     return reference.posterior_sample(z_t, x, a_s, a_t, process=process, mask_id=mask_id,
@@ -275,7 +272,8 @@ def denoise_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_s: torch.Tensor 
     check.ids_in_range("z_t", z_t, v)
     if _use_kernel("denoise_step", logits.device, logits):
         out = torch.ops.dmmd.denoise_step(
-            _rows(logits), z_t.reshape(-1), _flat_alpha(a_s, z_t), _flat_alpha(a_t, z_t), process,
+            _rows(logits), z_t.reshape(-1), reference.flat_alpha(a_s, z_t).contiguous(),
+            reference.flat_alpha(a_t, z_t).contiguous(), process,
             -1 if mask_id is None else mask_id, temperature, top_p, seed, offset)
         return out.reshape(z_t.shape)
     check.no_nan("logits", logits)

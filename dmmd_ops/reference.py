@@ -277,7 +277,8 @@ def _uniform_posterior_soft(z: torch.Tensor, x: torch.Tensor, alpha_s: torch.Ten
     return torch.where(total > 0, inverse_cdf(w, u), z)
 
 
-def _flat_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+def flat_alpha(alpha: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``alpha`` (a float or a tensor broadcastable to ``like``) as float64 ``[like.numel()]``."""
     a = torch.as_tensor(alpha, dtype=F64, device=like.device)
     return torch.broadcast_to(a, like.shape).reshape(-1)
 
@@ -294,7 +295,7 @@ def posterior_sample(z_t: torch.Tensor, x: torch.Tensor, alpha_s: torch.Tensor |
     Uniform: hard ``x`` in O(1), soft ``x`` by inverse CDF over V (``u0``).
     """
     z = z_t.reshape(-1)
-    a_s, a_t = _flat_alpha(alpha_s, z_t), _flat_alpha(alpha_t, z_t)
+    a_s, a_t = flat_alpha(alpha_s, z_t), flat_alpha(alpha_t, z_t)
     hard = not x.is_floating_point()
     xf = x.reshape(-1) if hard else x.reshape(-1, x.shape[-1])
     u0, u1 = element_uniforms(seed, offset, z.numel(), z.device)
@@ -326,7 +327,7 @@ def denoise_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_s: torch.Tensor 
     v = logits.shape[-1]
     flat = logits.reshape(-1, v)
     z = z_t.reshape(-1)
-    a_s, a_t = _flat_alpha(alpha_s, z_t), _flat_alpha(alpha_t, z_t)
+    a_s, a_t = flat_alpha(alpha_s, z_t), flat_alpha(alpha_t, z_t)
     u0, u1 = element_uniforms(seed, offset, z.numel(), z.device)
     if process == "masked":
         reveal = (z == mask_id) & (u0 < _unmask_probability(a_s, a_t))

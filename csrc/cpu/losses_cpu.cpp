@@ -24,9 +24,6 @@
 namespace dmmd::cpu {
 namespace {
 
-// Rows per parallel task: at least ~16k elements of work each.
-inline int64_t grain(int64_t v) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)); }
-
 // What the kernels know about a teacher row after passes 1-2.
 struct TeacherRow {
   float ms;          // max over classes of s = a / temperature
@@ -233,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor> aux_loss_forward_cpu(const at::Tensor& aux, c
   const int64_t rows = in.b.size(0), v = in.b.size(1);
   at::Tensor loss = at::empty({rows}, in.b.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({rows, kAuxStats}, in.b.options().dtype(at::kFloat));
-  const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
+  const float inv_t = static_cast<float>(1.0 / temperature);
   const float drop = std::exp(-static_cast<float>(delta));
   dispatch_logits(in.b.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);

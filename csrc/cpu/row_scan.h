@@ -28,6 +28,9 @@ constexpr int kHistCopies = 2;       // interleaved copies break the add-latency
 constexpr int kBlock = 64;      // elements per float32 partial sum of the inverse-CDF walk
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Rows per task of at::parallel_for: at least ~16k elements of work each.
+inline int64_t grain(int64_t v) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)); }
+
 // Per-thread scratch, sized for one row and reused across the rows of a parallel chunk.
 struct Workspace {
   std::vector<float> e;          // exp(s - max s) of the row
@@ -232,7 +235,8 @@ inline Nucleus find_nucleus(const T* row, int64_t v, float inv_t, float ms, doub
   return out;
 }
 
-// Keep mask of lanes [i, i + kW) given the raw logits `a` of those lanes.
+// Keep mask of lanes [i, i + kW) given their raw logits `a`: a > a_star, or a == a_star and
+// index <= i_star (ties go to the lower index).
 inline fVec keep_mask(const fVec& a, int64_t i, float a_star, float i_star) {
   const fVec idx = fVec::arange(static_cast<float>(i), 1.f);
   return (a > fVec(a_star)) | ((a == fVec(a_star)) & (idx <= fVec(i_star)));

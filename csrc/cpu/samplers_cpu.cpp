@@ -19,8 +19,6 @@
 namespace dmmd::cpu {
 namespace {
 
-inline int64_t grain(int64_t v) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(v, 1)); }
-
 // The first index whose float64 cumulative weight exceeds u * total, over weights w[0..n).
 // `blocks` holds the sums of consecutive kBlock-element blocks. Zero weights are never drawn.
 inline int64_t inverse_cdf(const float* w, int64_t n, const double* blocks, double u) {

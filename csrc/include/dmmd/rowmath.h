@@ -15,12 +15,6 @@ enum GenStat : int { kGenMaxU, kGenLogZU, kGenMaxT, kGenLogZT, kGenMaxB, kGenLog
 // aux_loss: b = aux, t = teacher; kAuxSumX is sum_c x_c of the target (1 for a hard one).
 enum AuxStat : int { kAuxMaxB, kAuxLogZB, kAuxMaxT, kAuxLogZT, kAuxAStar, kAuxIStar, kAuxSumX, kAuxStats };
 
-// The top-p keep set of SPEC section 1 as a threshold on the raw teacher logits: class c is
-// kept iff a_c > a_star, or a_c == a_star and c <= i_star (ties go to the lower index).
-DMMD_HD bool nucleus_keeps(float a, int64_t c, float a_star, int64_t i_star) {
-  return a > a_star || (a == a_star && c <= i_star);
-}
-
 // log of the teacher's normaliser after the soft top-p mask, relative to max(s):
 // Z' = kept + e^{-delta} (total - kept), from the masses (relative to max(s)) of the kept
 // classes and of all classes.
