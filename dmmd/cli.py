@@ -1,10 +1,12 @@
 """The ``dmmd`` command line.
 
     dmmd train-teacher [--config run.json] [--flag value ...]   train (or resume) a teacher
-    dmmd sample --checkpoint DIR --steps K [...]               sample from a teacher
+    dmmd distill --teacher DIR --student-steps K [...]         distill a k-step D-MMD student
+    dmmd sample --checkpoint DIR --steps K [...]               sample from a teacher or a student
 
-Each ``train-teacher`` flag is a field of :class:`dmmd.train.TeacherConfig`; a JSON config
-file gives defaults that flags override. ``dmmd <command> --help`` explains every flag.
+Each ``train-teacher`` / ``distill`` flag is a field of :class:`dmmd.train.TeacherConfig` /
+:class:`dmmd.distill.DistillConfig`; a JSON config file gives defaults that flags override.
+``dmmd <command> --help`` explains every flag.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
+from dmmd.distill import DistillConfig
 from dmmd.train import TeacherConfig
 
 TEACHER_HELP = {
@@ -50,6 +53,47 @@ TEACHER_HELP = {
 }
 
 
+DISTILL_HELP = {
+    "teacher": "the teacher's checkpoint directory (from train-teacher)",
+    "student_steps": "k, the student's sampling steps",
+    "teacher_raw_weights": "distill the teacher's raw weights instead of its EMA",
+    "batch_size": "sequences per step (the global batch under torchrun)",
+    "steps": "optimizer steps in total, generator and auxiliary together",
+    "aux_per_gen": "auxiliary-model steps after each generator step",
+    "lr_gen": "AdamW learning rate of the generator",
+    "lr_aux": "AdamW learning rate of the auxiliary model",
+    "warmup": "linear learning-rate warm-up steps",
+    "beta1": "AdamW beta1 of both optimizers",
+    "beta2": "AdamW beta2 of both optimizers",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip each model's gradient norm to this value",
+    "ema": "decay of the generator's exponential moving average",
+    "weight": "loss weight w(s): constant or elbo",
+    "soft_target": "masked diffusion: train the auxiliary model on x_hat_eta(z_t) instead of the sample x",
+    "temperature": "teacher temperature (paper section 3.3)",
+    "top_p": "teacher top-p, applied as a soft mask",
+    "delta": "logit drop outside the teacher's top-p nucleus",
+    "noise_dim": "Gaussian noise input of the generator (default: 32 masked, 0 uniform)",
+    "form": "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)",
+    "posterior_ds": "Appendix D: s - s' of the posterior vectors (default 1/(2k))",
+    "draw_block": "sequences per random stream (keeps draws independent of the process count)",
+    "collapse_entropy": "warn when the generator's output entropy (nats) falls below this",
+    "save_every": "write the checkpoint every this many steps",
+    "seed": "seed of every step's batch, times, noise and draws",
+    "out": "output directory (checkpoint/, log.jsonl)",
+    "device": "cpu or cuda",
+    "time_limit_min": "stop and save after this many minutes (0: no limit)",
+}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _parse_or_none(kind):
     def parse(text: str):
         if text.lower() in ("none", "null", ""):
@@ -58,25 +102,35 @@ def _parse_or_none(kind):
     return parse
 
 
-def _teacher_parser(sub) -> None:
-    p = sub.add_parser("train-teacher", help="train (or resume) a diffusion teacher",
-                       description="Train a masked or uniform diffusion denoiser; resumes from "
-                                   "OUT/checkpoint when it exists.")
+def _config_parser(sub, name: str, config_cls, helps: dict, **kw) -> None:
+    """A sub-command whose flags are the fields of ``config_cls`` (plus --config, --no-resume)."""
+    p = sub.add_parser(name, **kw)
     p.add_argument("--config", help="JSON file of defaults (keys are the flag names with underscores)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in fields(TeacherConfig):
+    for f in fields(config_cls):
         default = f.default if f.default is not MISSING else None
-        kind = type(default) if default is not None else int
+        kind = _parse_bool if isinstance(default, bool) else type(default) if default is not None else int
+        if f.name in ("posterior_ds",):
+            kind = float
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       type=_parse_or_none(kind),
-                       help=f"{TEACHER_HELP.get(f.name, '')} (default: {default})")
+                       type=_parse_or_none(kind), help=f"{helps.get(f.name, '')} (default: {default})")
+
+
+def _config_from_args(args, config_cls):
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values.update(json.load(f))
+    values.update({f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None})
+    return config_cls.from_dict(values)
 
 
 def _sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="sample sequences from a trained teacher",
+    p = sub.add_parser("sample", help="sample sequences from a teacher or a D-MMD student",
                        description="k-step ancestral sampling (SPEC section 1) from a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (e.g. runs/teacher/checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a teacher or student checkpoint directory (e.g. runs/teacher/checkpoint)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps k (default: 16)")
     p.add_argument("--num", type=int, default=4, help="sequences to draw (default: 4)")
     p.add_argument("--length", type=int, default=None, help="tokens per sequence (default: the model's)")
@@ -85,7 +139,8 @@ def _sample_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
     p.add_argument("--block-size", type=int, default=None,
                    help="block-autoregressive sampling with this block size (default: the model's, if any)")
-    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use the raw weights (a student: the generator) instead of the EMA")
     p.add_argument("--out", help="write the samples as JSON here (token ids, and text for byte data)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
@@ -93,30 +148,40 @@ def _sample_parser(sub) -> None:
 def cmd_train_teacher(args) -> int:
     from dmmd.train import train_teacher
 
-    values = {}
-    if args.config:
-        with open(args.config) as f:
-            values.update(json.load(f))
-    values.update({f.name: getattr(args, f.name) for f in fields(TeacherConfig) if getattr(args, f.name) is not None})
-    cfg = TeacherConfig.from_dict(values)
+    cfg = _config_from_args(args, TeacherConfig)
     result = train_teacher(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from dmmd.distill import distill
+
+    cfg = _config_from_args(args, DistillConfig)
+    result = distill(cfg, resume=not args.no_resume, progress=not args.no_progress)
     print(json.dumps(result))
     return 0
 
 
 def cmd_sample(args) -> int:
     from dmmd.data import ByteText
+    from dmmd.distill import is_student, load_student, student_fn
     from dmmd.sampling import sample
     from dmmd.train import load_teacher
 
-    model, process, state = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+    if is_student(args.checkpoint):
+        model, process, state = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+        model_fn, data = student_fn(model, args.seed), state["teacher_config"]["data"]
+    else:
+        model, process, state = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+        model_fn, data = (lambda z, t: model(z, t)), state["config"]["data"]
     length = args.length or model.config.length
     block = args.block_size if args.block_size is not None else model.config.block_size
-    x = sample(lambda z, t: model(z, t), process, args.num, length, args.steps, seed=args.seed,
+    x = sample(model_fn, process, args.num, length, args.steps, seed=args.seed,
                temperature=args.temperature, top_p=args.top_p, block_size=block, device=args.device,
                progress=True)
     result = {"steps": args.steps, "tokens": x.tolist()}
-    if state["config"]["data"] == "text":
+    if data == "text":
         result["text"] = [ByteText.decode(row) for row in x]
     if args.out:
         with open(args.out, "w") as f:
@@ -130,10 +195,16 @@ def cmd_sample(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dmmd", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    _teacher_parser(sub)
+    _config_parser(sub, "train-teacher", TeacherConfig, TEACHER_HELP, help="train (or resume) a diffusion teacher",
+                   description="Train a masked or uniform diffusion denoiser; resumes from OUT/checkpoint "
+                               "when it exists.")
+    _config_parser(sub, "distill", DistillConfig, DISTILL_HELP, help="distill a k-step D-MMD student",
+                   description="D-MMD (paper Algorithm 1): a k-step student generator from a teacher "
+                               "checkpoint; resumes from OUT/checkpoint when it exists.")
     _sample_parser(sub)
     args = ap.parse_args(argv)
-    return {"train-teacher": cmd_train_teacher, "sample": cmd_sample}[args.command](args)
+    commands = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

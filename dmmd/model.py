@@ -117,7 +117,7 @@ class Denoiser(nn.Module):
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """``z_t [B, L]`` int64, ``t [B]`` in [0, 1], optional ``noise [B, L, noise_dim]``
-        -> float32 logits ``[B, L, V]``."""
+        -> float32 logits ``[B, L, V]`` (float64 for a float64 model)."""
         cfg = self.config
         b, n = z_t.shape
         if n > cfg.length:
@@ -130,7 +130,9 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             h = block(h, c, mask)
         shift, scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
-        logits = self.head(self.norm_out(h) * (1 + scale) + shift).float()
+        logits = self.head(self.norm_out(h) * (1 + scale) + shift)
+        if logits.dtype != torch.float64:  # float64 models (test oracles) stay float64
+            logits = logits.float()
         if cfg.process == "masked":
             logits = self._carry_over(logits, z_t)
         return logits

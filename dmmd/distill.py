@@ -1,0 +1,478 @@
+"""D-MMD distillation (SPEC section 1, paper Algorithm 1): a k-step student generator from a
+trained teacher, for masked and uniform diffusion.
+
+One step ``i``: ``s ~ U(0,1)``, ``delta ~ U(0, 1/k)``, ``t = min(1, s + delta)``; data diffused to
+``z_t``; ``x ~ Cat(x_hat_eta(z_t))``; ``z_s ~ q(z_s | z_t, x)`` without gradient. Generator steps
+minimise eq. 11 through :func:`dmmd_ops.generator_loss`, auxiliary steps eq. 12 through
+:func:`dmmd_ops.aux_loss` (``aux_per_gen`` auxiliary steps after each generator step). The
+generator and the auxiliary model start as copies of the teacher; the generator (optionally)
+also takes Gaussian noise, whose projection starts at zero.
+
+For uniform diffusion with ``form="posterior"`` (paper Appendix D, eq. 24-26) the same ops act
+on the log posterior vectors ``log pi_{s'}(x_hat, z_s)``, ``s' = max(0, s - posterior_ds)``: a
+probability row passed as logits is its own softmax, so eq. 11/12 on those rows are eq. 24/26.
+
+Reproducibility: everything random in step ``i`` is a function of ``(seed, i)`` (the batch,
+times and noise from a seeded ``torch.Generator``; the categorical and posterior draws from the
+Philox stream with one offset per global sequence), so a resumed run replays exactly the steps
+it would have taken, and ``torchrun`` ranks that each take their rows of the global batch make
+the same update as one process.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm.auto import tqdm
+
+import dmmd_ops
+from dmmd.checkpoint import load_checkpoint, load_tensors, read_state, save_checkpoint
+from dmmd.model import Denoiser, DenoiserConfig
+from dmmd.processes import DiffusionProcess
+from dmmd.train import (
+    TeacherConfig,
+    _dist_info,
+    ema_decay,
+    init_distributed,
+    load_teacher,
+    make_source,
+    step_generator,
+)
+
+WEIGHTS = ("constant", "elbo")
+FORMS = ("xhat", "posterior")
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs; saved in its checkpoints."""
+
+    teacher: str = "runs/teacher/checkpoint"  # the teacher's checkpoint directory
+    student_steps: int = 4          # k, the student's sampling steps
+    teacher_raw_weights: bool = False  # distill the teacher's raw weights instead of its EMA
+    batch_size: int = 64
+    steps: int = 2000               # optimizer steps in total (generator + auxiliary)
+    aux_per_gen: int = 1            # auxiliary steps after each generator step
+    lr_gen: float = 1e-4
+    lr_aux: float = 1e-4
+    warmup: int = 50
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    weight: str = "constant"        # w(s): constant, or elbo (-alpha'(s) / (1 - alpha(s)))
+    soft_target: bool = False       # masked only: auxiliary target x_hat_eta(z_t) instead of x
+    temperature: float = 1.0        # teacher temperature
+    top_p: float = 1.0              # teacher top-p (soft mask, paper section 3.3)
+    delta: float = 2.0              # logit drop outside the teacher's nucleus
+    noise_dim: int | None = None    # generator noise input; None: 32 for masked, 0 for uniform
+    form: str = "xhat"              # xhat (eq. 11/12) or posterior (Appendix D, uniform only)
+    posterior_ds: float | None = None  # Appendix D step s - s'; None: 1 / (2 k)
+    draw_block: int = 16            # sequences per Philox stream (draws independent of the DDP split)
+    collapse_entropy: float = 0.02  # warn when the generator's output entropy (nats) falls below
+    save_every: int = 500
+    seed: int = 0
+    out: str = "runs/student"
+    device: str = "cpu"
+    time_limit_min: float = 0.0     # > 0: stop (and save) after this many minutes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown distill config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def validate(self, process: DiffusionProcess) -> None:
+        """Raise ``ValueError`` naming the first option that does not fit ``process``."""
+        if self.student_steps < 1:
+            raise ValueError(f"student_steps must be >= 1, got {self.student_steps}")
+        if self.aux_per_gen < 1:
+            raise ValueError(f"aux_per_gen must be >= 1, got {self.aux_per_gen}")
+        if self.weight not in WEIGHTS:
+            raise ValueError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if process.kind == "uniform" and self.soft_target:
+            raise ValueError("soft_target is only valid for masked diffusion: a uniform z_s is "
+                             "consistent with the hard x only (paper section 3.2)")
+        if self.form == "posterior" and process.kind != "uniform":
+            raise ValueError("form='posterior' (Appendix D) is for uniform diffusion")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.draw_block < 1:
+            raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
+        if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
+            raise ValueError(f"posterior_ds must be in (0, 1], got {self.posterior_ds}")
+
+    def resolved_noise_dim(self, process: DiffusionProcess) -> int:
+        if self.noise_dim is not None:
+            if self.noise_dim < 0:
+                raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
+            return self.noise_dim
+        return 32 if process.kind == "masked" else 0
+
+
+@dataclass
+class DistillBatch:
+    """One step's global batch: clean data, times, ``z_t`` and the generator's noise."""
+
+    x0: torch.Tensor      # [B, L]
+    s: torch.Tensor       # [B] float64
+    t: torch.Tensor       # [B] float64
+    z_t: torch.Tensor     # [B, L]
+    noise: torch.Tensor | None  # [B, L, noise_dim]
+    rows: torch.Tensor    # [B] global row ids (for the per-sequence Philox offsets)
+
+    def take(self, index, device) -> DistillBatch:
+        """The rows ``index`` (a slice) on ``device``."""
+        return DistillBatch(*(None if v is None else v[index].to(device)
+                              for v in (self.x0, self.s, self.t, self.z_t, self.noise, self.rows)))
+
+
+def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim: int, step: int) -> DistillBatch:
+    """Algorithm 1 lines 1-2 for the global batch of ``step``."""
+    gen = step_generator(cfg.seed, step, purpose=1)
+    b = cfg.batch_size
+    x0 = source.sample(b, gen)
+    s = torch.rand(b, generator=gen, dtype=torch.float64)
+    delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps
+    t = torch.clamp(s + delta, max=1.0)
+    z_t = process.diffuse(x0, t, gen)
+    noise = torch.randn(b, x0.shape[1], noise_dim, generator=gen) if noise_dim > 0 else None
+    return DistillBatch(x0, s, t, z_t, noise, torch.arange(b))
+
+
+def build_generator(teacher: Denoiser, noise_dim: int) -> Denoiser:
+    """The teacher's architecture plus a zero-initialised noise input, with the teacher's weights."""
+    cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim})
+    ref = next(teacher.parameters())
+    gen = Denoiser(cfg).to(device=ref.device, dtype=ref.dtype)
+    missing, unexpected = gen.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or set(missing) - {"noise_proj.weight"}:
+        raise RuntimeError(f"teacher and generator do not match: missing {missing}, unexpected {unexpected}")
+    return gen
+
+
+def loss_weight(process: DiffusionProcess, kind: str, s: torch.Tensor) -> torch.Tensor:
+    """``w(s)`` per sequence: 1, or the ELBO weight ``-alpha'(s) / (1 - alpha(s))`` (clamped to
+    ``[0, 1e3]``: it grows like ``1 / s`` near ``s = 0``)."""
+    if kind == "constant":
+        return torch.ones_like(s)
+    sched = process._sched
+    w = -sched.dalpha(s) / (1 - sched.alpha(s)).clamp_min(1e-6)
+    return w.clamp(0, 1e3)
+
+
+class Distiller:
+    """The three models of Algorithm 1 and the two losses of one step.
+
+    ``teacher`` (frozen), ``generator`` (trained, with an EMA), ``aux`` (trained). Losses are
+    per-token means over the batch (positions that carry no signal, such as unmasked ``z_s``
+    positions in masked diffusion, count as zeros), so under DDP the average of the ranks'
+    losses is the single-process loss.
+    """
+
+    def __init__(self, teacher: Denoiser, process: DiffusionProcess, cfg: DistillConfig):
+        cfg.validate(process)
+        self.cfg, self.process = cfg, process
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.noise_dim = cfg.resolved_noise_dim(process)
+        self.generator = build_generator(teacher, self.noise_dim).train().requires_grad_(True)
+        self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
+        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        # What the losses call with gradient: the modules, or their DDP wrappers (wrap_ddp).
+        self.gen_net: torch.nn.Module = self.generator
+        self.aux_net: torch.nn.Module = self.aux
+        # Rows per Philox stream: a divisor of the batch, so every process holds whole blocks.
+        self.draw_block = math.gcd(cfg.draw_block, cfg.batch_size)
+        k = cfg.student_steps
+        self.posterior_ds = cfg.posterior_ds if cfg.posterior_ds is not None else 1.0 / (2 * k)
+
+    def wrap_ddp(self) -> None:
+        """Train under ``torch.distributed``: gradients averaged over the ranks."""
+        self.gen_net = torch.nn.parallel.DistributedDataParallel(self.generator)
+        self.aux_net = torch.nn.parallel.DistributedDataParallel(self.aux)
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % (1 + self.cfg.aux_per_gen) == 0
+
+    # ---------------------------------------------------------------- Algorithm 1, lines 3-4
+
+    def generate(self, batch: DistillBatch, step: int):
+        """Generator logits at ``z_t``, ``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)``.
+
+        Draws use Philox ``(seed, offset)`` with one offset per (step, block of ``draw_block``
+        global rows), so they do not depend on how the batch is split across processes.
+        """
+        fn = self.gen_net if torch.is_grad_enabled() else self.generator
+        logits = fn(batch.z_t, batch.t.float(), batch.noise)
+        a_s = self.process.alpha(batch.s).unsqueeze(-1).expand(batch.z_t.shape)
+        a_t = self.process.alpha(batch.t).unsqueeze(-1).expand(batch.z_t.shape)
+        blk = self.draw_block
+        x, z_s = [], []
+        with torch.no_grad():
+            for lo in range(0, batch.z_t.shape[0], blk):
+                rows = slice(lo, lo + blk)
+                offset = 2 * (step * (self.cfg.batch_size // blk) + int(batch.rows[lo]) // blk)
+                xb = dmmd_ops.sample_categorical(logits[rows].detach(), seed=self.cfg.seed, offset=offset)
+                z_s.append(dmmd_ops.posterior_sample(
+                    batch.z_t[rows], xb, a_s[rows], a_t[rows], process=self.process.kind,
+                    mask_id=self.process.mask_id, num_classes=self.process.num_classes, seed=self.cfg.seed,
+                    offset=offset + 1))
+                x.append(xb)
+        return logits, torch.cat(x), torch.cat(z_s)
+
+    def _rows(self, z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+        """Positions whose loss can be non-zero: masked ``z_s`` (then ``z_t`` is masked too);
+        every position for uniform diffusion. At an unmasked ``z_s`` teacher and auxiliary
+        model both carry the token over, so the difference of their log-probabilities is zero."""
+        if self.process.kind == "masked":
+            return z_s == self.process.mask_id
+        return torch.ones_like(z_s, dtype=torch.bool)
+
+    def _log_posterior(self, probs: torch.Tensor, z_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Appendix D: ``log pi_{s'}(probs, z_s)`` with ``s' = max(0, s - ds)``, as logits in
+        ``probs``' dtype (computed in float64)."""
+        s_prev = torch.clamp(s - self.posterior_ds, min=0.0)
+        pi = self.process.posterior_probs(z_s, probs, s_prev, s)
+        return torch.log(pi.clamp_min(1e-300)).to(probs.dtype)
+
+    def _teacher_probs(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return dmmd_ops.teacher_logprobs(teacher_logits, temperature=c.temperature, top_p=c.top_p,
+                                         delta=c.delta).exp()
+
+    # ---------------------------------------------------------------- the two losses
+
+    def generator_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
+        """Eq. 11 (or eq. 24), gradient to the generator only. Returns ``(loss, stats)``."""
+        c, proc = self.cfg, self.process
+        logits, x, z_s = self.generate(batch, step)
+        with torch.no_grad():
+            s32 = batch.s.float()
+            t_logits = self.teacher(z_s, s32)
+            a_logits = self.aux(z_s, s32)
+        w = loss_weight(proc, c.weight, batch.s).unsqueeze(-1).expand_as(z_s)
+        keep = self._rows(batch.z_t, z_s)
+        if c.form == "posterior":
+            u = self._log_posterior(torch.softmax(logits, -1), z_s, batch.s)
+            with torch.no_grad():
+                a = self._log_posterior(self._teacher_probs(t_logits), z_s, batch.s)
+                b = self._log_posterior(torch.softmax(a_logits, -1), z_s, batch.s)
+            loss = dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep])
+        else:
+            loss = dmmd_ops.generator_loss(logits[keep], t_logits[keep], a_logits[keep], weight=w[keep],
+                                           temperature=c.temperature, top_p=c.top_p, delta=c.delta)
+        loss = loss / z_s.numel()
+        return loss, {"gen_loss": float(loss.detach()), "gen_entropy": self._entropy(logits, batch.z_t)}
+
+    def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
+        """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""
+        c, proc = self.cfg, self.process
+        with torch.no_grad():
+            logits, x, z_s = self.generate(batch, step)
+            s32 = batch.s.float()
+            t_logits = self.teacher(z_s, s32)
+        a_logits = self.aux_net(z_s, s32)
+        w = loss_weight(proc, c.weight, batch.s).unsqueeze(-1).expand_as(z_s)
+        keep = self._rows(batch.z_t, z_s)
+        if c.form == "posterior":
+            b = self._log_posterior(torch.softmax(a_logits, -1), z_s, batch.s)
+            with torch.no_grad():
+                onehot = torch.nn.functional.one_hot(x, proc.num_classes).to(torch.float64)
+                target = torch.exp(self._log_posterior(onehot, z_s, batch.s))
+                target = (target / target.sum(-1, keepdim=True)).to(logits.dtype)
+                a = self._log_posterior(self._teacher_probs(t_logits), z_s, batch.s)
+            loss = dmmd_ops.aux_loss(b[keep], target[keep], a[keep], weight=w[keep])
+        else:
+            target = torch.softmax(logits, -1) if c.soft_target else x
+            loss = dmmd_ops.aux_loss(a_logits[keep], target[keep], t_logits[keep], weight=w[keep],
+                                     temperature=c.temperature, top_p=c.top_p, delta=c.delta)
+        loss = loss / z_s.numel()
+        return loss, {"aux_loss": float(loss.detach()), "gen_entropy": self._entropy(logits, batch.z_t)}
+
+    def _entropy(self, logits: torch.Tensor, z_t: torch.Tensor) -> float:
+        """The generator's mean output entropy (nats) where it has a choice (masked ``z_t``
+        positions; every position for uniform), paper Table 6."""
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.detach().double(), -1)
+            h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1)
+            if self.process.kind == "masked":
+                sel = z_t == self.process.mask_id
+                return float(h[sel].mean()) if sel.any() else float("nan")
+            return float(h.mean())
+
+    def student_fn(self, seed: int, use_ema: bool = True):
+        """``model_fn(z_t, t)`` for :func:`dmmd.sampling.sample`, with the noise input drawn from
+        a generator seeded by ``seed``."""
+        return student_fn(self.ema if use_ema else self.generator, seed)
+
+
+def student_fn(model: Denoiser, seed: int):
+    """A generator as the sampler's ``model_fn(z_t, t)``: each call draws fresh Gaussian noise from
+    a ``torch.Generator`` seeded with ``seed`` (so sampling stays reproducible)."""
+    gen = torch.Generator().manual_seed(seed + 7_777_777)
+    nd = model.config.noise_dim
+
+    def fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        noise = None
+        if nd > 0:
+            noise = torch.randn(*z_t.shape, nd, generator=gen).to(z_t.device)
+        return model(z_t, t, noise)
+
+    return fn
+
+
+class CollapseMonitor:
+    """Warns when the generator collapses: its output entropy near zero while the auxiliary
+    loss rises (smoothed over ~50 steps, compared with its lowest smoothed value)."""
+
+    def __init__(self, entropy_floor: float):
+        self.floor = entropy_floor
+        self.entropy = None
+        self.aux = None
+        self.aux_min = math.inf
+        self.warned = False
+
+    def update(self, stats: dict) -> bool:
+        h = stats.get("gen_entropy")
+        if h is not None and math.isfinite(h):
+            self.entropy = h if self.entropy is None else 0.98 * self.entropy + 0.02 * h
+        if "aux_loss" in stats:
+            a = stats["aux_loss"]
+            self.aux = a if self.aux is None else 0.98 * self.aux + 0.02 * a
+            self.aux_min = min(self.aux_min, self.aux)
+        collapsed = (self.entropy is not None and self.entropy < self.floor and self.aux is not None
+                     and self.aux > 1.2 * self.aux_min)
+        if collapsed and not self.warned:
+            warnings.warn(f"the generator is collapsing: output entropy {self.entropy:.4f} nats "
+                          f"(< {self.floor}) while the auxiliary loss rose from {self.aux_min:.4f} to "
+                          f"{self.aux:.4f}; lower lr_gen, raise aux_per_gen or add noise_dim",
+                          RuntimeWarning, stacklevel=2)
+        self.warned = self.warned or collapsed
+        return collapsed
+
+
+def load_distill_teacher(cfg: DistillConfig, device: torch.device):
+    """The teacher, its process, its token source and its config, from ``cfg.teacher``."""
+    teacher, process, state = load_teacher(cfg.teacher, use_ema=not cfg.teacher_raw_weights, device=str(device))
+    tcfg = TeacherConfig.from_dict(state["config"])
+    return teacher, process, make_source(tcfg), tcfg
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / max(1, warmup))
+
+
+def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Distill (or resume) a student; returns ``{"step", "checkpoint", "seconds", ...}``.
+
+    Writes ``cfg.out/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
+    ``save_every`` steps, at the end and when stopped early, and ``cfg.out/log.jsonl``.
+    """
+    init_distributed(cfg.device)
+    rank, world = _dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    teacher, process, source, tcfg = load_distill_teacher(cfg, device)
+    d = Distiller(teacher, process, cfg)
+    betas = (cfg.beta1, cfg.beta2)
+    opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
+    opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
+    ckpt = os.path.join(cfg.out, "checkpoint")
+    models = {"generator": d.generator, "aux": d.aux, "ema": d.ema}
+    optimizers = {"opt_gen": opt_gen, "opt_aux": opt_aux}
+    start = 0
+    if resume and os.path.exists(ckpt):
+        start = int(load_checkpoint(ckpt, models=models, optimizers=optimizers)["step"])
+    if world > 1:
+        d.wrap_ddp()
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if start else "w") if rank == 0 else None
+    monitor = CollapseMonitor(cfg.collapse_entropy)
+    per_rank = cfg.batch_size // world
+    if per_rank % d.draw_block:
+        raise ValueError(f"each of the {world} processes gets {per_rank} sequences, not a multiple of "
+                         f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"distill k={cfg.student_steps}",
+               disable=not progress or rank)
+    t0 = time.perf_counter()
+    step = start
+    for step in bar:
+        batch = draw_batch(source, process, cfg, d.noise_dim, step).take(mine, device)
+        if d.is_generator_step(step):
+            loss, stats = d.generator_loss(batch, step)
+            model, opt, lr, name = d.generator, opt_gen, cfg.lr_gen, "gen"
+        else:
+            loss, stats = d.aux_loss(batch, step)
+            model, opt, lr, name = d.aux, opt_aux, cfg.lr_aux, "aux"
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, cfg.warmup)
+        opt.step()
+        if name == "gen":
+            with torch.no_grad():
+                decay = ema_decay(step, cfg.ema)
+                for pe, pm in zip(d.ema.parameters(), d.generator.parameters(), strict=True):
+                    pe.lerp_(pm, 1 - decay)
+        done = step + 1
+        record = {"step": done, **stats, f"{name}_grad_norm": float(gnorm)}
+        if monitor.update(stats):
+            record["collapse_warning"] = True
+        out_of_time = (cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min) or \
+            (stop_at is not None and done >= stop_at)
+        if rank == 0:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if "gen_loss" in stats:
+                bar.set_postfix(gen=f"{stats['gen_loss']:.4f}", H=f"{stats['gen_entropy']:.3f}")
+            if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
+                save_student(ckpt, d, optimizers, cfg, tcfg, done)
+        if out_of_time:
+            break
+    if log is not None:
+        log.close()
+    return {"step": step + 1 if cfg.steps > start else start, "checkpoint": ckpt,
+            "seconds": time.perf_counter() - t0}
+
+
+def save_student(path: str, d: Distiller, optimizers: dict, cfg: DistillConfig, tcfg: TeacherConfig,
+                 step: int) -> None:
+    save_checkpoint(path, models={"generator": d.generator, "aux": d.aux, "ema": d.ema}, optimizers=optimizers,
+                    state={"kind": "student", "step": step, "config": asdict(cfg), "teacher_config": asdict(tcfg),
+                           "model": d.generator.config.to_dict(), "schedule": tcfg.schedule})
+
+
+def is_student(path: str) -> bool:
+    return read_state(path).get("kind") == "student"
+
+
+def load_student(path: str, *, use_ema: bool = True, device: str = "cpu"
+                 ) -> tuple[Denoiser, DiffusionProcess, dict]:
+    """A distilled generator (EMA weights by default), its process and its state."""
+    state = read_state(path)
+    if state.get("kind") != "student":
+        raise ValueError(f"{path} is not a D-MMD student checkpoint (see dmmd distill)")
+    mcfg = DenoiserConfig(**state["model"])
+    model = Denoiser(mcfg)
+    model.load_state_dict(load_tensors(path, "ema" if use_ema else "generator"))
+    process = DiffusionProcess(mcfg.process, mcfg.num_classes, state["schedule"], mask_id=mcfg.mask_id)
+    return model.to(device).eval(), process, state

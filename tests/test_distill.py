@@ -1,0 +1,357 @@
+"""The D-MMD distiller (paper Algorithm 1): one step's generator and auxiliary gradients equal
+a hand-written float64 computation of eq. 11 / eq. 12 (and eq. 24 / 26 for the Appendix D
+form), the fixed point gives a zero generator gradient, options are checked, a resumed run is
+bit-identical, 2-process DDP equals one process, the command line distills and samples."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dmmd.checkpoint import load_tensors
+from dmmd.distill import (
+    CollapseMonitor,
+    DistillConfig,
+    Distiller,
+    distill,
+    draw_batch,
+    is_student,
+    load_student,
+    loss_weight,
+    student_fn,
+)
+from dmmd.model import Denoiser, DenoiserConfig
+from dmmd.processes import DiffusionProcess
+from dmmd.sampling import sample
+from dmmd.train import TeacherConfig, make_source, train_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- hand-written float64 losses
+
+def _teacher_logprobs(a: torch.Tensor, temperature: float, top_p: float, delta: float) -> torch.Tensor:
+    """SPEC section 1 written out: s = a / T; outside the top-p nucleus s -= delta; log_softmax."""
+    s = a / temperature
+    if top_p < 1:
+        p = torch.softmax(s, -1)
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        for r in range(s.shape[0]):
+            order = sorted(range(s.shape[1]), key=lambda c: (-float(p[r, c]), c))
+            mass = 0.0
+            for c in order:
+                if mass < top_p:
+                    keep[r, c] = True
+                mass += float(p[r, c])
+        s = s - delta * (~keep).to(s.dtype)
+    return torch.log_softmax(s, -1)
+
+
+def _xlogy(p: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``p * logq`` with exact zeros where ``p == 0`` (no ``0 * -inf``)."""
+    return torch.where(p > 0, p * torch.where(p > 0, logq, 0.0), 0.0)
+
+
+def _tiny_models(kind: str, v: int = 7, length: int = 5, seed: int = 0):
+    """A float64 teacher with random (non-zero) weights and its process."""
+    torch.manual_seed(seed)
+    num_classes = v + 1 if kind == "masked" else v
+    process = DiffusionProcess(kind, num_classes, "linear")
+    teacher = Denoiser(DenoiserConfig(num_classes=num_classes, length=length, process=kind, width=16, depth=1,
+                                      heads=2)).double()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return teacher, process
+
+
+class _Source:
+    """Uniform random token sequences (the distiller only needs ``sample``)."""
+
+    def __init__(self, v, length):
+        self.vocab_size, self.length = v, length
+
+    def sample(self, batch, generator, split="train"):
+        return torch.randint(0, self.vocab_size, (batch, self.length), generator=generator)
+
+
+def _perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _setup(kind, **cfg_kw):
+    teacher, process = _tiny_models(kind)
+    cfg = DistillConfig(batch_size=6, student_steps=2, draw_block=3, seed=3, **cfg_kw)
+    d = Distiller(teacher, process, cfg)
+    _perturb(d.generator, 0.2, 1)  # generator and aux away from the teacher: non-trivial gradients
+    _perturb(d.aux, 0.2, 2)
+    batch = draw_batch(_Source(process.data_classes, 5), process, cfg, d.noise_dim, step=4)
+    return d, process, cfg, batch
+
+
+def _grads(model):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+CASES = [("masked", {}), ("masked", {"temperature": 0.7, "top_p": 0.8, "weight": "elbo"}),
+         ("masked", {"soft_target": True, "top_p": 0.9}), ("uniform", {}),
+         ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0})]
+
+
+@pytest.mark.parametrize("kind,kw", CASES)
+def test_one_step_gradients_equal_eq11_and_eq12_in_float64(kind, kw):
+    d, process, cfg, batch = _setup(kind, **kw)
+    step = 4
+    w_seq = loss_weight(process, cfg.weight, batch.s)
+
+    # The distiller: generator step (eq. 11).
+    loss, _ = d.generator_loss(batch, step)
+    loss.backward()
+    got_gen = _grads(d.generator)
+    d.generator.zero_grad()
+
+    # By hand: the same draws, then eq. 11 per token, mean over all tokens.
+    with torch.no_grad():
+        _, x, z_s = d.generate(batch, step)
+    u = d.generator(batch.z_t, batch.t.float(), batch.noise)
+    with torch.no_grad():
+        a = d.teacher(z_s, batch.s.float())
+        b = d.aux(z_s, batch.s.float())
+    rows = (z_s == process.mask_id) if kind == "masked" else torch.ones_like(z_s, dtype=torch.bool)
+    p = torch.softmax(u[rows], -1)
+    lt = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta)
+    la = torch.log_softmax(b[rows], -1)
+    per_token = -(_xlogy(p, lt) - _xlogy(p, la)).sum(-1)
+    w = w_seq.unsqueeze(-1).expand_as(z_s)[rows]
+    hand = (w * per_token).sum() / z_s.numel()
+    torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
+    hand.backward()
+    want_gen = _grads(d.generator)
+    assert sum(float(g.abs().sum()) for g in want_gen) > 1e-6  # the check is not vacuous
+    for g, h in zip(got_gen, want_gen, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12)
+    assert all(p.grad is None for p in d.teacher.parameters())
+
+    # The auxiliary step (eq. 12).
+    d.aux.zero_grad()
+    loss, _ = d.aux_loss(batch, step)
+    loss.backward()
+    got_aux = _grads(d.aux)
+    d.aux.zero_grad()
+    b = d.aux(z_s, batch.s.float())
+    with torch.no_grad():
+        u = d.generator(batch.z_t, batch.t.float(), batch.noise)
+    target = torch.softmax(u[rows], -1) if cfg.soft_target else \
+        torch.nn.functional.one_hot(x[rows], process.num_classes).double()
+    q = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta).exp()
+    la = torch.log_softmax(b[rows], -1)
+    hand = (w * -(_xlogy(target, la) + _xlogy(q, la)).sum(-1)).sum() / z_s.numel()
+    torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
+    hand.backward()
+    for g, h in zip(got_aux, _grads(d.aux), strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12)
+
+
+def _pi(process, probs, z_s, s_prev, s):
+    """Appendix D's pi_{s'}(probs, z_s) for uniform diffusion, from eq. 4 written out:
+    sum_x probs(x) q(z_{s'} | z_s, x), q proportional to [a_ss' z_s + (1 - a_ss')/V] * [a_s' x + (1 - a_s')/V]."""
+    v = process.num_classes
+    a_sp = process.alpha(s_prev).unsqueeze(-1).unsqueeze(-1)
+    a_s = process.alpha(s).unsqueeze(-1).unsqueeze(-1)
+    a_ratio = a_s / a_sp
+    zs = torch.nn.functional.one_hot(z_s, v).double()
+    eye = torch.eye(v, dtype=torch.float64)
+    out = torch.zeros(*z_s.shape, v, dtype=torch.float64)
+    for xc in range(v):  # each clean class x, weighted by probs(x)
+        num = (a_ratio * zs + (1 - a_ratio) / v) * (a_sp * eye[xc] + (1 - a_sp) / v)
+        out = out + probs[..., xc:xc + 1] * num / num.sum(-1, keepdim=True)
+    return out
+
+
+def test_appendix_d_posterior_form_equals_eq24_and_eq26():
+    d, process, cfg, batch = _setup("uniform", form="posterior", posterior_ds=0.1, top_p=0.8)
+    step = 4
+    loss, _ = d.generator_loss(batch, step)
+    loss.backward()
+    got = _grads(d.generator)
+    d.generator.zero_grad()
+    with torch.no_grad():
+        _, x, z_s = d.generate(batch, step)
+        a = d.teacher(z_s, batch.s.float())
+        b = d.aux(z_s, batch.s.float())
+    s_prev = (batch.s - 0.1).clamp_min(0)
+    u = d.generator(batch.z_t, batch.t.float(), batch.noise)
+    q_t = _teacher_logprobs(a.flatten(0, 1), 1.0, 0.8, 2.0).exp().view_as(a)
+    pi_g = _pi(process, torch.softmax(u, -1), z_s, s_prev, batch.s)
+    pi_t = _pi(process, q_t, z_s, s_prev, batch.s)
+    pi_a = _pi(process, torch.softmax(b, -1), z_s, s_prev, batch.s)
+    hand = (pi_g * (pi_a.log() - pi_t.log())).sum() / z_s.numel()  # eq. 24
+    torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
+    hand.backward()
+    for g, h in zip(got, _grads(d.generator), strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12)
+
+    loss, _ = d.aux_loss(batch, step)
+    pi_x = _pi(process, torch.nn.functional.one_hot(x, process.num_classes).double(), z_s, s_prev, batch.s)
+    hand = -((pi_x + pi_t) * pi_a.log()).sum() / z_s.numel()  # eq. 26
+    torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_fixed_point_gives_zero_generator_gradient(kind):
+    """Generator = the teacher's own sampler, auxiliary = teacher: eq. 11 is exactly zero."""
+    teacher, process = _tiny_models(kind)
+    cfg = DistillConfig(batch_size=6, student_steps=2, draw_block=3, noise_dim=0)
+    d = Distiller(teacher, process, cfg)
+    batch = draw_batch(_Source(process.data_classes, 5), process, cfg, 0, step=0)
+    loss, _ = d.generator_loss(batch, 0)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in d.generator.parameters())
+    # Control: an auxiliary model that differs from the teacher moves the generator.
+    _perturb(d.aux, 0.2, 2)
+    d.generator.zero_grad()
+    loss, _ = d.generator_loss(batch, 0)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 1e-8 for p in d.generator.parameters())
+
+
+def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
+    teacher, process = _tiny_models("masked")
+    d = Distiller(teacher, process, DistillConfig(batch_size=4))
+    assert d.noise_dim == 32 and d.generator.config.noise_dim == 32
+    z = torch.full((2, 5), process.mask_id)
+    t = torch.tensor([0.7, 1.0])
+    noise = torch.randn(2, 5, 32, dtype=torch.float64)
+    torch.testing.assert_close(d.generator(z, t, noise), teacher(z, t))
+    torch.testing.assert_close(d.aux(z, t), teacher(z, t))
+    teacher_u, process_u = _tiny_models("uniform")
+    assert Distiller(teacher_u, process_u, DistillConfig(batch_size=4)).noise_dim == 0
+
+
+def test_times_follow_algorithm_1():
+    teacher, process = _tiny_models("masked")
+    cfg = DistillConfig(batch_size=4000, student_steps=4)
+    b = draw_batch(_Source(7, 5), process, cfg, 0, step=0)
+    delta = b.t - b.s
+    assert (b.s >= 0).all() and (b.s < 1).all() and (b.t <= 1).all() and (delta >= 0).all()
+    assert float(delta.max()) <= 0.25 + 1e-12
+    assert abs(float((b.t == 1).double().mean()) - 0.125) < 0.02  # P(s + delta >= 1) = 1/(2k)
+    free = b.t < 1
+    assert abs(float(delta[free].mean()) - 0.125) < 0.01  # delta ~ U(0, 1/k) where not clipped
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"soft_target": True}, "soft_target"), ({"form": "posterior"}, "posterior"),
+    ({"weight": "sqrt"}, "weight"), ({"student_steps": 0}, "student_steps"), ({"aux_per_gen": 0}, "aux_per_gen"),
+    ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim")])
+def test_bad_options_name_the_option(kw, match):
+    kind = "masked" if kw.get("form") == "posterior" else "uniform"
+    teacher, process = _tiny_models(kind)
+    with pytest.raises(ValueError, match=match):
+        Distiller(teacher, process, DistillConfig(**kw))
+    with pytest.raises(ValueError, match="unknown distill config keys"):
+        DistillConfig.from_dict({"lr": 1.0})
+
+
+def test_collapse_warning():
+    mon = CollapseMonitor(entropy_floor=0.05)
+    for _ in range(100):
+        assert not mon.update({"aux_loss": 1.0, "gen_entropy": 0.5})
+    with pytest.warns(RuntimeWarning, match="collapsing"):
+        for _ in range(300):
+            mon.update({"aux_loss": 3.0, "gen_entropy": 0.0})
+    healthy = CollapseMonitor(entropy_floor=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(300):  # low entropy alone (a confident generator) is no collapse
+            healthy.update({"aux_loss": 1.0, "gen_entropy": 0.0})
+
+
+# ---------------------------------------------------------------- runs on a trained teacher
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = TeacherConfig(data="markov", vocab_size=4, length=6, width=32, depth=1, heads=2, batch_size=16,
+                        steps=20, warmup=2, eval_every=0, save_every=20, out=str(out), seed=1)
+    train_teacher(cfg, progress=False)
+    return str(out / "checkpoint"), cfg
+
+
+def _distill_cfg(teacher, out, **kw):
+    base = dict(teacher=teacher, student_steps=2, batch_size=8, steps=6, warmup=2, save_every=3, out=str(out),
+                seed=4, draw_block=4)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_resumed_distillation_is_bit_identical(tiny_teacher, tmp_path):
+    teacher, _ = tiny_teacher
+    full = distill(_distill_cfg(teacher, tmp_path / "full"), progress=False)
+    part = distill(_distill_cfg(teacher, tmp_path / "cut"), progress=False, stop_at=3)
+    assert part["step"] == 3
+    rest = distill(_distill_cfg(teacher, tmp_path / "cut"), progress=False)
+    assert full["step"] == rest["step"] == 6
+    for name in ("generator", "aux", "ema", "opt_gen", "opt_aux"):
+        a, b = load_tensors(full["checkpoint"], name), load_tensors(rest["checkpoint"], name)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    init = load_tensors(teacher, "ema")
+    gen = load_tensors(full["checkpoint"], "generator")
+    assert any(not torch.equal(gen[k], init[k]) for k in init)  # it did train
+    log = [json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert {"gen_loss", "gen_grad_norm", "gen_entropy"} <= set(log[0]) and "aux_loss" in log[1]
+
+
+def test_two_process_ddp_equals_one_process(tiny_teacher, tmp_path):
+    teacher, _ = tiny_teacher
+    args = ["--teacher", teacher, "--student-steps", "2", "--batch-size", "8", "--draw-block", "4", "--steps", "2",
+            "--warmup", "1", "--save-every", "2", "--seed", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "dmmd", "distill", "--out", str(one), *args], check=True, env=env,
+                   cwd=ROOT, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "dmmd", "distill", "--out", str(two), *args], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    init = load_tensors(teacher, "ema")
+    for name in ("generator", "aux"):  # step 0 trains the generator, step 1 the auxiliary model
+        a, b = load_tensors(str(one / "checkpoint"), name), load_tensors(str(two / "checkpoint"), name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        assert any(not torch.equal(a[k], init[k]) for k in init), name
+
+
+def test_command_line_distill_and_sample_student(tiny_teacher, tmp_path):
+    teacher, tcfg = tiny_teacher
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dmmd", *a], check=True, env=env, cwd=ROOT,
+                                    capture_output=True, text=True).stdout
+    helptext = run("distill", "--help")
+    for flag in ("--teacher", "--student-steps", "--aux-per-gen", "--soft-target", "--top-p", "--form"):
+        assert flag in helptext
+    out = tmp_path / "student"
+    result = json.loads(run("distill", "--teacher", teacher, "--student-steps", "2", "--batch-size", "8",
+                            "--steps", "2", "--soft-target", "true", "--out", str(out), "--no-progress").strip())
+    assert result["step"] == 2 and is_student(str(out / "checkpoint"))
+    samples = tmp_path / "s.json"
+    run("sample", "--checkpoint", str(out / "checkpoint"), "--steps", "2", "--num", "3", "--out", str(samples))
+    got = json.loads(samples.read_text())["tokens"]
+    assert len(got) == 3 and all(len(r) == 6 and all(0 <= v < 4 for v in r) for r in got)
+    # The sampler draws the student's noise from the seed: reproducible.
+    model, process, _ = load_student(str(out / "checkpoint"))
+    a = sample(student_fn(model, 5), process, 4, 6, 2, seed=5)
+    b = sample(student_fn(model, 5), process, 4, 6, 2, seed=5)
+    assert torch.equal(a, b)
+    assert make_source(tcfg).log_prob(a).shape == (4,)
