@@ -12,6 +12,8 @@ For uniform diffusion with ``form="posterior"`` (paper Appendix D, eq. 24-26) th
 on the log posterior vectors ``log pi_{s'}(x_hat, z_s)``, ``s' = max(0, s - posterior_ds)``: a
 probability row passed as logits is its own softmax, so eq. 11/12 on those rows are eq. 24/26.
 
+On CUDA the models run under bf16 autocast (the ops take the bf16 logits).
+
 Reproducibility: everything random in step ``i`` is a function of ``(seed, i)`` (the batch,
 times and noise from a seeded ``torch.Generator``; the categorical and posterior draws from the
 Philox stream with one offset per global sequence), so a resumed run replays exactly the steps
@@ -26,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -36,12 +38,15 @@ from dmmd.checkpoint import load_checkpoint, load_tensors, read_state, save_chec
 from dmmd.model import Denoiser, DenoiserConfig
 from dmmd.processes import DiffusionProcess
 from dmmd.train import (
+    ConfigFromDict,
     TeacherConfig,
-    _dist_info,
+    dist_info,
     ema_decay,
     init_distributed,
     load_teacher,
     make_source,
+    out_of_time,
+    process_device,
     step_generator,
 )
 
@@ -50,7 +55,7 @@ FORMS = ("xhat", "posterior")
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(ConfigFromDict):
     """Everything a distillation run needs; saved in its checkpoints."""
 
     teacher: str = "runs/teacher/checkpoint"  # the teacher's checkpoint directory
@@ -73,6 +78,7 @@ class DistillConfig:
     top_p: float = 1.0              # teacher top-p (soft mask, paper section 3.3)
     delta: float = 2.0              # logit drop outside the teacher's nucleus
     noise_dim: int | None = None    # generator noise input; None: 32 for masked, 0 for uniform
+    noise_init: float = 0.0         # std of the initial noise projection (0: start exactly as the teacher)
     form: str = "xhat"              # xhat (eq. 11/12) or posterior (Appendix D, uniform only)
     posterior_ds: float | None = None  # Appendix D step s - s'; None: 1 / (2 k)
     draw_block: int = 16            # sequences per Philox stream (draws independent of the DDP split)
@@ -82,14 +88,6 @@ class DistillConfig:
     out: str = "runs/student"
     device: str = "cpu"
     time_limit_min: float = 0.0     # > 0: stop (and save) after this many minutes
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistillConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown distill config keys: {sorted(unknown)}")
-        return cls(**d)
 
     def validate(self, process: DiffusionProcess) -> None:
         """Raise ``ValueError`` naming the first option that does not fit ``process``."""
@@ -110,6 +108,8 @@ class DistillConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.noise_init < 0:
+            raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
         if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
@@ -153,14 +153,22 @@ def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim:
     return DistillBatch(x0, s, t, z_t, noise, torch.arange(b))
 
 
-def build_generator(teacher: Denoiser, noise_dim: int) -> Denoiser:
-    """The teacher's architecture plus a zero-initialised noise input, with the teacher's weights."""
+def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0,
+                    seed: int = 0) -> Denoiser:
+    """The teacher's architecture and weights plus a noise input whose projection starts at
+    zero (the generator is then exactly the teacher) or at ``N(0, noise_init^2)``: a zero
+    projection gets only zero-mean gradients at first, a small random one breaks the symmetry."""
     cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim})
     ref = next(teacher.parameters())
     gen = Denoiser(cfg).to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = gen.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or set(missing) - {"noise_proj.weight"}:
         raise RuntimeError(f"teacher and generator do not match: missing {missing}, unexpected {unexpected}")
+    if gen.noise_proj is not None and noise_init > 0:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            w = gen.noise_proj.weight
+            w.copy_(noise_init * torch.randn(w.shape, generator=g, dtype=w.dtype))
     return gen
 
 
@@ -169,9 +177,7 @@ def loss_weight(process: DiffusionProcess, kind: str, s: torch.Tensor) -> torch.
     ``[0, 1e3]``: it grows like ``1 / s`` near ``s = 0``)."""
     if kind == "constant":
         return torch.ones_like(s)
-    sched = process._sched
-    w = -sched.dalpha(s) / (1 - sched.alpha(s)).clamp_min(1e-6)
-    return w.clamp(0, 1e3)
+    return process.elbo_weight(s).clamp(0, 1e3)
 
 
 class Distiller:
@@ -188,7 +194,8 @@ class Distiller:
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
         self.noise_dim = cfg.resolved_noise_dim(process)
-        self.generator = build_generator(teacher, self.noise_dim).train().requires_grad_(True)
+        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.seed)
+        self.generator.train().requires_grad_(True)
         self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         # What the losses call with gradient: the modules, or their DDP wrappers (wrap_ddp).
@@ -233,7 +240,15 @@ class Distiller:
                 x.append(xb)
         return logits, torch.cat(x), torch.cat(z_s)
 
-    def _rows(self, z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+    def _at_z_s(self, batch: DistillBatch, z_s: torch.Tensor):
+        """What both losses need at ``z_s``: the teacher's logits, ``w(s)`` per token and the
+        positions that carry signal."""
+        with torch.no_grad():
+            t_logits = self.teacher(z_s, batch.s.float())
+        w = loss_weight(self.process, self.cfg.weight, batch.s).unsqueeze(-1).expand_as(z_s)
+        return t_logits, w, self._rows(z_s)
+
+    def _rows(self, z_s: torch.Tensor) -> torch.Tensor:
         """Positions whose loss can be non-zero: masked ``z_s`` (then ``z_t`` is masked too);
         every position for uniform diffusion. At an unmasked ``z_s`` teacher and auxiliary
         model both carry the token over, so the difference of their log-probabilities is zero."""
@@ -257,14 +272,11 @@ class Distiller:
 
     def generator_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 11 (or eq. 24), gradient to the generator only. Returns ``(loss, stats)``."""
-        c, proc = self.cfg, self.process
+        c = self.cfg
         logits, x, z_s = self.generate(batch, step)
+        t_logits, w, keep = self._at_z_s(batch, z_s)
         with torch.no_grad():
-            s32 = batch.s.float()
-            t_logits = self.teacher(z_s, s32)
-            a_logits = self.aux(z_s, s32)
-        w = loss_weight(proc, c.weight, batch.s).unsqueeze(-1).expand_as(z_s)
-        keep = self._rows(batch.z_t, z_s)
+            a_logits = self.aux(z_s, batch.s.float())
         if c.form == "posterior":
             u = self._log_posterior(torch.softmax(logits, -1), z_s, batch.s)
             with torch.no_grad():
@@ -282,11 +294,8 @@ class Distiller:
         c, proc = self.cfg, self.process
         with torch.no_grad():
             logits, x, z_s = self.generate(batch, step)
-            s32 = batch.s.float()
-            t_logits = self.teacher(z_s, s32)
-        a_logits = self.aux_net(z_s, s32)
-        w = loss_weight(proc, c.weight, batch.s).unsqueeze(-1).expand_as(z_s)
-        keep = self._rows(batch.z_t, z_s)
+        t_logits, w, keep = self._at_z_s(batch, z_s)
+        a_logits = self.aux_net(z_s, batch.s.float())
         if c.form == "posterior":
             b = self._log_posterior(torch.softmax(a_logits, -1), z_s, batch.s)
             with torch.no_grad():
@@ -382,12 +391,8 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     ``save_every`` steps, at the end and when stopped early, and ``cfg.out/log.jsonl``.
     """
     init_distributed(cfg.device)
-    rank, world = _dist_info()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    rank, world = dist_info()
+    device = process_device(cfg.device, cfg.batch_size)
     teacher, process, source, tcfg = load_distill_teacher(cfg, device)
     d = Distiller(teacher, process, cfg)
     betas = (cfg.beta1, cfg.beta2)
@@ -416,12 +421,13 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     step = start
     for step in bar:
         batch = draw_batch(source, process, cfg, d.noise_dim, step).take(mine, device)
-        if d.is_generator_step(step):
-            loss, stats = d.generator_loss(batch, step)
-            model, opt, lr, name = d.generator, opt_gen, cfg.lr_gen, "gen"
-        else:
-            loss, stats = d.aux_loss(batch, step)
-            model, opt, lr, name = d.aux, opt_aux, cfg.lr_aux, "aux"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if d.is_generator_step(step):
+                loss, stats = d.generator_loss(batch, step)
+                model, opt, lr, name = d.generator, opt_gen, cfg.lr_gen, "gen"
+            else:
+                loss, stats = d.aux_loss(batch, step)
+                model, opt, lr, name = d.aux, opt_aux, cfg.lr_aux, "aux"
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -437,16 +443,15 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
         record = {"step": done, **stats, f"{name}_grad_norm": float(gnorm)}
         if monitor.update(stats):
             record["collapse_warning"] = True
-        out_of_time = (cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min) or \
-            (stop_at is not None and done >= stop_at)
+        stop = out_of_time(cfg.time_limit_min, t0, done, stop_at)
         if rank == 0:
             log.write(json.dumps(record) + "\n")
             log.flush()
             if "gen_loss" in stats:
                 bar.set_postfix(gen=f"{stats['gen_loss']:.4f}", H=f"{stats['gen_entropy']:.3f}")
-            if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
+            if done % cfg.save_every == 0 or done == cfg.steps or stop:
                 save_student(ckpt, d, optimizers, cfg, tcfg, done)
-        if out_of_time:
+        if stop:
             break
     if log is not None:
         log.close()

@@ -71,6 +71,12 @@ class DiffusionProcess:
     def alpha(self, t: torch.Tensor | float) -> torch.Tensor:
         return self._sched.alpha(torch.as_tensor(t, dtype=torch.float64))
 
+    def elbo_weight(self, t: torch.Tensor | float) -> torch.Tensor:
+        """``-alpha'(t) / (1 - alpha(t))``, the masked-diffusion ELBO weight (float64; the
+        denominator is clamped at 1e-6, where ``t -> 0``)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return -self._sched.dalpha(t) / (1 - self._sched.alpha(t)).clamp_min(1e-6)
+
     # ------------------------------------------------------------------ forward process
 
     def diffuse(self, x: torch.Tensor, t: torch.Tensor | float, generator: torch.Generator | None = None
@@ -154,8 +160,7 @@ class DiffusionProcess:
         ce = ce.view(x.shape)
         if self.kind == "uniform":
             return ce.mean()
-        tt = _per_token(torch.as_tensor(t, dtype=torch.float64, device=x.device), x)
-        w = -self._sched.dalpha(tt) / (1 - self._sched.alpha(tt)).clamp_min(1e-6)
+        w = self.elbo_weight(_per_token(torch.as_tensor(t, dtype=torch.float64, device=x.device), x))
         masked = z_t == self.mask_id
         return (ce * torch.where(masked, w, 0.0).to(ce.dtype)).mean()
 

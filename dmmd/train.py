@@ -27,8 +27,20 @@ from dmmd.model import Denoiser, DenoiserConfig
 from dmmd.processes import DiffusionProcess
 
 
+class ConfigFromDict:
+    """``from_dict`` for run configs (dataclasses): unknown keys are an error, not ignored."""
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+        return cls(**d)
+
+
 @dataclass
-class TeacherConfig:
+class TeacherConfig(ConfigFromDict):
     """Everything a teacher run needs; saved in its checkpoints."""
 
     data: str = "text"              # text | markov | grids | a path to a nanoGPT .bin file
@@ -61,14 +73,6 @@ class TeacherConfig:
     out: str = "runs/teacher"
     device: str = "cpu"
     time_limit_min: float = 0.0     # > 0: stop (and save) after this many minutes
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TeacherConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown teacher config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 def make_source(cfg: TeacherConfig):
@@ -142,7 +146,7 @@ def validate(model: Denoiser, process: DiffusionProcess, source, cfg: TeacherCon
     return float(torch.cat(bits).mean())
 
 
-def _dist_info() -> tuple[int, int]:
+def dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -152,6 +156,24 @@ def init_distributed(device: str) -> None:
     """Join the process group ``torchrun`` describes (gloo on CPU, nccl on CUDA)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+
+
+def process_device(device: str, batch_size: int) -> torch.device:
+    """This process's device (under ``torchrun`` on CUDA: one GPU per rank); checks that the
+    global batch splits evenly over the processes."""
+    rank, world = dist_info()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {world} processes")
+    dev = torch.device(device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    return dev
+
+
+def out_of_time(time_limit_min: float, t0: float, done: int, stop_at: int | None) -> bool:
+    """Whether a run should save and stop now: past its time limit or at ``stop_at``."""
+    return (time_limit_min > 0 and time.perf_counter() - t0 > 60 * time_limit_min) or \
+        (stop_at is not None and done >= stop_at)
 
 
 def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = True,
@@ -164,12 +186,8 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     into time slices; the schedule still runs to ``cfg.steps``.
     """
     init_distributed(cfg.device)
-    rank, world = _dist_info()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    rank, world = dist_info()
+    device = process_device(cfg.device, cfg.batch_size)
     source = make_source(cfg)
     process, model = build(cfg)
     model.to(device)
@@ -209,17 +227,16 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
         if cfg.eval_every and done % cfg.eval_every == 0 or done == cfg.steps:
             val_bits = validate(ema, process, source, cfg)
             record["val_bits_per_token"] = val_bits
-        out_of_time = (cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min) or \
-            (stop_at is not None and done >= stop_at)
+        stop = out_of_time(cfg.time_limit_min, t0, done, stop_at)
         if rank == 0:
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_bits:.3f}")
-            if done % cfg.save_every == 0 or done == cfg.steps or out_of_time:
+            if done % cfg.save_every == 0 or done == cfg.steps or stop:
                 save_checkpoint(ckpt, models={"model": model, "ema": ema}, optimizers={"opt": opt},
                                 state={"step": done, "config": asdict(cfg), "model": model.config.to_dict(),
                                        "val_bits_per_token": val_bits})
-        if out_of_time:
+        if stop:
             break
     elapsed = time.perf_counter() - t0
     if log is not None:

@@ -235,6 +235,11 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     torch.testing.assert_close(d.aux(z, t), teacher(z, t))
     teacher_u, process_u = _tiny_models("uniform")
     assert Distiller(teacher_u, process_u, DistillConfig(batch_size=4)).noise_dim == 0
+    # noise_init > 0: a small random projection, the teacher again when the noise is zero
+    d = Distiller(teacher, process, DistillConfig(batch_size=4, noise_dim=8, noise_init=0.1))
+    assert 0.05 < float(d.generator.noise_proj.weight.std()) < 0.2
+    assert not torch.allclose(d.generator(z, t, torch.randn(2, 5, 8, dtype=torch.float64)), teacher(z, t))
+    torch.testing.assert_close(d.generator(z, t, torch.zeros(2, 5, 8, dtype=torch.float64)), teacher(z, t))
 
 
 def test_times_follow_algorithm_1():
@@ -252,13 +257,14 @@ def test_times_follow_algorithm_1():
 @pytest.mark.parametrize("kw,match", [
     ({"soft_target": True}, "soft_target"), ({"form": "posterior"}, "posterior"),
     ({"weight": "sqrt"}, "weight"), ({"student_steps": 0}, "student_steps"), ({"aux_per_gen": 0}, "aux_per_gen"),
-    ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim")])
+    ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim"),
+    ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block")])
 def test_bad_options_name_the_option(kw, match):
     kind = "masked" if kw.get("form") == "posterior" else "uniform"
     teacher, process = _tiny_models(kind)
     with pytest.raises(ValueError, match=match):
         Distiller(teacher, process, DistillConfig(**kw))
-    with pytest.raises(ValueError, match="unknown distill config keys"):
+    with pytest.raises(ValueError, match="unknown DistillConfig keys"):
         DistillConfig.from_dict({"lr": 1.0})
 
 
