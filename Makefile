@@ -15,7 +15,7 @@ all: test
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors pytest pytest-benchmark scipy ruff
+	$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers pytest pytest-benchmark scipy ruff
 	touch $@
 
 $(INSTALLED): $(DEPS) setup.py

@@ -1,6 +1,4 @@
-"""Sample-quality metrics.
-
-Exact distances on small synthetic spaces: with a source that knows ``log p(x)`` and can
+"""Exact distances on small synthetic spaces: with a source that knows ``log p(x)`` and can
 enumerate its sequences (:class:`dmmd.data.MarkovSource`), the total variation between a
 sampler's empirical distribution and the data distribution, and the exact NLL of samples.
 """

@@ -1,0 +1,9 @@
+"""Sample-quality metrics: exact distances on small synthetic spaces (:mod:`.exact`) and the
+Gradient Moment of a reference causal LM (paper section 5): per-example gradient Gram
+matrices (:mod:`.gram`) and the two GM estimators (:mod:`.moment`)."""
+from dmmd.metrics.exact import Distance, exact_nll, total_variation
+from dmmd.metrics.gram import per_example_gram
+from dmmd.metrics.moment import GradientMoment, gradient_moment, mmd2_ustat
+
+__all__ = ["Distance", "GradientMoment", "exact_nll", "gradient_moment", "mmd2_ustat", "per_example_gram",
+           "total_variation"]
