@@ -40,10 +40,15 @@ def save_checkpoint(path: str, *, models: dict[str, torch.nn.Module | dict[str, 
     """Write ``path/`` atomically. ``models``: name -> module (or state dict); ``state``: JSON."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"state": state or {}, "optimizers": {}}
+    seen: set[int] = set()
     for name, m in models.items():
         sd = m.state_dict() if isinstance(m, torch.nn.Module) else m
         for k, v in sd.items():
-            tensors[f"{name}/{k}"] = v.detach().contiguous().cpu()
+            v = v.detach().contiguous().cpu()
+            if v.data_ptr() in seen and v.numel():  # tied weights: safetensors stores each tensor once
+                v = v.clone()
+            seen.add(v.data_ptr())
+            tensors[f"{name}/{k}"] = v
     for name, opt in (optimizers or {}).items():
         t, scalars = _flatten_optimizer(opt.state_dict())
         tensors.update({f"{name}/{k}": v.cpu() for k, v in t.items()})

@@ -3,6 +3,8 @@
     dmmd train-teacher [--config run.json] [--flag value ...]   train (or resume) a teacher
     dmmd distill --teacher DIR --student-steps K [...]         distill a k-step D-MMD student
     dmmd sample --checkpoint DIR --steps K [...]               sample from a teacher or a student
+    dmmd reference train [--flag value ...]                    train a small reference causal LM
+    dmmd evaluate --samples S.json [...] --reference DIR       GM, generative perplexity, entropy
 
 Each ``train-teacher`` / ``distill`` flag is a field of :class:`dmmd.train.TeacherConfig` /
 :class:`dmmd.distill.DistillConfig`; a JSON config file gives defaults that flags override.
@@ -16,6 +18,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from dmmd.distill import DistillConfig
+from dmmd.reference_lm import ReferenceConfig
 from dmmd.train import TeacherConfig
 
 TEACHER_HELP = {
@@ -84,6 +87,16 @@ DISTILL_HELP = {
     "out": "output directory (checkpoint/, log.jsonl)",
     "device": "cpu or cuda",
     "time_limit_min": "stop and save after this many minutes (0: no limit)",
+}
+
+
+REFERENCE_HELP = {
+    "data": "token source (as for train-teacher): text, markov, grids or a .bin path",
+    "vocab_size": "vocabulary of a .bin file, or V of the markov source",
+    "length": "tokens per training sequence (and the model's context)",
+    "n_layer": "GPT-2 blocks", "n_embd": "GPT-2 width", "n_head": "attention heads",
+    "batch_size": "sequences per step", "steps": "optimizer steps", "lr": "peak AdamW learning rate",
+    "out": "output directory: OUT/model is the transformers directory, OUT/checkpoint resumes",
 }
 
 
@@ -193,6 +206,63 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="Gradient Moment, generative perplexity and entropy of samples",
+                       description="Evaluate sample files (from `dmmd sample --out`) against held-out data "
+                                   "of a token source under a reference causal LM (a local transformers "
+                                   "directory); exact NLL and TV too when the source is the Markov source.")
+    p.add_argument("--samples", nargs="+", required=True, help="JSON sample files (key 'tokens')")
+    p.add_argument("--reference", required=True, help="a local transformers causal-LM directory")
+    p.add_argument("--checkpoint", help="take the data source from this teacher or student checkpoint")
+    p.add_argument("--data", default="text", help="token source when no --checkpoint (default: text)")
+    p.add_argument("--vocab-size", type=int, default=0, help="for .bin or markov data")
+    p.add_argument("--num-data", type=int, default=256, help="held-out data sequences (default 256)")
+    p.add_argument("--estimator", default="ustat", choices=["ustat", "pairs"], help="GM estimator")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per reference-model pass")
+    p.add_argument("--prompt-length", type=int, default=0, help="score only tokens after this prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the results as JSON here (and a markdown table beside it)")
+
+
+def cmd_reference(args) -> int:
+    from dmmd.reference_lm import train_reference
+
+    cfg = _config_from_args(args, ReferenceConfig)
+    print(json.dumps(train_reference(cfg, resume=not args.no_resume, progress=not args.no_progress)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from dmmd.checkpoint import read_state
+    from dmmd.evaluate import evaluate_samples, markdown_table
+    from dmmd.train import TeacherConfig, make_source
+
+    if args.checkpoint:
+        state = read_state(args.checkpoint)
+        tcfg = TeacherConfig.from_dict(state.get("teacher_config", state.get("config")))
+    else:
+        tcfg = TeacherConfig(data=args.data, vocab_size=args.vocab_size)
+    named = {}
+    for path in args.samples:
+        with open(path) as f:
+            named[path] = torch.tensor(json.load(f)["tokens"], dtype=torch.long)
+    length = next(iter(named.values())).shape[1]
+    tcfg.length = length
+    rows = evaluate_samples(named, make_source(tcfg), args.reference, num_data=args.num_data,
+                            estimator=args.estimator, batch_size=args.batch_size,
+                            prompt_length=args.prompt_length, seed=args.seed)
+    table = markdown_table(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dmmd", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -203,8 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                    description="D-MMD (paper Algorithm 1): a k-step student generator from a teacher "
                                "checkpoint; resumes from OUT/checkpoint when it exists.")
     _sample_parser(sub)
+    ref = sub.add_parser("reference", help="reference causal LMs for the metrics").add_subparsers(
+        dest="reference_command", required=True)
+    _config_parser(ref, "train", ReferenceConfig, REFERENCE_HELP, help="train a small GPT-2-configured causal LM",
+                   description="Train a GPT-2-configured causal LM on a token source and save it as a "
+                               "transformers directory (OUT/model); resumes from OUT/checkpoint.")
+    _evaluate_parser(sub)
     args = ap.parse_args(argv)
-    commands = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample}
+    commands = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample,
+                "reference": cmd_reference, "evaluate": cmd_evaluate}
     return commands[args.command](args)
 
 

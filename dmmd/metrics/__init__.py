@@ -1,9 +1,11 @@
 """Sample-quality metrics: exact distances on small synthetic spaces (:mod:`.exact`) and the
 Gradient Moment of a reference causal LM (paper section 5): per-example gradient Gram
-matrices (:mod:`.gram`) and the two GM estimators (:mod:`.moment`)."""
+matrices (:mod:`.gram`) and the two GM estimators (:mod:`.moment`); generative perplexity and
+unigram entropy (:mod:`.quality`)."""
 from dmmd.metrics.exact import Distance, exact_nll, total_variation
 from dmmd.metrics.gram import per_example_gram
 from dmmd.metrics.moment import GradientMoment, gradient_moment, mmd2_ustat
+from dmmd.metrics.quality import generative_perplexity, unigram_entropy
 
-__all__ = ["Distance", "GradientMoment", "exact_nll", "gradient_moment", "mmd2_ustat", "per_example_gram",
-           "total_variation"]
+__all__ = ["Distance", "GradientMoment", "exact_nll", "generative_perplexity", "gradient_moment", "mmd2_ustat",
+           "per_example_gram", "total_variation", "unigram_entropy"]
