@@ -315,12 +315,14 @@ class Distiller:
         """The generator's mean output entropy (nats) where it has a choice (masked ``z_t``
         positions; every position for uniform), paper Table 6."""
         with torch.no_grad():
-            logp = torch.log_softmax(logits.detach().double(), -1)
-            h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1)
+            rows = logits.detach()
             if self.process.kind == "masked":
-                sel = z_t == self.process.mask_id
-                return float(h[sel].mean()) if sel.any() else float("nan")
-            return float(h.mean())
+                rows = rows[z_t == self.process.mask_id]
+            if rows.numel() == 0:
+                return float("nan")
+            logp = torch.log_softmax(rows.float(), -1)
+            h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1)
+            return float(h.double().mean())
 
     def student_fn(self, seed: int, use_ema: bool = True):
         """``model_fn(z_t, t)`` for :func:`dmmd.sampling.sample`, with the noise input drawn from

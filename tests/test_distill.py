@@ -5,6 +5,7 @@ bit-identical, 2-process DDP equals one process, the command line distills and s
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -318,6 +319,7 @@ def test_resumed_distillation_is_bit_identical(tiny_teacher, tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "cut" / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 7))
     assert {"gen_loss", "gen_grad_norm", "gen_entropy"} <= set(log[0]) and "aux_loss" in log[1]
+    assert 0 < log[0]["gen_entropy"] <= math.log(4) + 1e-6  # nats over the 4 data classes (never the mask)
 
 
 def test_two_process_ddp_equals_one_process(tiny_teacher, tmp_path):
