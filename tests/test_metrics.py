@@ -70,9 +70,11 @@ def test_per_example_gram_equals_brute_force_on_tied_gpt2(tmp_path, prompt_lengt
     seqs = torch.randint(0, 11, (5, 9), generator=torch.Generator().manual_seed(1))
     seqs[1, 2:5] = seqs[0, 2:5]  # shared tokens across examples: the equality trick is exercised
     model.train()  # dropout on: per_example_gram must turn it off, and restore the mode
-    k = per_example_gram(model, seqs, prompt_length=prompt_length)
+    k = per_example_gram(model, seqs, prompt_length=prompt_length, materialise_limit=0)  # the tricks
     assert model.training
     want = _brute_force_gram(model, seqs, prompt_length)
+    torch.testing.assert_close(k, want, rtol=1e-5, atol=1e-10)
+    k = per_example_gram(model, seqs, prompt_length=prompt_length)  # small V: materialised
     torch.testing.assert_close(k, want, rtol=1e-5, atol=1e-10)
 
 
@@ -83,8 +85,10 @@ def test_per_example_gram_with_padding_and_untied_head(tmp_path):
     mask = torch.ones_like(seqs)
     mask[2, 6:] = 0
     mask[3, 4:] = 0
-    k = per_example_gram(model, seqs, attention_mask=mask)
-    torch.testing.assert_close(k, _brute_force_gram(model, seqs, attention_mask=mask), rtol=1e-5, atol=1e-10)
+    want = _brute_force_gram(model, seqs, attention_mask=mask)
+    for limit in (0, 1 << 25):
+        k = per_example_gram(model, seqs, attention_mask=mask, materialise_limit=limit)
+        torch.testing.assert_close(k, want, rtol=1e-5, atol=1e-10)
 
 
 def test_per_example_gram_rejects_unsupported_modules():

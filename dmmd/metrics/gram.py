@@ -150,6 +150,29 @@ def _gram_of(u: _Use, v: _Use, chunk: int) -> torch.Tensor:
     raise ValueError(f"per_example_gram: a parameter shared as {u.kind} and {v.kind} is not supported")
 
 
+def _materialised(uses: list[_Use], shape: torch.Size) -> torch.Tensor:
+    """Per-example gradients of one parameter, ``[n, numel]`` (float64), from its uses."""
+    n = uses[0].g.shape[0]
+    out = torch.zeros(n, *shape, dtype=torch.float64, device=uses[0].g.device)
+    for u in uses:
+        g = u.g.double()
+        if u.kind == "vector":
+            out += g.sum(1).view(n, *shape)
+        elif u.transposed:  # Conv1D: weight [d_in, d_out]
+            out += torch.einsum("nti,nto->nio", u.a.double(), g)
+        elif u.kind == "outer":  # Linear: weight [d_out, d_in]
+            out += torch.einsum("nto,nti->noi", g, u.a.double())
+        else:  # rows: scatter each token's gradient into its row of the [V, d] table
+            rows = (torch.arange(n, device=g.device)[:, None] * shape[0] + u.ids).flatten()
+            out.view(n * shape[0], -1).index_add_(0, rows, g.flatten(0, 1))
+    return out.flatten(1)
+
+
+# Per-example gradients of one parameter are materialised (instead of the pairwise tricks)
+# when they take at most this many float64 numbers: small vocabularies and embeddings.
+MATERIALISE_LIMIT = 1 << 25
+
+
 def _token_losses(logits: torch.Tensor, ids: torch.Tensor, attention_mask, prompt_length: int) -> torch.Tensor:
     """Each sequence's mean next-token NLL over its scored positions: targets at positions
     ``>= max(1, prompt_length)`` that the attention mask keeps. ``[n]``."""
@@ -177,7 +200,8 @@ def _model_inputs(model: nn.Module, ids: torch.Tensor, attention_mask) -> dict:
 
 
 def per_example_gram(model: nn.Module, sequences: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                     prompt_length: int = 0, chunk: int = 8) -> torch.Tensor:
+                     prompt_length: int = 0, chunk: int = 8, materialise_limit: int = MATERIALISE_LIMIT
+                     ) -> torch.Tensor:
     """``K [n, n]`` (float64): inner products of the per-example gradients of each sequence's
     mean token NLL under the causal LM ``model`` (``model(input_ids=..., attention_mask=...)``
     returning ``.logits``, as transformers' causal LMs do), over all its parameters.
@@ -187,6 +211,9 @@ def per_example_gram(model: nn.Module, sequences: torch.Tensor, *, attention_mas
         attention_mask: optional ``[n, T]`` (1 = real token); padded targets are not scored.
         prompt_length: score only the continuation, tokens at positions ``>= prompt_length``.
         chunk: examples per block in the embedding Gram (memory ``O(chunk * T * n * T)``).
+        materialise_limit: embeddings and tied parameters whose per-example gradients fit in
+            this many float64 numbers are materialised (cheaper for small vocabularies); larger
+            ones use the token-equality and cross-term tricks.
     """
     if sequences.dim() != 2 or sequences.shape[1] < 2:
         raise ValueError(f"sequences must be token ids [n, T] with T >= 2, got {tuple(sequences.shape)}")
@@ -219,7 +246,13 @@ def per_example_gram(model: nn.Module, sequences: torch.Tensor, *, attention_mas
                          f"them; per_example_gram cannot account for them")
     n = sequences.shape[0]
     k = torch.zeros(n, n, dtype=torch.float64, device=sequences.device)
-    for plist in uses.values():
+    for pid, plist in uses.items():
+        shape = weights[pid].shape
+        tricky = len(plist) > 1 or plist[0].kind == "rows"
+        if tricky and n * weights[pid].numel() <= materialise_limit:
+            flat = _materialised(plist, shape)
+            k += flat @ flat.T
+            continue
         for a_i, u in enumerate(plist):
             k += _gram_of(u, u, chunk)
             for v in plist[a_i + 1:]:  # cross terms of a shared parameter, both orders
