@@ -9,7 +9,6 @@ beside it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dmmd.checkpoint import load_checkpoint, save_checkpoint
-from dmmd.train import ConfigFromDict, TeacherConfig, make_source, out_of_time, step_generator
+from dmmd.train import ConfigFromDict, TeacherConfig, lr_at, make_source, out_of_time, step_generator
 
 
 @dataclass
@@ -73,13 +72,6 @@ def _build(cfg: ReferenceConfig, vocab: int):
                                       n_embd=cfg.n_embd, n_head=cfg.n_head, bos_token_id=0, eos_token_id=0))
 
 
-def _lr(step: int, cfg: ReferenceConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-
-
 @torch.no_grad()
 def validation_nll(model, source, cfg: ReferenceConfig) -> float:
     """Mean next-token NLL (nats) on ``eval_batches`` fixed validation batches."""
@@ -114,7 +106,7 @@ def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
+            g["lr"] = lr_at(step, cfg)  # the teachers' warm-up + cosine schedule
         opt.step()
         done = step + 1
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}")

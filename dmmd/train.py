@@ -104,8 +104,9 @@ def build(cfg: TeacherConfig) -> tuple[DiffusionProcess, Denoiser]:
     return process, model
 
 
-def lr_at(step: int, cfg: TeacherConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% at ``steps``."""
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up over ``cfg.warmup`` steps, then cosine decay to 10% of ``cfg.lr`` at
+    ``cfg.steps`` (any config with those three fields)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
