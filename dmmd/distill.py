@@ -79,6 +79,7 @@ class DistillConfig(ConfigFromDict):
     delta: float = 2.0              # logit drop outside the teacher's nucleus
     noise_dim: int | None = None    # generator noise input; None: 32 for masked, 0 for uniform
     noise_init: float = 0.0         # std of the initial noise projection (0: start exactly as the teacher)
+    noise_per: str = "token"        # one noise vector per token, or one per sequence shared by its tokens
     form: str = "xhat"              # xhat (eq. 11/12) or posterior (Appendix D, uniform only)
     posterior_ds: float | None = None  # Appendix D step s - s'; None: 1 / (2 k)
     draw_block: int = 16            # sequences per Philox stream (draws independent of the DDP split)
@@ -108,6 +109,8 @@ class DistillConfig(ConfigFromDict):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.noise_per not in ("token", "sequence"):
+            raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
         if self.noise_init < 0:
             raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
         if self.draw_block < 1:
@@ -149,16 +152,24 @@ def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim:
     delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps
     t = torch.clamp(s + delta, max=1.0)
     z_t = process.diffuse(x0, t, gen)
-    noise = torch.randn(b, x0.shape[1], noise_dim, generator=gen) if noise_dim > 0 else None
+    noise = draw_noise(b, x0.shape[1], noise_dim, cfg.noise_per, gen) if noise_dim > 0 else None
     return DistillBatch(x0, s, t, z_t, noise, torch.arange(b))
 
 
-def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0,
-                    seed: int = 0) -> Denoiser:
+def draw_noise(batch: int, length: int, dim: int, per: str, generator: torch.Generator) -> torch.Tensor:
+    """The generator's Gaussian noise ``[batch, length, dim]``: independent per token, or one
+    vector per sequence repeated over its tokens (``per="sequence"``)."""
+    if per == "sequence":
+        return torch.randn(batch, 1, dim, generator=generator).expand(batch, length, dim)
+    return torch.randn(batch, length, dim, generator=generator)
+
+
+def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0, seed: int = 0,
+                    noise_per: str = "token") -> Denoiser:
     """The teacher's architecture and weights plus a noise input whose projection starts at
     zero (the generator is then exactly the teacher) or at ``N(0, noise_init^2)``: a zero
     projection gets only zero-mean gradients at first, a small random one breaks the symmetry."""
-    cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim})
+    cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim, "noise_per": noise_per})
     ref = next(teacher.parameters())
     gen = Denoiser(cfg).to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = gen.load_state_dict(teacher.state_dict(), strict=False)
@@ -194,7 +205,7 @@ class Distiller:
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
         self.noise_dim = cfg.resolved_noise_dim(process)
-        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.seed)
+        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.seed, cfg.noise_per)
         self.generator.train().requires_grad_(True)
         self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
@@ -339,7 +350,7 @@ def student_fn(model: Denoiser, seed: int):
     def fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         noise = None
         if nd > 0:
-            noise = torch.randn(*z_t.shape, nd, generator=gen).to(z_t.device)
+            noise = draw_noise(*z_t.shape, nd, model.config.noise_per, gen).to(z_t.device)
         return model(z_t, t, noise)
 
     return fn

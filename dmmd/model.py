@@ -35,6 +35,7 @@ class DenoiserConfig:
     heads: int = 4
     mlp_ratio: int = 4
     noise_dim: int = 0          # > 0: Gaussian noise input (D-MMD generators)
+    noise_per: str = "token"    # one noise vector per "token" or per "sequence" (shared by its tokens)
     block_size: int | None = None  # block-causal attention
 
     def __post_init__(self):
@@ -42,6 +43,8 @@ class DenoiserConfig:
             raise ValueError(f"process must be 'masked' or 'uniform', got {self.process!r}")
         if self.process == "masked" and self.mask_id is None:
             self.mask_id = self.num_classes - 1
+        if self.noise_per not in ("token", "sequence"):
+            raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
         if self.block_size is not None and not 0 < self.block_size <= self.length:

@@ -243,6 +243,24 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     torch.testing.assert_close(d.generator(z, t, torch.zeros(2, 5, 8, dtype=torch.float64)), teacher(z, t))
 
 
+def test_noise_per_sequence_is_shared_by_the_tokens():
+    teacher, process = _tiny_models("masked")
+    cfg = DistillConfig(batch_size=4, noise_dim=3, noise_per="sequence")
+    d = Distiller(teacher, process, cfg)
+    assert d.generator.config.noise_per == "sequence"
+    b = draw_batch(_Source(7, 5), process, cfg, d.noise_dim, step=0)
+    assert b.noise.shape == (4, 5, 3) and torch.equal(b.noise, b.noise[:, :1].expand(4, 5, 3))
+    assert not torch.equal(b.noise[0], b.noise[1])
+    per_token = draw_batch(_Source(7, 5), process, DistillConfig(batch_size=4), 3, step=0).noise
+    assert not torch.equal(per_token[:, 0], per_token[:, 1])
+    seen = []
+    d.generator.forward = lambda z, t, noise: seen.append(noise) or teacher(z, t)
+    student_fn(d.generator, 0)(torch.full((2, 5), process.mask_id), torch.ones(2))
+    assert torch.equal(seen[0], seen[0][:, :1].expand_as(seen[0]))  # the sampler draws the same way
+    with pytest.raises(ValueError, match="noise_per"):
+        Distiller(teacher, process, DistillConfig(noise_per="pixel"))
+
+
 def test_times_follow_algorithm_1():
     teacher, process = _tiny_models("masked")
     cfg = DistillConfig(batch_size=4000, student_steps=4)
