@@ -24,9 +24,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=100_000, help="draws per sampler (default 100000)")
     ap.add_argument("--distill-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--processes", nargs="+", default=["masked", "uniform"], choices=["masked", "uniform"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = StudyConfig(out=args.out, samples=args.samples)
+    cfg = StudyConfig(out=args.out, samples=args.samples, processes=tuple(args.processes))
     if args.distill_steps:
         cfg.distill_steps = args.distill_steps
     t0 = time.perf_counter()
