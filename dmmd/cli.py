@@ -78,7 +78,7 @@ DISTILL_HELP = {
     "delta": "logit drop outside the teacher's top-p nucleus",
     "noise_dim": "Gaussian noise input of the generator (default: 32 masked, 0 uniform)",
     "noise_init": "std of the generator's initial noise projection (0: the generator starts as the teacher)",
-    "noise_per": "sequence: one noise vector shared by a sequence's tokens; token: independent noise per token",
+    "noise_per": "token: independent noise per token; sequence: one noise vector shared by a sequence's tokens",
     "form": "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)",
     "posterior_ds": "Appendix D: s - s' of the posterior vectors (default 1/(2k))",
     "draw_block": "sequences per random stream (keeps draws independent of the process count)",

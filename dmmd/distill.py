@@ -79,7 +79,7 @@ class DistillConfig(ConfigFromDict):
     delta: float = 2.0              # logit drop outside the teacher's nucleus
     noise_dim: int | None = None    # generator noise input; None: 32 for masked, 0 for uniform
     noise_init: float = 0.0         # std of the initial noise projection (0: start exactly as the teacher)
-    noise_per: str = "sequence"     # one noise vector per sequence shared by its tokens, or one per token
+    noise_per: str = "token"        # one noise vector per token, or one per sequence shared by its tokens
     form: str = "xhat"              # xhat (eq. 11/12) or posterior (Appendix D, uniform only)
     posterior_ds: float | None = None  # Appendix D step s - s'; None: 1 / (2 k)
     draw_block: int = 16            # sequences per Philox stream (draws independent of the DDP split)

@@ -34,8 +34,7 @@ class StudyConfig:
     distill_steps: int = 4000
     distill_batch: int = 256
     distill: dict = field(default_factory=lambda: {"beta1": 0.0, "aux_per_gen": 2, "lr_gen": 3e-4,
-                                                   "lr_aux": 1e-3, "ema": 0.99, "warmup": 20,
-                                                   "noise_per": "sequence"})
+                                                   "lr_aux": 1e-3, "ema": 0.99, "warmup": 20})
     seed: int = 0
     out: str = "runs/markov_study"
 

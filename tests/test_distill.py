@@ -251,8 +251,7 @@ def test_noise_per_sequence_is_shared_by_the_tokens():
     b = draw_batch(_Source(7, 5), process, cfg, d.noise_dim, step=0)
     assert b.noise.shape == (4, 5, 3) and torch.equal(b.noise, b.noise[:, :1].expand(4, 5, 3))
     assert not torch.equal(b.noise[0], b.noise[1])
-    assert DistillConfig().noise_per == "sequence"
-    per_token = draw_batch(_Source(7, 5), process, DistillConfig(batch_size=4, noise_per="token"), 3, step=0).noise
+    per_token = draw_batch(_Source(7, 5), process, DistillConfig(batch_size=4), 3, step=0).noise
     assert not torch.equal(per_token[:, 0], per_token[:, 1])
     seen = []
     d.generator.forward = lambda z, t, noise: seen.append(noise) or teacher(z, t)
