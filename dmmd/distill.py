@@ -335,11 +335,6 @@ class Distiller:
             h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1)
             return float(h.double().mean())
 
-    def student_fn(self, seed: int, use_ema: bool = True):
-        """``model_fn(z_t, t)`` for :func:`dmmd.sampling.sample`, with the noise input drawn from
-        a generator seeded by ``seed``."""
-        return student_fn(self.ema if use_ema else self.generator, seed)
-
 
 def student_fn(model: Denoiser, seed: int):
     """A generator as the sampler's ``model_fn(z_t, t)``: each call draws fresh Gaussian noise from
