@@ -229,6 +229,8 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     teacher, process = _tiny_models("masked")
     d = Distiller(teacher, process, DistillConfig(batch_size=4))
     assert d.noise_dim == 32 and d.generator.config.noise_dim == 32
+    assert d.generator.config.noise_per == "sequence" and 0.01 < float(d.generator.noise_proj.weight.std()) < 0.03
+    d = Distiller(teacher, process, DistillConfig(batch_size=4, noise_init=0.0))
     z = torch.full((2, 5), process.mask_id)
     t = torch.tensor([0.7, 1.0])
     noise = torch.randn(2, 5, 32, dtype=torch.float64)
@@ -251,7 +253,7 @@ def test_noise_per_sequence_is_shared_by_the_tokens():
     b = draw_batch(_Source(7, 5), process, cfg, d.noise_dim, step=0)
     assert b.noise.shape == (4, 5, 3) and torch.equal(b.noise, b.noise[:, :1].expand(4, 5, 3))
     assert not torch.equal(b.noise[0], b.noise[1])
-    per_token = draw_batch(_Source(7, 5), process, DistillConfig(batch_size=4), 3, step=0).noise
+    per_token = draw_batch(_Source(7, 5), process, DistillConfig(batch_size=4, noise_per="token"), 3, step=0).noise
     assert not torch.equal(per_token[:, 0], per_token[:, 1])
     seen = []
     d.generator.forward = lambda z, t, noise: seen.append(noise) or teacher(z, t)
