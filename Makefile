@@ -15,7 +15,7 @@ all: test
 $(DEPS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers pytest pytest-benchmark scipy ruff
+	$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest pytest-benchmark scipy ruff
 	touch $@
 
 $(INSTALLED): $(DEPS) setup.py
@@ -40,13 +40,11 @@ bench-quick: build
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q bench --benchmark-json=runs/bench-quick.json
 	$(PY) bench/report.py runs/bench-quick.json --wide
 
-# The main job on the embedded data, until `dmmd demo` (the distillation demo) exists: a small
-# masked-diffusion teacher on the standard library's documentation text (a few minutes on
-# 2 cores; resumes if run again), then samples from it at 16 steps.
+# The main job (README): `dmmd demo` on the embedded text: teacher, reference LM, D-MMD students
+# for k in {4, 8, 16}, the GM table and plot under runs/demo (about 30 minutes on 2 cores;
+# re-running resumes). DEMO_FLAGS=--quick for the 3-minute version.
 demo: build
-	$(PY) -m dmmd train-teacher --data text --length 64 --width 128 --depth 2 --heads 4 --batch-size 16 \
-		--steps 150 --warmup 20 --lr 2e-3 --eval-every 50 --eval-batches 2 --save-every 50 --out runs/demo-teacher
-	$(PY) -m dmmd sample --checkpoint runs/demo-teacher/checkpoint --steps 16 --num 2
+	$(PY) -m dmmd demo $(DEMO_FLAGS)
 
 lint: $(DEPS)
 	$(PY) -m ruff check dmmd_ops dmmd tests bench scripts setup.py

@@ -92,6 +92,21 @@ def load_checkpoint(path: str, *, models: dict[str, torch.nn.Module] | None = No
     return meta["state"]
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """``json.dump`` to a temporary file beside ``path``, then one ``os.replace``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def read_state(path: str) -> dict:
     """The JSON ``state`` of a checkpoint without loading any tensor."""
     with open(os.path.join(path, "state.json")) as f:

@@ -5,6 +5,7 @@
     dmmd sample --checkpoint DIR --steps K [...]               sample from a teacher or a student
     dmmd reference train [--flag value ...]                    train a small reference causal LM
     dmmd evaluate --samples S.json [...] --reference DIR       GM, generative perplexity, entropy
+    dmmd demo [--quick] [--out DIR] [--device cuda] [...]      the whole story on the embedded text
 
 Each ``train-teacher`` / ``distill`` flag is a field of :class:`dmmd.train.TeacherConfig` /
 :class:`dmmd.distill.DistillConfig`; a JSON config file gives defaults that flags override.
@@ -264,6 +265,65 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+DEMO_HELP = {
+    "out": "output directory; every stage resumes from what is there",
+    "device": "cpu or cuda",
+    "seed": "seed of every stage",
+    "length": "bytes per sequence",
+    "teacher_width": "teacher transformer width", "teacher_depth": "teacher transformer blocks",
+    "teacher_steps": "teacher training steps", "teacher_batch": "teacher batch size",
+    "teacher_lr": "teacher peak learning rate",
+    "reference_width": "reference LM width", "reference_layers": "reference LM blocks",
+    "reference_steps": "reference LM training steps",
+    "ks": "student step counts k (one student each)",
+    "distill_steps": "D-MMD steps per student", "distill_batch": "D-MMD batch size",
+    "temperature": "teacher temperature, in distillation and in teacher sampling",
+    "top_p": "teacher top-p (soft mask in distillation, nucleus in teacher sampling)",
+    "distill": "further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}'",
+    "teacher_ks": "step counts the teacher is evaluated at",
+    "num_samples": "samples per sampler for the metrics", "num_data": "held-out sequences for the metrics",
+}
+
+
+def _demo_parser(sub) -> None:
+    from dmmd.demo import QUICK, DemoConfig
+
+    p = sub.add_parser("demo", help="teacher, reference LM, D-MMD students and the GM table on the embedded text",
+                       description="The whole story on the embedded text with no downloads: train a masked "
+                                   "teacher and a reference LM, distill students for each k, evaluate GM, "
+                                   "generative perplexity and entropy; table (JSON, markdown) and plot (PNG). "
+                                   "Re-running resumes every stage.")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models, few steps (under 3 minutes on 2 cores); quick defaults: "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--config", help="JSON file of DemoConfig fields (flags override it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for f in fields(DemoConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if isinstance(default, tuple):
+            kw = dict(type=int, nargs="+")
+        elif isinstance(default, dict):
+            kw = dict(type=json.loads)
+        else:
+            kw = dict(type=type(default))
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                       help=f"{DEMO_HELP.get(f.name, '')} (default: {default})", **kw)
+
+
+def cmd_demo(args) -> int:
+    from dmmd.demo import DemoConfig, demo_config, run_demo
+
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values.update(json.load(f))
+    values.update({f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None})
+    if "distill" in values:
+        values["distill"] = {**DemoConfig().distill, **values["distill"]}
+    run_demo(demo_config(args.quick, **values), progress=not args.no_progress)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dmmd", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -280,9 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                    description="Train a GPT-2-configured causal LM on a token source and save it as a "
                                "transformers directory (OUT/model); resumes from OUT/checkpoint.")
     _evaluate_parser(sub)
+    _demo_parser(sub)
     args = ap.parse_args(argv)
     commands = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample,
-                "reference": cmd_reference, "evaluate": cmd_evaluate}
+                "reference": cmd_reference, "evaluate": cmd_evaluate,
+                "demo": cmd_demo}
     return commands[args.command](args)
 
 

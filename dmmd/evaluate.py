@@ -21,20 +21,26 @@ def evaluate_samples(named: dict[str, torch.Tensor], source, reference: str, *, 
     gen = torch.Generator().manual_seed(seed)
     data = source.sample(num_data, gen, split="val")
     sets = {"data (held out)": source.sample(num_data, gen, split="val"), **named}
-    rows = []
-    for name, x in sets.items():
-        if x.dim() != 2 or x.shape[1] != data.shape[1]:
-            raise ValueError(f"samples {name!r} must be [N, {data.shape[1]}], got {tuple(x.shape)}")
-        gm = gradient_moment(model, x, data, estimator=estimator, batch_size=batch_size, prompt_length=prompt_length)
-        row = {"name": name, "n": x.shape[0], "gm": gm.value, "gm_stderr": gm.stderr, "estimator": estimator,
-               "gen_ppl": generative_perplexity(model, x, batch_size=batch_size, prompt_length=prompt_length),
-               "entropy": unigram_entropy(x)}
-        if isinstance(source, MarkovSource):
-            row["exact_nll"] = exact_nll(x, source).value
-            if source.vocab_size ** source.length <= 2_000_000:
-                row["tv"] = total_variation(x, source).value
-        rows.append(row)
-    return rows
+    return [evaluate_set(model, name, x, data, source, estimator=estimator, batch_size=batch_size,
+                         prompt_length=prompt_length) for name, x in sets.items()]
+
+
+def evaluate_set(model, name: str, x: torch.Tensor, data: torch.Tensor, source=None, *, estimator: str = "ustat",
+                 batch_size: int = 32, prompt_length: int = 0) -> dict:
+    """One row: GM of samples ``x`` against held-out ``data`` under the reference ``model``,
+    generative perplexity and unigram entropy (and exact NLL / TV for the Markov source)."""
+    if x.dim() != 2 or x.shape[1] != data.shape[1]:
+        raise ValueError(f"samples {name!r} must be [N, {data.shape[1]}], got {tuple(x.shape)}")
+    x = x.to(data.device)
+    gm = gradient_moment(model, x, data, estimator=estimator, batch_size=batch_size, prompt_length=prompt_length)
+    row = {"name": name, "n": x.shape[0], "gm": gm.value, "gm_stderr": gm.stderr, "estimator": estimator,
+           "gen_ppl": generative_perplexity(model, x, batch_size=batch_size, prompt_length=prompt_length),
+           "entropy": unigram_entropy(x)}
+    if isinstance(source, MarkovSource):
+        row["exact_nll"] = exact_nll(x.cpu(), source).value
+        if source.vocab_size ** source.length <= 2_000_000:
+            row["tv"] = total_variation(x.cpu(), source).value
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:

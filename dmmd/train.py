@@ -195,16 +195,17 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     ckpt = os.path.join(cfg.out, "checkpoint")
-    start = 0
+    start, val_bits = 0, float("nan")
     if resume and os.path.exists(ckpt):
         state = load_checkpoint(ckpt, models={"model": model, "ema": ema}, optimizers={"opt": opt})
         start = int(state["step"])
+        val_bits = state.get("val_bits_per_token", float("nan"))
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="teacher", disable=not progress or rank)
-    t0, tokens, val_bits = time.perf_counter(), 0, float("nan")
+    t0, tokens = time.perf_counter(), 0
     step = start
     for step in bar:
         x, t, z = batch_for_step(source, process, cfg, step)

@@ -1,0 +1,267 @@
+"""The main job, ``dmmd demo``: the paper's text experiment (Tables 2 and 5) in miniature, on
+the embedded text (the Python standard library's documentation, as bytes), with no downloads.
+
+Stages, each resumed from what an earlier run left under ``out``:
+
+1. ``teacher/``: a masked-diffusion teacher (:func:`dmmd.train.train_teacher`).
+2. ``reference/``: a small GPT-2-configured reference LM for the metrics
+   (:func:`dmmd.reference_lm.train_reference`).
+3. ``student_k{k}/``: a D-MMD student per ``k`` (:func:`dmmd.distill.distill`), distilled from
+   the teacher modified by ``temperature`` / ``top_p`` (paper section 3.3).
+4. ``samples/{name}.json``: ``num_samples`` sequences from the teacher at every step count of
+   ``teacher_ks`` (with the same temperature / top-p) and from each student at its ``k``.
+5. ``eval/{name}.json``: GM (U-statistic, with its standard error), generative perplexity and
+   unigram entropy against held-out text (:func:`dmmd.evaluate.evaluate_set`).
+
+Then ``results.json``, ``table.md`` (printed) and ``gm_vs_steps.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from dmmd.checkpoint import write_json_atomic
+from dmmd.data import ByteText
+from dmmd.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.evaluate import evaluate_set
+from dmmd.reference_lm import ReferenceConfig, load_reference, train_reference
+from dmmd.sampling import sample
+from dmmd.train import ConfigFromDict, TeacherConfig, load_teacher, make_source, train_teacher
+
+
+@dataclass
+class DemoConfig(ConfigFromDict):
+    """Everything ``dmmd demo`` runs; the defaults take about 30 minutes on 2 CPU cores."""
+
+    out: str = "runs/demo"
+    device: str = "cpu"
+    seed: int = 0
+    length: int = 64                 # bytes per sequence (teacher, students, reference LM, samples)
+    # teacher: masked diffusion, log-linear schedule
+    teacher_width: int = 128
+    teacher_depth: int = 3
+    teacher_steps: int = 2000
+    teacher_batch: int = 32
+    teacher_lr: float = 1e-3
+    # reference LM (GPT-2 configuration)
+    reference_width: int = 128
+    reference_layers: int = 2
+    reference_steps: int = 600
+    # students
+    ks: tuple[int, ...] = (4, 8, 16)
+    distill_steps: int = 1200
+    distill_batch: int = 32
+    temperature: float = 1.0         # teacher modification, for distillation and teacher sampling
+    top_p: float = 1.0
+    # further DistillConfig fields: the optimiser settings of the Markov study (bench/distill_markov.py)
+    distill: dict = field(default_factory=lambda: {"beta1": 0.0, "aux_per_gen": 2, "lr_gen": 3e-4,
+                                                   "lr_aux": 1e-3, "ema": 0.99, "warmup": 20})
+    # evaluation
+    teacher_ks: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
+    num_samples: int = 256
+    num_data: int = 256
+
+    def validate(self) -> None:
+        for name in ("length", "teacher_steps", "reference_steps", "distill_steps", "num_samples", "num_data"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ks", "teacher_ks"):
+            ks = getattr(self, name)
+            if not ks or any(int(k) != k or k < 1 for k in ks):
+                raise ValueError(f"{name} must be positive integers, got {ks}")
+        if self.num_samples < 2 or self.num_data < 2:
+            raise ValueError("num_samples and num_data must be >= 2 (the GM U-statistic needs pairs)")
+
+
+# ``dmmd demo --quick``: tiny models and few steps (under 3 minutes on 2 cores)
+QUICK = dict(out="runs/demo-quick", length=32, teacher_width=64, teacher_depth=2, teacher_steps=150, teacher_batch=16,
+             teacher_lr=2e-3, reference_width=64, reference_layers=1, reference_steps=100, distill_steps=40,
+             distill_batch=16, num_samples=32, num_data=32)
+
+
+def demo_config(quick: bool = False, **overrides) -> DemoConfig:
+    """The default (or ``quick``) configuration with ``overrides`` (fields of DemoConfig)."""
+    return DemoConfig.from_dict({**(QUICK if quick else {}), **overrides})
+
+
+def teacher_config(cfg: DemoConfig) -> TeacherConfig:
+    return TeacherConfig(data="text", process="masked", schedule="loglinear", length=cfg.length,
+                         width=cfg.teacher_width, depth=cfg.teacher_depth, heads=4, batch_size=cfg.teacher_batch,
+                         steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup=min(100, cfg.teacher_steps // 10),
+                         ema=0.999, eval_every=0, eval_batches=2, eval_steps=64,
+                         save_every=max(1, cfg.teacher_steps // 10), seed=cfg.seed,
+                         out=os.path.join(cfg.out, "teacher"), device=cfg.device)
+
+
+def reference_config(cfg: DemoConfig) -> ReferenceConfig:
+    return ReferenceConfig(data="text", length=cfg.length, n_layer=cfg.reference_layers, n_embd=cfg.reference_width,
+                           n_head=4, batch_size=32, steps=cfg.reference_steps, lr=2e-3,
+                           warmup=min(50, cfg.reference_steps // 10), save_every=max(1, cfg.reference_steps // 4),
+                           seed=cfg.seed, out=os.path.join(cfg.out, "reference"), device=cfg.device)
+
+
+def distill_config(cfg: DemoConfig, k: int) -> DistillConfig:
+    return DistillConfig(teacher=os.path.join(cfg.out, "teacher", "checkpoint"), student_steps=k,
+                         batch_size=cfg.distill_batch, steps=cfg.distill_steps, soft_target=True,
+                         temperature=cfg.temperature, top_p=cfg.top_p, save_every=max(1, cfg.distill_steps // 4),
+                         seed=cfg.seed, out=os.path.join(cfg.out, f"student_k{k}"), device=cfg.device,
+                         **cfg.distill)
+
+
+def _samplers(cfg: DemoConfig) -> list[dict]:
+    rows = [{"name": f"teacher_{k}", "model": "teacher", "steps": k} for k in cfg.teacher_ks]
+    return rows + [{"name": f"student_{k}", "model": "D-MMD student", "steps": k} for k in cfg.ks]
+
+
+def _draw(cfg: DemoConfig, spec: dict) -> torch.Tensor:
+    """``num_samples`` sequences from one sampler (teacher: with the demo's temperature / top-p)."""
+    seed = cfg.seed + 1000 + spec["steps"]
+    if spec["model"] == "teacher":
+        model, process, _ = load_teacher(os.path.join(cfg.out, "teacher", "checkpoint"), device=cfg.device)
+        fn, kw = (lambda z, t: model(z, t)), {"temperature": cfg.temperature, "top_p": cfg.top_p}
+    else:
+        model, process, _ = load_student(os.path.join(cfg.out, f"student_k{spec['steps']}", "checkpoint"),
+                                         device=cfg.device)
+        fn, kw = student_fn(model, seed), {}
+    return sample(fn, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, device=cfg.device,
+                  batch_size=256, **kw).cpu()
+
+
+def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) every stage; returns ``{"config", "rows", "seconds"}`` (also in results.json)."""
+    cfg.validate()
+    os.makedirs(cfg.out, exist_ok=True)
+    seconds = {}
+
+    def stage(name, fn):
+        log(f"== {name}")
+        t0 = time.perf_counter()
+        out = fn()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return out
+
+    teacher = stage("teacher", lambda: train_teacher(teacher_config(cfg), progress=progress))
+    log(f"teacher: {teacher['step']} steps, validation ELBO bound {teacher['val_bits']:.3f} bits/byte")
+    ref = stage("reference LM", lambda: train_reference(reference_config(cfg), progress=progress))
+    log(f"reference LM: validation NLL {ref['val_nll']:.3f} nats/byte")
+    for k in cfg.ks:
+        stage(f"student k={k}", lambda k=k: distill(distill_config(cfg, k), progress=progress))
+
+    def evaluate_all():
+        specs = _samplers(cfg)
+        reference = load_reference(ref["model"], device=cfg.device)
+        source = make_source(teacher_config(cfg))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        data = source.sample(cfg.num_data, gen, split="val").to(cfg.device)
+        held_out = source.sample(cfg.num_samples, gen, split="val")
+        rows = []
+        for spec in tqdm(specs + [{"name": "data", "model": "data (held out)", "steps": None}],
+                         desc="evaluate", disable=not progress):
+            path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows.append(json.load(f))
+                continue
+            x = held_out if spec["model"].startswith("data") else _samples(cfg, spec)
+            row = {**spec, **evaluate_set(reference, spec["name"], x, data, estimator="ustat")}
+            write_json_atomic(path, row)
+            rows.append(row)
+        return rows
+
+    rows = stage("evaluate", evaluate_all)
+    result = {"config": asdict(cfg), "rows": rows, "seconds": seconds}
+    write_json_atomic(os.path.join(cfg.out, "results.json"), result)
+    table = markdown_tables(rows, cfg)
+    with open(os.path.join(cfg.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    plot(rows, os.path.join(cfg.out, "gm_vs_steps.png"), cfg)
+    log(table)
+    return result
+
+
+def _samples(cfg: DemoConfig, spec: dict) -> torch.Tensor:
+    """A sampler's sequences, drawn once and kept in ``samples/{name}.json`` (with their text)."""
+    path = os.path.join(cfg.out, "samples", f"{spec['name']}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return torch.tensor(json.load(f)["tokens"], dtype=torch.long)
+    x = _draw(cfg, spec)
+    write_json_atomic(path, {**spec, "tokens": x.tolist(), "text": [ByteText.decode(r) for r in x]})
+    return x
+
+
+def _gm(row: dict) -> str:
+    return f"{row['gm']:.3f} ± {row['gm_stderr']:.3f}"
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """Plain sentences: does each student beat the teacher at its k, and how many steps does
+    the teacher need to be as good (differences under two standard errors count as ties)?"""
+    teacher = {r["steps"]: r for r in rows if r["model"] == "teacher"}
+    out = []
+    for r in (r for r in rows if r["model"] == "D-MMD student"):
+        k, line = r["steps"], f"k={r['steps']}: student GM {_gm(r)}"
+        if k in teacher:
+            t = teacher[k]
+            diff, se = r["gm"] - t["gm"], math.hypot(r["gm_stderr"], t["gm_stderr"])
+            word = "beats" if diff < -2 * se else "loses to" if diff > 2 * se else "ties with"
+            line += f"; {word} the teacher at {k} steps ({_gm(t)})"
+        # the fewest teacher steps whose GM is not worse than the student's by 2 standard errors
+        level = [n for n, t in sorted(teacher.items())
+                 if t["gm"] - r["gm"] <= 2 * math.hypot(r["gm_stderr"], t["gm_stderr"])]
+        if not level:
+            line += f"; better than the teacher at every step count up to {max(teacher)}"
+        elif level[0] > k:
+            line += f"; as good as the teacher at {level[0]} steps"
+        out.append(line + ".")
+    return out
+
+
+def markdown_tables(rows: list[dict], cfg: DemoConfig) -> str:
+    """Table 5's shape (a row per sampler) and Table 2's (GM by step count), then the verdicts."""
+    long = ["| model | steps | GM (± s.e.) ↓ | gen. perplexity | unigram entropy |", "|---|---|---|---|---|"]
+    for r in rows:
+        long.append(f"| {r['model']} | {r['steps'] or ''} | {_gm(r)} | {r['gen_ppl']:.2f} | {r['entropy']:.2f} |")
+    steps = sorted({r["steps"] for r in rows if r["steps"]})
+    grid = ["| model | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for model in ("teacher", "D-MMD student"):
+        by = {r["steps"]: r for r in rows if r["model"] == model}
+        grid.append(f"| {model} | " + " | ".join(f"{by[s]['gm']:.3f}" if s in by else "" for s in steps) + " |")
+    mod = f"teacher temperature {cfg.temperature}, top-p {cfg.top_p}"
+    head = (f"GM against {cfg.num_data} held-out sequences of {cfg.length} bytes, {cfg.num_samples} samples "
+            f"per sampler, reference LM trained here; {mod}.")
+    return "\n".join([head, "", *long, "", "GM by denoising steps:", "", *grid, "", *verdicts(rows)])
+
+
+def plot(rows: list[dict], path: str, cfg: DemoConfig) -> None:
+    """Steps vs GM: the teacher's curve and the students' points, with standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model, style in (("teacher", dict(fmt="o-", color="tab:blue")),
+                         ("D-MMD student", dict(fmt="s", color="tab:red", markersize=8))):
+        rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r["steps"])
+        ax.errorbar([r["steps"] for r in rs], [r["gm"] for r in rs], yerr=[r["gm_stderr"] for r in rs],
+                    capsize=3, label=model, **style)
+    data = [r for r in rows if r["steps"] is None]
+    if data:
+        ax.axhline(data[0]["gm"], color="gray", ls="--", lw=1, label="held-out data")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["steps"] for r in rows if r["steps"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("denoising steps (NFE)")
+    ax.set_ylabel("Gradient Moment (lower is better)")
+    ax.set_title(f"D-MMD on embedded text (T={cfg.temperature}, top-p={cfg.top_p})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
