@@ -41,7 +41,7 @@ bench-quick: build
 	$(PY) bench/report.py runs/bench-quick.json --wide
 
 # The main job (README): `dmmd demo` on the embedded text: teacher, reference LM, D-MMD students
-# for k in {4, 8, 16}, the GM table and plot under runs/demo (about 30 minutes on 2 cores;
+# for k in {4, 8, 16}, the GM table and plot under runs/demo (under 30 minutes on 2 cores;
 # re-running resumes). DEMO_FLAGS=--quick for the 3-minute version.
 demo: build
 	$(PY) -m dmmd demo $(DEMO_FLAGS)
