@@ -118,28 +118,48 @@ def _parse_or_none(kind):
     return parse
 
 
-def _config_parser(sub, name: str, config_cls, helps: dict, **kw) -> None:
-    """A sub-command whose flags are the fields of ``config_cls`` (plus --config, --no-resume)."""
+def _field_default(f):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _config_parser(sub, name: str, config_cls, helps: dict, *, resumable: bool = True, **kw):
+    """A sub-command whose flags are the fields of ``config_cls`` (plus --config, --no-progress
+    and, for ``resumable`` ones, --no-resume); tuple fields take several ints, dict fields JSON."""
     p = sub.add_parser(name, **kw)
     p.add_argument("--config", help="JSON file of defaults (keys are the flag names with underscores)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint exists")
+    if resumable:
+        p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for f in fields(config_cls):
-        default = f.default if f.default is not MISSING else None
-        kind = _parse_bool if isinstance(default, bool) else type(default) if default is not None else int
+        default = _field_default(f)
+        extra = {}
+        if isinstance(default, tuple):
+            kind, extra = int, {"nargs": "+"}
+        elif isinstance(default, dict):
+            kind = json.loads
+        else:
+            kind = _parse_bool if isinstance(default, bool) else type(default) if default is not None else int
         if f.name in ("posterior_ds",):
             kind = float
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       type=_parse_or_none(kind), help=f"{helps.get(f.name, '')} (default: {default})")
+                       type=_parse_or_none(kind), help=f"{helps.get(f.name, '')} (default: {default})", **extra)
+    return p
 
 
-def _config_from_args(args, config_cls):
+def _values_from_args(args, config_cls) -> dict:
+    """The --config file's values, overridden by the flags given."""
     values = {}
     if args.config:
         with open(args.config) as f:
             values.update(json.load(f))
     values.update({f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None})
-    return config_cls.from_dict(values)
+    return values
+
+
+def _config_from_args(args, config_cls):
+    return config_cls.from_dict(_values_from_args(args, config_cls))
 
 
 def _sample_parser(sub) -> None:
@@ -288,7 +308,8 @@ DEMO_HELP = {
 def _demo_parser(sub) -> None:
     from dmmd.demo import QUICK, DemoConfig
 
-    p = sub.add_parser("demo", help="teacher, reference LM, D-MMD students and the GM table on the embedded text",
+    p = _config_parser(sub, "demo", DemoConfig, DEMO_HELP, resumable=False,
+                       help="teacher, reference LM, D-MMD students and the GM table on the embedded text",
                        description="The whole story on the embedded text with no downloads: train a masked "
                                    "teacher and a reference LM, distill students for each k, evaluate GM, "
                                    "generative perplexity and entropy; table (JSON, markdown) and plot (PNG). "
@@ -296,28 +317,12 @@ def _demo_parser(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny models, few steps (under 3 minutes on 2 cores); quick defaults: "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--config", help="JSON file of DemoConfig fields (flags override it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for f in fields(DemoConfig):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        if isinstance(default, tuple):
-            kw = dict(type=int, nargs="+")
-        elif isinstance(default, dict):
-            kw = dict(type=json.loads)
-        else:
-            kw = dict(type=type(default))
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       help=f"{DEMO_HELP.get(f.name, '')} (default: {default})", **kw)
 
 
 def cmd_demo(args) -> int:
     from dmmd.demo import DemoConfig, demo_config, run_demo
 
-    values = {}
-    if args.config:
-        with open(args.config) as f:
-            values.update(json.load(f))
-    values.update({f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None})
+    values = _values_from_args(args, DemoConfig)
     if "distill" in values:
         values["distill"] = {**DemoConfig().distill, **values["distill"]}
     run_demo(demo_config(args.quick, **values), progress=not args.no_progress)

@@ -119,11 +119,12 @@ def _samplers(cfg: DemoConfig) -> list[dict]:
     return rows + [{"name": f"student_{k}", "model": "D-MMD student", "steps": k} for k in cfg.ks]
 
 
-def _draw(cfg: DemoConfig, spec: dict) -> torch.Tensor:
-    """``num_samples`` sequences from one sampler (teacher: with the demo's temperature / top-p)."""
+def _draw(cfg: DemoConfig, spec: dict, teacher) -> torch.Tensor:
+    """``num_samples`` sequences from one sampler (teacher: with the demo's temperature / top-p);
+    ``teacher`` is the loaded ``(model, process)``."""
     seed = cfg.seed + 1000 + spec["steps"]
     if spec["model"] == "teacher":
-        model, process, _ = load_teacher(os.path.join(cfg.out, "teacher", "checkpoint"), device=cfg.device)
+        model, process = teacher
         fn, kw = (lambda z, t: model(z, t)), {"temperature": cfg.temperature, "top_p": cfg.top_p}
     else:
         model, process, _ = load_student(os.path.join(cfg.out, f"student_k{spec['steps']}", "checkpoint"),
@@ -160,6 +161,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed)
         data = source.sample(cfg.num_data, gen, split="val").to(cfg.device)
         held_out = source.sample(cfg.num_samples, gen, split="val")
+        teacher_model, process, _ = load_teacher(teacher["checkpoint"], device=cfg.device)
         rows = []
         for spec in tqdm(specs + [{"name": "data", "model": "data (held out)", "steps": None}],
                          desc="evaluate", disable=not progress):
@@ -168,7 +170,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
                 with open(path) as f:
                     rows.append(json.load(f))
                 continue
-            x = held_out if spec["model"].startswith("data") else _samples(cfg, spec)
+            x = held_out if spec["model"].startswith("data") else _samples(cfg, spec, (teacher_model, process))
             row = {**spec, **evaluate_set(reference, spec["name"], x, data, estimator="ustat")}
             write_json_atomic(path, row)
             rows.append(row)
@@ -185,13 +187,13 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     return result
 
 
-def _samples(cfg: DemoConfig, spec: dict) -> torch.Tensor:
+def _samples(cfg: DemoConfig, spec: dict, teacher) -> torch.Tensor:
     """A sampler's sequences, drawn once and kept in ``samples/{name}.json`` (with their text)."""
     path = os.path.join(cfg.out, "samples", f"{spec['name']}.json")
     if os.path.exists(path):
         with open(path) as f:
             return torch.tensor(json.load(f)["tokens"], dtype=torch.long)
-    x = _draw(cfg, spec)
+    x = _draw(cfg, spec, teacher)
     write_json_atomic(path, {**spec, "tokens": x.tolist(), "text": [ByteText.decode(r) for r in x]})
     return x
 
