@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 
 namespace dmmd {
 
@@ -66,6 +67,43 @@ inline void check_top_p_args(double temperature, double top_p, double delta, con
                     temperature);
   TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, op, ": top_p must be in (0, 1], got ", top_p);
   TORCH_CHECK_VALUE(delta >= 0 && std::isfinite(delta), op, ": delta must be finite and >= 0, got ", delta);
+}
+
+// true for "masked", false for "uniform"; anything else is a ValueError.
+inline bool is_masked_process(const std::string& process, const char* op) {
+  TORCH_CHECK_VALUE(process == "masked" || process == "uniform", op,
+                    ": process must be \"masked\" or \"uniform\", got \"", process, "\"");
+  return process == "masked";
+}
+
+// aux_loss's arguments as the kernels take them.
+struct AuxArgs {
+  at::Tensor b, a, x;  // a undefined without a teacher; x int64 [rows] or float32 [rows, V]
+  bool soft, teacher;
+};
+
+inline AuxArgs aux_loss_args(const at::Tensor& aux, const at::Tensor& target,
+                             const std::optional<at::Tensor>& teacher, const char* op) {
+  AuxArgs out;
+  out.b = logit_rows(aux, op, "aux_logits");
+  out.teacher = teacher.has_value() && teacher->defined();
+  if (out.teacher) {
+    out.a = logit_rows(*teacher, op, "teacher_logits");
+    check_like(out.a, out.b, op, "teacher_logits", "aux_logits");
+  }
+  TORCH_CHECK_VALUE(target.device() == out.b.device(), op, ": target must be on the device of aux_logits");
+  out.soft = target.is_floating_point();
+  const int64_t rows = out.b.size(0), v = out.b.size(1);
+  if (out.soft) {
+    TORCH_CHECK_VALUE(target.scalar_type() == at::kFloat, op, ": a soft target must be float32, got ",
+                      target.scalar_type());
+    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == rows && target.size(1) == v, op,
+                      ": a soft target must be [rows, V] like aux_logits, got ", target.sizes());
+    out.x = target.stride(1) == 1 ? target : target.contiguous();
+  } else {
+    out.x = row_vector(target, rows, at::kLong, op, "target");
+  }
+  return out;
 }
 
 // Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 logits dtype.

@@ -193,40 +193,12 @@ at::Tensor generator_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
 
 // ----------------------------------------------------------------------------- aux_loss
 
-struct AuxArgs {
-  at::Tensor b, a, x;  // a undefined without a teacher; x int64 [rows] or float32 [rows, V]
-  bool soft, teacher;
-};
-
-AuxArgs aux_args(const at::Tensor& aux, const at::Tensor& target, const std::optional<at::Tensor>& teacher,
-                 const char* op) {
-  AuxArgs out;
-  out.b = logit_rows(aux, op, "aux_logits");
-  out.teacher = teacher.has_value() && teacher->defined();
-  if (out.teacher) {
-    out.a = logit_rows(*teacher, op, "teacher_logits");
-    check_like(out.a, out.b, op, "teacher_logits", "aux_logits");
-  }
-  out.soft = target.is_floating_point();
-  const int64_t rows = out.b.size(0), v = out.b.size(1);
-  if (out.soft) {
-    TORCH_CHECK_VALUE(target.scalar_type() == at::kFloat, op, ": a soft target must be float32, got ",
-                      target.scalar_type());
-    TORCH_CHECK_VALUE(target.dim() == 2 && target.size(0) == rows && target.size(1) == v, op,
-                      ": a soft target must be [rows, V] like aux_logits, got ", target.sizes());
-    out.x = target.stride(1) == 1 ? target : target.contiguous();
-  } else {
-    out.x = row_vector(target, rows, at::kLong, op, "target");
-  }
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> aux_loss_forward_cpu(const at::Tensor& aux, const at::Tensor& target,
                                                         const std::optional<at::Tensor>& teacher,
                                                         double temperature, double top_p, double delta) {
   constexpr const char* op = "aux_loss";
   check_top_p_args(temperature, top_p, delta, op);
-  const AuxArgs in = aux_args(aux, target, teacher, op);
+  const AuxArgs in = aux_loss_args(aux, target, teacher, op);
   const int64_t rows = in.b.size(0), v = in.b.size(1);
   at::Tensor loss = at::empty({rows}, in.b.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({rows, kAuxStats}, in.b.options().dtype(at::kFloat));
@@ -311,7 +283,7 @@ at::Tensor aux_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
                                  double temperature, double top_p, double delta) {
   constexpr const char* op = "aux_loss_backward";
   check_top_p_args(temperature, top_p, delta, op);
-  const AuxArgs in = aux_args(aux, target, teacher, op);
+  const AuxArgs in = aux_loss_args(aux, target, teacher, op);
   const int64_t rows = in.b.size(0), v = in.b.size(1);
   const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
   const at::Tensor st = stats_rows(stats, rows, kAuxStats, op);

@@ -94,12 +94,6 @@ void check_id(int64_t id, int64_t v, const char* op, const char* name, int64_t r
   TORCH_CHECK_VALUE(id >= 0 && id < v, op, ": ", name, " id ", id, " out of range [0, ", v, ") (row ", r, ")");
 }
 
-int process_code(const std::string& process, const char* op) {
-  TORCH_CHECK_VALUE(process == "masked" || process == "uniform", op,
-                    ": process must be \"masked\" or \"uniform\", got \"", process, "\"");
-  return process == "masked" ? 0 : 1;
-}
-
 // ----------------------------------------------------------------------------- sample_categorical
 
 at::Tensor sample_categorical_cpu(const at::Tensor& logits, double temperature, double top_p, int64_t seed,
@@ -132,7 +126,7 @@ at::Tensor denoise_step_cpu(const at::Tensor& logits, const at::Tensor& z_t, con
                             double temperature, double top_p, int64_t seed, int64_t offset) {
   constexpr const char* op = "denoise_step";
   check_top_p_args(temperature, top_p, 0.0, op);
-  const bool is_masked = process_code(std::string(process), op) == 0;
+  const bool is_masked = is_masked_process(std::string(process), op);
   const at::Tensor x = logit_rows(logits, op, "logits");
   const int64_t rows = x.size(0), v = x.size(1);
   const at::Tensor z = row_vector(z_t, rows, at::kLong, op, "z_t");
@@ -199,7 +193,7 @@ at::Tensor posterior_sample_cpu(const at::Tensor& z_t, const at::Tensor& x, cons
                                 const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id,
                                 int64_t num_classes, int64_t seed, int64_t offset) {
   constexpr const char* op = "posterior_sample";
-  const bool is_masked = process_code(std::string(process), op) == 0;
+  const bool is_masked = is_masked_process(std::string(process), op);
   TORCH_CHECK_VALUE(z_t.dim() == 1, op, ": z_t must be 1-D [rows], got ", z_t.sizes());
   const int64_t rows = z_t.size(0);
   const at::Tensor z = row_vector(z_t, rows, at::kLong, op, "z_t");
