@@ -15,6 +15,9 @@ from dmmd_ops._ext import EXTENSION_LOADED
 # Per-row float32 statistics the loss forwards save (csrc/include/dmmd/rowmath.h).
 GEN_STATS = 9
 AUX_STATS = 7
+# The i_star slot of each: -1 marks a row a CUDA kernel could not use (kernels cannot raise).
+GEN_I_STAR = 7
+AUX_I_STAR = 5
 
 
 def _rows(t: torch.Tensor) -> int:

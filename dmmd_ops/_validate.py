@@ -180,3 +180,29 @@ def alphas(alpha_s: torch.Tensor | float, alpha_t: torch.Tensor | float, z_t: to
         if bool((a_s < a_t).any()):
             raise ValueError("alpha_s must be >= alpha_t (s < t); got alpha_s < alpha_t")
     return a_s, a_t
+
+
+def bad_rows(op: str, bad: torch.Tensor, named: dict[str, torch.Tensor | None], *,
+             exclude: int | None = None, fallback: str | None = None) -> None:
+    """Raise for the first row a CUDA kernel flagged (it cannot raise itself), naming the argument.
+
+    ``bad`` is a bool ``[rows]``; ``named`` maps argument names to their ``[rows, V]`` logits, read
+    only for the flagged row (class ``exclude`` left out, as the kernel did). ``fallback`` is
+    the message when no logits explain it (such as a soft target that is not a distribution).
+    """
+    if bad.numel() == 0 or not value_checks_enabled(bad) or not bool(bad.any()):
+        return
+    r = int(bad.nonzero()[0, 0])
+    for name, t in named.items():
+        if t is None:
+            continue
+        row = t[r].float()
+        if exclude is not None:
+            row = torch.cat([row[:exclude], row[exclude + 1:]])
+        if bool(torch.isnan(row).any()):
+            raise ValueError(f"{op}: {name} contains NaN (row {r})")
+        if bool((row == math.inf).any()):
+            raise ValueError(f"{op}: {name} contains +inf (row {r}); only -inf logits are allowed")
+        if not bool((row > -math.inf).any()):
+            raise ValueError(f"{op}: {name} has a row where every logit is -inf (row {r}): no class can occur")
+    raise ValueError(f"{op}: {fallback or 'the kernel rejected the inputs'} (row {r})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dmmd_ops import (
-    _meta,  # noqa: F401  (fake and autograd registrations)
+    _meta,  # fake and autograd registrations
     reference,
 )
 from dmmd_ops import _validate as check
@@ -70,7 +70,10 @@ def teacher_logprobs(teacher_logits: torch.Tensor, *, temperature: float = 1.0, 
     check.logits("teacher_logits", teacher_logits)
     temperature, top_p, delta = check.temperature(temperature), check.top_p(top_p), check.delta(delta)
     if _use_kernel("teacher_logprobs", teacher_logits.device, teacher_logits):
-        out = torch.ops.dmmd.teacher_logprobs(_rows(teacher_logits), temperature, top_p, delta)
+        a = _rows(teacher_logits)
+        out = torch.ops.dmmd.teacher_logprobs(a, temperature, top_p, delta)
+        if out.is_cuda:  # a row the kernel could not use is NaN throughout
+            check.bad_rows("teacher_logprobs", out[:, 0].isnan(), {"teacher_logits": a})
         return out.reshape(teacher_logits.shape)
     check.no_nan("teacher_logits", teacher_logits)
     return reference.teacher_logprobs(teacher_logits, temperature=temperature, top_p=top_p, delta=delta)
@@ -118,8 +121,11 @@ def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
         {"student_logits": student_logits, "teacher_logits": teacher_logits, "aux_logits": aux_logits},
         weight, temperature, top_p, delta, reduction, "generator_loss_forward")
     if use_kernel:
-        u, a, b = _one_dtype(student_logits, teacher_logits, aux_logits)
-        rows, _ = torch.ops.dmmd.generator_loss_forward(_rows(u), _rows(a), _rows(b), temperature, top_p, delta)
+        u, a, b = (_rows(t) for t in _one_dtype(student_logits, teacher_logits, aux_logits))
+        rows, stats = torch.ops.dmmd.generator_loss_forward(u, a, b, temperature, top_p, delta)
+        if rows.is_cuda:
+            check.bad_rows("generator_loss", stats[:, _meta.GEN_I_STAR] < 0,
+                           {"student_logits": u, "teacher_logits": a, "aux_logits": b})
         return reference.reduce_rows(rows.reshape(student_logits.shape[:-1]), weight, reduction)
     return reference.generator_loss(student_logits, teacher_logits, aux_logits, weight=weight,
                                     temperature=temperature, top_p=top_p, delta=delta, reduction=reduction)
@@ -159,8 +165,11 @@ def aux_loss(aux_logits: torch.Tensor, target: torch.Tensor, teacher_logits: tor
     if use_kernel:
         b, a = _one_dtype(aux_logits, teacher_logits)
         x = _rows(target.to(torch.float32)) if target.is_floating_point() else target.reshape(-1)
-        rows, _ = torch.ops.dmmd.aux_loss_forward(_rows(b), x, None if a is None else _rows(a), temperature,
-                                                  top_p, delta)
+        b, a = _rows(b), None if a is None else _rows(a)
+        rows, stats = torch.ops.dmmd.aux_loss_forward(b, x, a, temperature, top_p, delta)
+        if rows.is_cuda:
+            check.bad_rows("aux_loss", stats[:, _meta.AUX_I_STAR] < 0, {"aux_logits": b, "teacher_logits": a},
+                           fallback="target must hold finite non-negative probabilities")
         return reference.reduce_rows(rows.reshape(aux_logits.shape[:-1]), weight, reduction)
     return reference.aux_loss(aux_logits, target, teacher_logits, weight=weight, temperature=temperature,
                               top_p=top_p, delta=delta, reduction=reduction)
@@ -176,7 +185,10 @@ def sample_categorical(logits: torch.Tensor, *, temperature: float = 1.0, top_p:
     temperature, top_p = check.temperature(temperature), check.top_p(top_p)
     seed, offset = check.seed("seed", seed), check.seed("offset", offset)
     if _use_kernel("sample_categorical", logits.device, logits):
-        out = torch.ops.dmmd.sample_categorical(_rows(logits), temperature, top_p, seed, offset)
+        x = _rows(logits)
+        out = torch.ops.dmmd.sample_categorical(x, temperature, top_p, seed, offset)
+        if out.is_cuda:  # -1: a row the kernel could not draw from
+            check.bad_rows("sample_categorical", out < 0, {"logits": x})
         return out.reshape(logits.shape[:-1])
     check.no_nan("logits", logits)
     return reference.sample_categorical(logits, temperature=temperature, top_p=top_p, seed=seed, offset=offset)
@@ -243,6 +255,9 @@ def posterior_sample(z_t: torch.Tensor, x: torch.Tensor, alpha_s: torch.Tensor |
             z_t.reshape(-1), xk, reference.flat_alpha(a_s, z_t).contiguous(),
             reference.flat_alpha(a_t, z_t).contiguous(), process,
             -1 if mask_id is None else mask_id, -1 if num_classes is None else num_classes, seed, offset)
+        if out.is_cuda:
+            check.bad_rows("posterior_sample", out < 0, {}, fallback="soft x has no mass outside mask_id"
+                           if soft and process == "masked" else "z_t, x or the alphas are invalid")
         return out.reshape(z_t.shape)
     return reference.posterior_sample(z_t, x, a_s, a_t, process=process, mask_id=mask_id,
                                       num_classes=num_classes, seed=seed, offset=offset)
@@ -271,10 +286,13 @@ def denoise_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_s: torch.Tensor 
     seed, offset = check.seed("seed", seed), check.seed("offset", offset)
     check.ids_in_range("z_t", z_t, v)
     if _use_kernel("denoise_step", logits.device, logits):
+        x = _rows(logits)
         out = torch.ops.dmmd.denoise_step(
-            _rows(logits), z_t.reshape(-1), reference.flat_alpha(a_s, z_t).contiguous(),
+            x, z_t.reshape(-1), reference.flat_alpha(a_s, z_t).contiguous(),
             reference.flat_alpha(a_t, z_t).contiguous(), process,
             -1 if mask_id is None else mask_id, temperature, top_p, seed, offset)
+        if out.is_cuda:
+            check.bad_rows("denoise_step", out < 0, {"logits": x}, exclude=mask_id)
         return out.reshape(z_t.shape)
     check.no_nan("logits", logits)
     return reference.denoise_step(logits, z_t, a_s, a_t, process=process, mask_id=mask_id,

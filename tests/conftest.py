@@ -63,12 +63,33 @@ def bincount(x: torch.Tensor, v: int) -> np.ndarray:
 __all__ = ["HAS_CUDA", "TOLERANCES", "bincount", "chi2_pvalue", "dmmd_ops"]
 
 
-@pytest.fixture(params=["kernel", "reference"])
+class OnCuda:
+    """The public ops with every tensor argument moved to the GPU and tensor results moved back,
+    so that a CPU-written behavioural test holds the CUDA kernels to the same oracle."""
+
+    def __getattr__(self, name):
+        fn = getattr(dmmd_ops, name)
+
+        def to_cuda(x):
+            return x.cuda() if isinstance(x, torch.Tensor) else x
+
+        def call(*args, **kwargs):
+            out = fn(*map(to_cuda, args), **{k: to_cuda(v) for k, v in kwargs.items()})
+            return out.cpu() if isinstance(out, torch.Tensor) else out
+
+        return call
+
+
+@pytest.fixture(params=["kernel", "reference", pytest.param("cuda", marks=pytest.mark.cuda)])
 def ops(request):
-    """The op implementation under test: the public ops (compiled CPU kernels) or the float64
-    reference, so each behavioural test holds both to the same oracle."""
+    """The op implementation under test: the public ops (compiled CPU kernels), the float64
+    reference, or the CUDA kernels, so each behavioural test holds all of them to one oracle."""
     if request.param == "reference":
         return dmmd_ops.reference
+    if request.param == "cuda":
+        if not dmmd_ops.has_kernel("generator_loss_forward", "cuda"):
+            pytest.fail("a GPU is present but the extension has no CUDA kernels; build it with CUDA")
+        return OnCuda()
     if not dmmd_ops.has_kernel("generator_loss_forward", "cpu"):
         pytest.fail("the extension has no CPU kernels; build it (make test does)")
     return dmmd_ops

@@ -159,3 +159,28 @@ def test_outputs_never_alias_inputs(logits3):
     assert out.data_ptr() != a.data_ptr()
     loss = dmmd_ops.generator_loss(u, a, b, reduction="none")
     assert loss.data_ptr() not in (u.data_ptr(), a.data_ptr(), b.data_ptr())
+
+
+def test_bad_rows_names_the_argument_and_row():
+    """What the wrappers raise for a row a CUDA kernel flagged (kernels cannot raise): the first
+    flagged row, the argument that explains it, the mask class left out like the kernel does."""
+    from dmmd_ops import _validate as check
+
+    a = torch.zeros(4, 6)
+    b = torch.zeros(4, 6)
+    none = torch.zeros(4, dtype=torch.bool)
+    check.bad_rows("op", none, {"a": a})  # nothing flagged: no error
+    flag = torch.tensor([False, False, True, True])
+    b[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"op: b contains NaN \(row 2\)"):
+        check.bad_rows("op", flag, {"a": a, "b": b})
+    b[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"op: b contains \+inf \(row 2\)"):
+        check.bad_rows("op", flag, {"a": a, "b": b})
+    b[2] = float("-inf")
+    b[2, 3] = 5.0  # only the excluded class can occur
+    with pytest.raises(ValueError, match=r"op: b has a row where every logit is -inf \(row 2\)"):
+        check.bad_rows("op", flag, {"a": a, "b": b}, exclude=3)
+    check.bad_rows("op", flag & False, {"b": b}, exclude=3)
+    with pytest.raises(ValueError, match=r"op: target is bad \(row 2\)"):
+        check.bad_rows("op", flag, {"a": a, "b": None}, fallback="target is bad")
