@@ -67,7 +67,7 @@ def denoise_step(logits: torch.Tensor, z: torch.Tensor, alpha_s: float, alpha_t:
     """Sample x for every token, then the posterior (masked: reveal coin; uniform: eq. 4 densely)."""
     x = sample_categorical_excluding(logits, temperature, top_p, mask_id)
     if process == "masked":
-        reveal = (z == mask_id) & (torch.rand(z.shape) < (alpha_s - alpha_t) / (1 - alpha_t))
+        reveal = (z == mask_id) & (torch.rand(z.shape, device=z.device) < (alpha_s - alpha_t) / (1 - alpha_t))
         return torch.where(reveal, x, z)
     return uniform_posterior(z, x, alpha_s, alpha_t, logits.shape[-1])
 

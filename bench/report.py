@@ -1,10 +1,11 @@
 """Turn pytest-benchmark JSON into a markdown table of times and ratios.
 
-Usage: python bench/report.py results.json [more.json ...] [--baseline eager] [--wide]
+Usage: python bench/report.py results.json [more.json ...] [--baseline eager] [--wide | --gpu]
 Each group (one op, size, dtype, setting) gets a row per implementation with its median
 time and its speed-up over the baseline implementation measured in the same run; with
 ``--wide``, one row per group with the eager, compile and dmmd medians and dmmd's speed-up
-over each (the README's table).
+over each (the README's table); with ``--gpu``, that table plus dmmd's achieved bandwidth and
+its share of the card's copy bandwidth (bench/bench_gpu.py records both).
 """
 from __future__ import annotations
 
@@ -42,6 +43,46 @@ def wide_table(groups: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def from_jsonl(path: str) -> dict:
+    """bench_gpu.py's JSON-lines log (DMMD_BENCH_GPU_LOG) in the shape of a pytest-benchmark file."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return {"datetime": "", "machine_info": {"torch": rows[0]["torch"] if rows else "?"},
+            "benchmarks": [{"group": r["group"], "name": f"[{r['impl']}]", "params": {"impl": r["impl"]},
+                            "stats": {"median": r["median"]}, "extra_info": r["extra_info"]} for r in rows]}
+
+
+def gpu_table(data: dict) -> str:
+    """The wide table of bench/bench_gpu.py results, with dmmd's GB/s and share of copy bandwidth."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench["group"] or bench["name"]][impl_name(bench)] = bench
+
+    def ms(b):
+        return f"{b['stats']['median'] * 1e3:.2f}" if b else "n/a"
+
+    def ratio(b, ours):
+        return f"{b['stats']['median'] / ours['stats']['median']:.1f}x" if b else "n/a"
+
+    lines = ["| case | eager (ms) | compile (ms) | dmmd (ms) | dmmd vs eager | dmmd vs compile | dmmd GB/s "
+             "| share of copy |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    device, copy = "?", None
+    for group in sorted(groups):
+        t = groups[group]
+        ours = t.get("dmmd")
+        if ours is None:
+            continue
+        info = ours.get("extra_info", {})
+        device, copy = info.get("device", device), info.get("copy_gbps", copy)
+        lines.append(f"| {group} | {ms(t.get('eager'))} | {ms(t.get('compile'))} | {ms(ours)} | "
+                     f"{ratio(t.get('eager'), ours)} | {ratio(t.get('compile'), ours)} | "
+                     f"{info.get('gbps', float('nan')):.0f} | {info.get('share_of_copy', float('nan')):.0%} |")
+    copy_s = f"{copy:.0f} GB/s" if copy else "?"
+    when = data.get("datetime") or ""
+    header = (f"Measured {when[:10] + ' ' if when else ''}on {device}, device-to-device copy {copy_s}, "
+              f"torch {data.get('machine_info', {}).get('torch', '?')}.")
+    return header + "\n\n" + "\n".join(lines)
+
+
 def table(data: dict, baseline: str = "eager") -> str:
     groups = medians(data)
     lines = ["| case | impl | median (ms) | speed-up vs " + baseline + " |", "|---|---|---:|---:|"]
@@ -64,12 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("json", nargs="+", help="files written by pytest --benchmark-json")
     ap.add_argument("--baseline", default="eager")
     ap.add_argument("--wide", action="store_true", help="one row per case: eager, compile, dmmd")
+    ap.add_argument("--gpu", action="store_true", help="the wide table with dmmd's GB/s (bench_gpu.py)")
     args = ap.parse_args(argv)
     runs = []
     for path in args.json:
+        if path.endswith(".jsonl"):
+            runs.append(from_jsonl(path))
+            continue
         with open(path) as f:
             runs.append(json.load(f))
-    if args.wide:
+    if args.gpu:
+        for data in runs:
+            print(gpu_table(data))
+    elif args.wide:
         groups: dict[str, dict[str, float]] = {}
         for data in runs:
             groups.update(medians(data))  # a later file's group replaces an earlier one's

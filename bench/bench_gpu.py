@@ -1,0 +1,152 @@
+"""GPU benchmarks (skipped without a GPU): bf16 rows at N in {4096, 32768} x V in {32768, 50257,
+131072}, eager PyTorch (bench/baselines.py), torch.compile of it, and dmmd_ops, each timed with
+the GPU synchronised. Every result records its achieved bandwidth from the minimal bytes (each
+input read once, each output written once, per op; fwd+bwd counts the forward's reads plus the
+backward's reads and gradient write) and its share of this card's device-to-device copy
+bandwidth, measured in the same run. A baseline that runs out of memory is recorded as skipped.
+DMMD_BENCH_QUICK=1 keeps the smallest size only. `python bench/report.py --gpu run.json` turns
+the JSON into the markdown table; with DMMD_BENCH_GPU_LOG=path each result is also appended to a
+JSON-lines file as soon as it is measured (what scripts/device_check.sh reads, so that a run cut
+short by its time limit keeps what it measured)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import dmmd_ops
+from bench import baselines
+from bench.conftest import QUICK
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SIZES = [(4096, 32768)] if QUICK else [(n, v) for n in (4096, 32768) for v in (32768, 50257, 131072)]
+ONLY = os.environ.get("DMMD_BENCH_GPU_SIZES")  # e.g. "4096x50257,32768x50257"
+if ONLY:
+    SIZES = [tuple(int(x) for x in s.split("x")) for s in ONLY.split(",")]
+ALPHA_S, ALPHA_T = 1.0, 0.0  # every masked token is revealed: every row draws
+BF16 = 2  # bytes per element
+
+
+def _compile(fn):
+    # One compilation for every size (dynamic shapes) keeps the run short.
+    return torch.compile(fn, dynamic=True)
+
+
+_gen_compiled = _compile(baselines.generator_loss)
+_denoise_compiled = _compile(baselines.denoise_step)
+_teacher_compiled = _compile(baselines.teacher_logprobs)
+_sample_compiled = _compile(baselines.sample_categorical)
+
+
+@pytest.fixture(scope="session")
+def copy_gbps() -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 4 GiB buffer."""
+    src = torch.empty(2**31, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * 2**32 / best / 1e9
+
+
+def _logits(n, v, count, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(n, v, generator=gen, device="cuda", dtype=torch.bfloat16) * 2 for _ in range(count)]
+
+
+def _run(benchmark, fn, impl, min_bytes, copy_gbps):
+    """Warm-up (compiles), then timed rounds with the GPU synchronised; records GB/s."""
+    if impl == "dmmd":
+        assert dmmd_ops.has_kernel("generator_loss_forward", "cuda"), "the extension has no CUDA kernels"
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    try:
+        timed()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl}: out of GPU memory")
+    benchmark.pedantic(timed, rounds=5 if impl == "dmmd" else 3, iterations=1, warmup_rounds=0)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(min_bytes=min_bytes, gbps=min_bytes / seconds / 1e9, copy_gbps=copy_gbps,
+                                share_of_copy=min_bytes / seconds / 1e9 / copy_gbps,
+                                device=torch.cuda.get_device_name())
+    log = os.environ.get("DMMD_BENCH_GPU_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps({"group": benchmark.group, "impl": impl, "median": seconds,
+                                "extra_info": dict(benchmark.extra_info), "torch": torch.__version__}) + "\n")
+    torch.cuda.empty_cache()
+
+
+IMPLS = ["eager", "compile", "dmmd"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
+def test_gpu_generator_loss_fwd_bwd(benchmark, copy_gbps, n, v, impl):
+    benchmark.group = f"generator_loss fwd+bwd N={n} V={v} bf16"
+    u, a, b = _logits(n, v, 3)
+    u.requires_grad_(True)
+    loss = {"eager": baselines.generator_loss, "compile": _gen_compiled,
+            "dmmd": lambda u, a, b: dmmd_ops.generator_loss(u, a, b)}[impl]
+
+    def step():
+        u.grad = None
+        loss(u, a, b).backward()
+
+    _run(benchmark, step, impl, 7 * n * v * BF16, copy_gbps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
+def test_gpu_denoise_step_top_p(benchmark, copy_gbps, n, v, impl):
+    benchmark.group = f"denoise_step masked top_p=0.9 N={n} V={v} bf16"
+    (x,) = _logits(n, v, 1)
+    mask_id = v - 1
+    z = torch.full((n,), mask_id, device="cuda")  # every token masked: every row draws
+    fn = {
+        "eager": lambda: baselines.denoise_step(x, z, ALPHA_S, ALPHA_T, "masked", mask_id, 1.0, 0.9),
+        "compile": lambda: _denoise_compiled(x, z, ALPHA_S, ALPHA_T, "masked", mask_id, 1.0, 0.9),
+        "dmmd": lambda: dmmd_ops.denoise_step(x, z, ALPHA_S, ALPHA_T, process="masked", mask_id=mask_id,
+                                              top_p=0.9, seed=0),
+    }[impl]
+    _run(benchmark, fn, impl, n * v * BF16, copy_gbps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
+def test_gpu_teacher_logprobs_top_p(benchmark, copy_gbps, n, v, impl):
+    benchmark.group = f"teacher_logprobs top_p=0.9 N={n} V={v} bf16"
+    (a,) = _logits(n, v, 1)
+    fn = {"eager": lambda: baselines.teacher_logprobs(a, 1.0, 0.9, 2.0),
+          "compile": lambda: _teacher_compiled(a, 1.0, 0.9, 2.0),
+          "dmmd": lambda: dmmd_ops.teacher_logprobs(a, top_p=0.9)}[impl]
+    _run(benchmark, fn, impl, n * v * (BF16 + 4), copy_gbps)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
+def test_gpu_sample_categorical(benchmark, copy_gbps, n, v, impl):
+    benchmark.group = f"sample_categorical top_p=1 N={n} V={v} bf16"
+    (x,) = _logits(n, v, 1)
+    fn = {"eager": lambda: baselines.sample_categorical(x),
+          "compile": lambda: _sample_compiled(x),
+          "dmmd": lambda: dmmd_ops.sample_categorical(x, seed=0)}[impl]
+    _run(benchmark, fn, impl, n * v * BF16, copy_gbps)
