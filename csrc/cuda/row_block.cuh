@@ -6,7 +6,9 @@
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#if !defined(DMMD_CUDA_EMULATION)  // tests/csrc/cuda_emulation.h runs these kernels on the host
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 #include <limits>
@@ -15,7 +17,10 @@
 
 namespace dmmd::cuda {
 
-constexpr int kThreads = 256;
+#ifndef DMMD_CUDA_THREADS
+#define DMMD_CUDA_THREADS 256
+#endif
+constexpr int kThreads = DMMD_CUDA_THREADS;  // threads per row block (a multiple of 32)
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xFFFFFFFFu;
 
@@ -48,6 +53,13 @@ struct Elem<c10::Half> {
   __device__ static uint32_t from_float(float x) { return c10::Half(x).x; }
 };
 
+// A 16-byte vector access must be 16-byte aligned (the host emulation checks it).
+#if defined(DMMD_CUDA_EMULATION)
+#define DMMD_CHECK_ALIGNED16(p) emu::check_aligned16(p)
+#else
+#define DMMD_CHECK_ALIGNED16(p) ((void)0)
+#endif
+
 // Elements per 16-byte vector of the row's logits dtype.
 template <typename T>
 constexpr int vec_width() {
@@ -63,6 +75,7 @@ __device__ __forceinline__ void load_bits(const S* row, int64_t i, int n, uint32
     constexpr int kWords = N * static_cast<int>(sizeof(S)) / 4;
     uint32_t w[kWords];
     const uint4* q = reinterpret_cast<const uint4*>(row + i);
+    DMMD_CHECK_ALIGNED16(q);
 #pragma unroll
     for (int k = 0; k < kWords / 4; ++k) {
       const uint4 u = q[k];
@@ -112,6 +125,7 @@ __device__ __forceinline__ void store_f(T* row, int64_t i, int n, const float (&
       }
     }
     uint4* q = reinterpret_cast<uint4*>(row + i);
+    DMMD_CHECK_ALIGNED16(q);
 #pragma unroll
     for (int k = 0; k < kWords / 4; ++k) q[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
   } else {
@@ -148,7 +162,7 @@ __device__ __forceinline__ RowPlan make_plan(int64_t v, const void* const* strea
   int64_t head = (first % static_cast<uintptr_t>(elem_bytes[0])) == 0 ? (N - mis) % N : v;
   if (head > v) head = v;
   bool ok = head < v;
-  for (int s = 1; s < count && ok; ++s) {
+  for (int s = 0; s < count && ok; ++s) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(streams[s]) + static_cast<uintptr_t>(head * elem_bytes[s]);
     ok = at % 16 == 0;
   }
@@ -312,7 +326,7 @@ struct Online {
 // (a sum kept at the same scale, like sum p_c D_c) is rescaled and summed alongside.
 struct RowLse {
   float m;
-  double log_z;
+  double z, log_z;  // sum exp(x - m) and its log
   double companion;
 };
 __device__ __forceinline__ RowLse block_lse(const Online& o, double companion, Scratch& s) {
@@ -322,7 +336,7 @@ __device__ __forceinline__ RowLse block_lse(const Online& o, double companion, S
                        : ::exp(static_cast<double>(o.m) - static_cast<double>(m));
   double v[2] = {o.z * f, companion * f};
   block_reduce<2>(v, s.red, SumOp{});
-  return RowLse{m, ::log(v[0]), v[1]};
+  return RowLse{m, v[0], ::log(v[0]), v[1]};
 }
 
 // Whether a row maximum is unusable: NaN, +inf, or -inf (no class can occur).

@@ -1,0 +1,262 @@
+"""The CUDA kernels' own code (csrc/cuda/*_kernels.cuh) run on the host through a small CUDA
+emulation (tests/csrc/cuda_emulation.h: a block's threads are fibers, warp shuffles and
+__syncthreads are barriers, a divergent barrier is an error), against the float64 reference and
+the CPU kernels: values, gradients, the radix-selection nucleus, and the draws for the same
+(seed, offset). Most tests use 64-thread blocks (fast to emulate); a few the 256 threads the GPU
+build uses. This is how CI checks the device code without a GPU; tests/test_cuda.py checks it
+on one."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import pytest
+import torch
+
+import dmmd_ops
+from dmmd_ops import reference
+from tests.test_kernels import _grad_tol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not dmmd_ops.has_kernel("generator_loss_forward", "cpu"),
+                                reason="the extension has no CPU kernels")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+GEN_I_STAR, AUX_I_STAR = 7, 5
+
+
+def _build(threads: int):
+    """Compiles tests/csrc/emulated_ops.cpp for `threads`-thread blocks; returns torch.ops.dmmd_emu<threads>."""
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    build = os.path.join(ROOT, "build", f"cuda-emulation-{threads}")
+    os.makedirs(build, exist_ok=True)
+    name = f"dmmd_emu{threads}"
+    load(name=f"dmmd_cuda_emulated{threads}", sources=[os.path.join(ROOT, "tests", "csrc", "emulated_ops.cpp")],
+         extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"),
+                              os.path.join(ROOT, "tests", "csrc")],
+         extra_cflags=["-O2", "-ffp-contract=off", f"-DDMMD_CUDA_THREADS={threads}", f"-DDMMD_EMU_LIB={name}"],
+         is_python_module=False, build_directory=build)
+    assert glob.glob(os.path.join(build, "*.so"))
+    return getattr(torch.ops, name)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return _build(64)
+
+
+@pytest.fixture(scope="module")
+def emu256():
+    return _build(256)
+
+
+def _make(shape, dtype, gen, layout="contiguous", scale=3.0):
+    if layout == "contiguous":
+        return (torch.randn(shape, generator=gen) * scale).to(dtype)
+    # rows of stride 2V: a slice of wider rows
+    return (torch.randn(shape[0], 2 * shape[1], generator=gen) * scale).to(dtype)[:, : shape[1]]
+
+
+# (rows, V, layout): misaligned rows (odd V), strided rows, V = 1, one long row, a vector body
+CASES = [(13, 50, "contiguous"), (5, 333, "row_stride"), (4, 1, "contiguous"), (1, 5001, "contiguous"),
+         (3, 1030, "contiguous")]
+SETTINGS = [(1.0, 1.0), (0.7, 0.9), (1.3, 0.3)]
+
+
+@pytest.mark.parametrize("rows,v,layout", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature,top_p", SETTINGS)
+def test_teacher_logprobs(emu, rows, v, layout, dtype, temperature, top_p, gen):
+    a = _make((rows, v), dtype, gen, layout)
+    got = emu.teacher_logprobs(a, temperature, top_p, 2.0)
+    want = reference.teacher_logprobs(a.double(), temperature=temperature, top_p=top_p, delta=2.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(got, torch.ops.dmmd.teacher_logprobs(a, temperature, top_p, 2.0), rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("rows,v,layout", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature,top_p", SETTINGS)
+def test_generator_loss_forward_backward(emu, rows, v, layout, dtype, temperature, top_p, gen):
+    u, a, b = (_make((rows, v), dtype, gen, layout) for _ in range(3))
+    loss, stats = emu.generator_forward(u, a, b, temperature, top_p, 1.5)
+    cpu_loss, cpu_stats = torch.ops.dmmd.generator_loss_forward(u, a, b, temperature, top_p, 1.5)
+    u64 = u.double().requires_grad_()
+    want = reference.generator_loss(u64, a, b, temperature=temperature, top_p=top_p, delta=1.5, reduction="none")
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, cpu_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats, cpu_stats, rtol=1e-5, atol=1e-5, equal_nan=True)
+    g = torch.randn(rows, generator=gen)
+    grad = emu.generator_backward(g, u, a, b, stats, temperature, top_p, 1.5)
+    (want * g).sum().backward()
+    assert grad.dtype == dtype and grad.shape == (rows, v)
+    torch.testing.assert_close(grad.double(), u64.grad, **_grad_tol(dtype, u64.grad))
+
+
+@pytest.mark.parametrize("rows,v,layout", CASES[:3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target_kind", ["hard", "soft"])
+@pytest.mark.parametrize("teacher,top_p", [(False, 1.0), (True, 1.0), (True, 0.8)])
+def test_aux_loss_forward_backward(emu, rows, v, layout, dtype, target_kind, teacher, top_p, gen):
+    b = _make((rows, v), dtype, gen, layout)
+    a = _make((rows, v), dtype, gen, layout) if teacher else None
+    if target_kind == "hard":
+        target = torch.randint(0, v, (rows,), generator=gen)
+    else:
+        target = torch.softmax(torch.randn(rows, v, generator=gen) * 2, -1)
+        target = target * (torch.rand(rows, v, generator=gen) < 0.5)
+    loss, stats = emu.aux_forward(b, target, a, 0.8, top_p, 2.0)
+    cpu_loss, cpu_stats = torch.ops.dmmd.aux_loss_forward(b, target, a, 0.8, top_p, 2.0)
+    b64 = b.double().requires_grad_()
+    want = reference.aux_loss(b64, target, a, temperature=0.8, top_p=top_p, delta=2.0, reduction="none")
+    torch.testing.assert_close(loss.double(), want.detach().double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, cpu_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats, cpu_stats, rtol=1e-5, atol=1e-5, equal_nan=True)
+    g = torch.randn(rows, generator=gen)
+    grad = emu.aux_backward(g, b, target, a, stats, 0.8, top_p, 2.0)
+    (want * g).sum().backward()
+    torch.testing.assert_close(grad.double(), b64.grad, **_grad_tol(dtype, b64.grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nucleus_with_ties_signed_zeros_and_minus_inf(emu, dtype, gen):
+    """The radix-selection nucleus keeps exactly the CPU kernel's classes (a*, i* identical)."""
+    a = torch.randint(-6, 3, (12, 301), generator=gen).float() * 0.5
+    a[torch.rand(a.shape, generator=gen) < 0.2] = float("-inf")
+    a[:, ::7] = -0.0
+    a = a.to(dtype)
+    u = torch.zeros_like(a)
+    for top_p in (0.2, 0.6, 0.95):
+        _, got = emu.generator_forward(u, a, u, 0.9, top_p, 2.0)
+        _, want = torch.ops.dmmd.generator_loss_forward(u, a, u, 0.9, top_p, 2.0)
+        assert torch.equal(got[:, 6:8], want[:, 6:8]), top_p
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_use_vector_loads_after_the_prologue(emu, dtype, gen):
+    """Rows that start off a 16-byte boundary still take 16-byte loads after their scalar
+    prologue: one row's worth (V / elements per vector, less the prologue and tail) or more."""
+    rows, v = 13, 50
+    per_vector = 16 // torch.empty((), dtype=dtype).element_size()
+    a = _make((rows, v), dtype, gen)
+    emu.teacher_logprobs(a, 1.0, 1.0, 2.0)
+    assert emu.last_vector_accesses() >= 2 * rows * (v // per_vector - 1)  # reads of two passes
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streams_with_different_alignment(emu, dtype, gen):
+    """u, a and b whose rows sit at different offsets modulo 16 bytes: scalar loads, same answers."""
+    rows, v = 13, 50
+    u = _make((rows, v), dtype, gen)
+    a = _make((rows, v + 1), dtype, gen)[:, 1:]
+    b = _make((rows, v + 3), dtype, gen)[:, :v]
+    loss, stats = emu.generator_forward(u, a, b, 0.9, 0.8, 2.0)
+    want, want_stats = torch.ops.dmmd.generator_loss_forward(u, a.contiguous(), b.contiguous(), 0.9, 0.8, 2.0)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_rows_are_flagged(emu, gen):
+    """Kernels cannot raise: NaN loss and i* = -1 for a loss row, -1 for a draw, NaN log-probs."""
+    u, a, b = (torch.randn(4, 40, generator=gen) for _ in range(3))
+    a[1, 3] = float("nan")
+    b[2, 0] = float("inf")
+    u[3] = float("-inf")
+    loss, stats = emu.generator_forward(u, a, b, 1.0, 0.9, 2.0)
+    assert torch.isnan(loss[1:]).all() and not torch.isnan(loss[0])
+    assert (stats[1:, GEN_I_STAR] == -1).all() and stats[0, GEN_I_STAR] >= 0
+    soft = torch.softmax(torch.randn(4, 40, generator=gen), -1)
+    soft[0, 5] = -0.1
+    loss, stats = emu.aux_forward(torch.randn(4, 40, generator=gen), soft, None, 1.0, 1.0, 2.0)
+    assert torch.isnan(loss[0]) and stats[0, AUX_I_STAR] == -1 and not torch.isnan(loss[1:]).any()
+    draws = emu.sample_categorical(a, 1.0, 0.9, 0, 0)
+    assert draws[1] == -1 and (draws[[0, 2, 3]] >= 0).all()
+    out = emu.teacher_logprobs(a, 1.0, 1.0, 2.0)
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+
+
+def _agree(x, y) -> float:
+    return float((x == y).double().mean())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature,top_p", SETTINGS)
+def test_sample_categorical_same_draws_as_cpu(emu, dtype, temperature, top_p, gen):
+    x = (torch.randn(150, 37, generator=gen) * 2).to(dtype)
+    got = emu.sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
+    want = torch.ops.dmmd.sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
+    assert _agree(got, want) >= 0.99
+
+
+@pytest.mark.parametrize("process", ["masked", "uniform"])
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_denoise_step_same_draws_as_cpu(emu, process, top_p, gen):
+    rows, v = 160, 61
+    logits = (torch.randn(rows, 2 * v, generator=gen) * 2).to(torch.bfloat16)[:, :v]
+    masked = process == "masked"
+    mask_id = v - 1 if masked else -1
+    if masked:
+        logits[:, mask_id] = 10.0  # never drawn
+    z = torch.randint(0, v, (rows,), generator=gen)
+    if masked:
+        z[: rows // 2] = mask_id
+    a_s = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.5 + 0.5
+    a_t = a_s * torch.rand(rows, generator=gen, dtype=torch.float64)
+    got = emu.denoise_step(logits, z, a_s, a_t, masked, mask_id, 0.9, top_p, 9, 3)
+    want = torch.ops.dmmd.denoise_step(logits, z, a_s, a_t, process, mask_id, 0.9, top_p, 9, 3)
+    assert _agree(got, want) >= 0.99
+    if masked:
+        assert not bool((got[z == mask_id] == mask_id).all()) and bool((got[z != mask_id] == z[z != mask_id]).all())
+
+
+@pytest.mark.parametrize("process", ["masked", "uniform"])
+@pytest.mark.parametrize("x_kind", ["hard", "soft"])
+def test_posterior_sample_same_draws_as_cpu(emu, process, x_kind, gen):
+    rows, v = 200, 61
+    masked = process == "masked"
+    z = torch.randint(0, v, (rows,), generator=gen)
+    if masked:
+        z[: rows // 2] = 0
+    x = torch.randint(1, v, (rows,), generator=gen) if x_kind == "hard" else \
+        torch.softmax(torch.randn(rows, v, generator=gen) * 2, -1)
+    a_s, a_t = torch.full((rows,), 0.8, dtype=torch.float64), torch.full((rows,), 0.3, dtype=torch.float64)
+    mask_id = 0 if masked else -1
+    got = emu.posterior_sample(z, x, a_s, a_t, masked, mask_id, v, 77, 2**33)
+    want = torch.ops.dmmd.posterior_sample(z, x, a_s, a_t, process, mask_id, v, 77, 2**33)
+    assert _agree(got, want) >= (1.0 if x_kind == "hard" else 0.99)
+
+
+@pytest.mark.parametrize("t,d_in,d_out", [(3, 20, 30), (11, 6, 5)])
+def test_grad_gram_fused_kernel(emu, t, d_in, d_out, gen):
+    a = torch.randn(5, t, d_in, generator=gen)
+    g = torch.randn(5, t, d_out, generator=gen)
+    got = emu.grad_gram(a, g)
+    want = reference.grad_gram(a, g)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    assert torch.equal(got, got.T)
+
+
+def test_the_gpu_block_size(emu256, gen):
+    """The 256-thread blocks of the GPU build: one row long enough for several vector tiles, a
+    misaligned bf16 batch with top-p, draws, and the 16 x 16 Gram tiles."""
+    a = (torch.randn(1, 5001, generator=gen) * 3).to(torch.bfloat16)
+    torch.testing.assert_close(emu256.teacher_logprobs(a, 0.7, 0.9, 2.0),
+                               torch.ops.dmmd.teacher_logprobs(a, 0.7, 0.9, 2.0), rtol=1e-5, atol=5e-5)
+    u, a, b = ((torch.randn(5, 50, generator=gen) * 3).to(torch.bfloat16) for _ in range(3))
+    loss, stats = emu256.generator_forward(u, a, b, 0.8, 0.9, 1.5)
+    cpu_loss, cpu_stats = torch.ops.dmmd.generator_loss_forward(u, a, b, 0.8, 0.9, 1.5)
+    torch.testing.assert_close(loss, cpu_loss, rtol=1e-5, atol=1e-5)
+    g = torch.randn(5, generator=gen)
+    torch.testing.assert_close(emu256.generator_backward(g, u, a, b, stats, 0.8, 0.9, 1.5).float(),
+                               torch.ops.dmmd.generator_loss_backward(g, u, a, b, cpu_stats, 0.8, 0.9, 1.5).float(),
+                               rtol=0, atol=2**-7)
+    x = (torch.randn(50, 3000, generator=gen) * 2).to(torch.bfloat16)
+    assert _agree(emu256.sample_categorical(x, 1.0, 0.9, 5, 1), torch.ops.dmmd.sample_categorical(x, 1.0, 0.9, 5, 1)) \
+        >= 0.98
+    ga, gg = torch.randn(3, 20, 7, generator=gen), torch.randn(3, 20, 9, generator=gen)
+    want = reference.grad_gram(ga, gg)
+    torch.testing.assert_close(emu256.grad_gram(ga, gg), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
