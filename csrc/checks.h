@@ -10,6 +10,7 @@
 #include <cmath>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace dmmd {
 
@@ -104,6 +105,101 @@ inline AuxArgs aux_loss_args(const at::Tensor& aux, const at::Tensor& target,
     out.x = row_vector(target, rows, at::kLong, op, "target");
   }
   return out;
+}
+
+// generator_loss's logits as the kernels take them.
+struct GenArgs {
+  at::Tensor u, a, b;
+};
+
+inline GenArgs generator_loss_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux,
+                                   const char* op) {
+  GenArgs g{logit_rows(student, op, "student_logits"), logit_rows(teacher, op, "teacher_logits"),
+            logit_rows(aux, op, "aux_logits")};
+  check_like(g.a, g.u, op, "teacher_logits", "student_logits");
+  check_like(g.b, g.u, op, "aux_logits", "student_logits");
+  return g;
+}
+
+// A loss backward's grad_loss (float32 [rows]) and the forward's stats (float32 [rows, k]), on
+// the device of the logits `ref`.
+inline std::pair<at::Tensor, at::Tensor> loss_backward_args(const at::Tensor& grad_loss, const at::Tensor& stats,
+                                                            int64_t k, const at::Tensor& ref, const char* op) {
+  const int64_t rows = ref.size(0);
+  at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
+  at::Tensor st = stats_rows(stats, rows, k, op);
+  TORCH_CHECK_VALUE(g.device() == ref.device() && st.device() == ref.device(), op,
+                    ": grad_loss and stats must be on the device of the logits");
+  return {g, st};
+}
+
+// denoise_step's arguments as the kernels take them.
+struct DenoiseArgs {
+  at::Tensor x, z, as, at;
+  bool masked;
+};
+
+inline DenoiseArgs denoise_step_args(const at::Tensor& logits, const at::Tensor& z_t, const at::Tensor& alpha_s,
+                                     const at::Tensor& alpha_t, const std::string& process, int64_t mask_id,
+                                     double temperature, double top_p, const char* op) {
+  check_top_p_args(temperature, top_p, 0.0, op);
+  DenoiseArgs in;
+  in.masked = is_masked_process(process, op);
+  in.x = logit_rows(logits, op, "logits");
+  const int64_t rows = in.x.size(0), v = in.x.size(1);
+  in.z = row_vector(z_t, rows, at::kLong, op, "z_t");
+  in.as = row_vector(alpha_s, rows, at::kDouble, op, "alpha_s");
+  in.at = row_vector(alpha_t, rows, at::kDouble, op, "alpha_t");
+  TORCH_CHECK_VALUE(in.z.device() == in.x.device() && in.as.device() == in.x.device() &&
+                        in.at.device() == in.x.device(),
+                    op, ": z_t, alpha_s and alpha_t must be on the device of logits");
+  if (in.masked) {
+    TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < v, op, ": mask_id must be in [0, ", v,
+                      ") for process=\"masked\", got ", mask_id);
+    TORCH_CHECK_VALUE(v >= 2, op, ": masked diffusion needs V >= 2");
+  }
+  return in;
+}
+
+// posterior_sample's arguments as the kernels take them; v is -1 when unknown (hard x, masked,
+// no num_classes).
+struct PosteriorArgs {
+  at::Tensor z, as, at, x;  // x: int64 [rows] or float32 [rows, V]
+  bool masked, soft;
+  int64_t v;
+};
+
+inline PosteriorArgs posterior_sample_args(const at::Tensor& z_t, const at::Tensor& x, const at::Tensor& alpha_s,
+                                           const at::Tensor& alpha_t, const std::string& process, int64_t mask_id,
+                                           int64_t num_classes, const char* op) {
+  PosteriorArgs in;
+  in.masked = is_masked_process(process, op);
+  TORCH_CHECK_VALUE(z_t.dim() == 1, op, ": z_t must be 1-D [rows], got ", z_t.sizes());
+  const int64_t rows = z_t.size(0);
+  in.z = row_vector(z_t, rows, at::kLong, op, "z_t");
+  in.as = row_vector(alpha_s, rows, at::kDouble, op, "alpha_s");
+  in.at = row_vector(alpha_t, rows, at::kDouble, op, "alpha_t");
+  TORCH_CHECK_VALUE(x.device() == in.z.device() && in.as.device() == in.z.device() && in.at.device() == in.z.device(),
+                    op, ": x, alpha_s and alpha_t must be on the device of z_t");
+  in.soft = x.is_floating_point();
+  in.v = num_classes;
+  if (in.soft) {
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == rows, op,
+                      ": soft x must be float32 [rows, V], got ", x.scalar_type(), " ", x.sizes());
+    in.x = x.stride(1) == 1 ? x : x.contiguous();
+    TORCH_CHECK_VALUE(num_classes < 0 || num_classes == x.size(1), op, ": num_classes=", num_classes,
+                      " disagrees with soft x's V=", x.size(1));
+    in.v = x.size(1);
+  } else {
+    in.x = row_vector(x, rows, at::kLong, op, "x");
+    TORCH_CHECK_VALUE(in.masked || num_classes >= 1, op, ": num_classes is required for process=\"uniform\" ",
+                      "with hard x");
+  }
+  if (in.masked) {
+    TORCH_CHECK_VALUE(mask_id >= 0 && (in.v < 0 || mask_id < in.v), op, ": mask_id must be a class id for ",
+                      "process=\"masked\", got ", mask_id);
+  }
+  return in;
 }
 
 // Calls f(T{}) with T the C++ type of a float32 / bfloat16 / float16 logits dtype.

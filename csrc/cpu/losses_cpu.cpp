@@ -94,11 +94,8 @@ std::tuple<at::Tensor, at::Tensor> generator_loss_forward_cpu(const at::Tensor& 
                                                               double top_p, double delta) {
   constexpr const char* op = "generator_loss";
   check_top_p_args(temperature, top_p, delta, op);
-  const at::Tensor u = logit_rows(student, op, "student_logits");
-  const at::Tensor a = logit_rows(teacher, op, "teacher_logits");
-  const at::Tensor b = logit_rows(aux, op, "aux_logits");
-  check_like(a, u, op, "teacher_logits", "student_logits");
-  check_like(b, u, op, "aux_logits", "student_logits");
+  const GenArgs in = generator_loss_args(student, teacher, aux, op);
+  const at::Tensor &u = in.u, &a = in.a, &b = in.b;
   const int64_t rows = u.size(0), v = u.size(1);
   at::Tensor loss = at::empty({rows}, u.options().dtype(at::kFloat));
   at::Tensor stats = at::empty({rows, kGenStats}, u.options().dtype(at::kFloat));
@@ -152,14 +149,11 @@ at::Tensor generator_loss_backward_cpu(const at::Tensor& grad_loss, const at::Te
                                        double temperature, double top_p, double delta) {
   constexpr const char* op = "generator_loss_backward";
   check_top_p_args(temperature, top_p, delta, op);
-  const at::Tensor u = logit_rows(student, op, "student_logits");
-  const at::Tensor a = logit_rows(teacher, op, "teacher_logits");
-  const at::Tensor b = logit_rows(aux, op, "aux_logits");
-  check_like(a, u, op, "teacher_logits", "student_logits");
-  check_like(b, u, op, "aux_logits", "student_logits");
+  const GenArgs in = generator_loss_args(student, teacher, aux, op);
+  const at::Tensor &u = in.u, &a = in.a, &b = in.b;
   const int64_t rows = u.size(0), v = u.size(1);
-  const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
-  const at::Tensor st = stats_rows(stats, rows, kGenStats, op);
+  const auto backward = loss_backward_args(grad_loss, stats, kGenStats, u, op);
+  const at::Tensor &g = backward.first, &st = backward.second;
   at::Tensor grad = at::empty({rows, v}, u.options());
   prefer_huge_pages(grad);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);
@@ -285,8 +279,8 @@ at::Tensor aux_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   check_top_p_args(temperature, top_p, delta, op);
   const AuxArgs in = aux_loss_args(aux, target, teacher, op);
   const int64_t rows = in.b.size(0), v = in.b.size(1);
-  const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
-  const at::Tensor st = stats_rows(stats, rows, kAuxStats, op);
+  const auto backward = loss_backward_args(grad_loss, stats, kAuxStats, in.b, op);
+  const at::Tensor &g = backward.first, &st = backward.second;
   at::Tensor grad = at::empty({rows, v}, in.b.options());
   prefer_huge_pages(grad);
   const float inv_t = static_cast<float>(1.0 / temperature), dl = static_cast<float>(delta);

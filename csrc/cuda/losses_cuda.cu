@@ -32,24 +32,12 @@ at::Tensor teacher_logprobs_cuda(const at::Tensor& teacher, double temperature, 
   return out;
 }
 
-struct GenArgs {
-  at::Tensor u, a, b;
-};
-
-GenArgs generator_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& aux, const char* op) {
-  GenArgs g{logit_rows(student, op, "student_logits"), logit_rows(teacher, op, "teacher_logits"),
-            logit_rows(aux, op, "aux_logits")};
-  check_like(g.a, g.u, op, "teacher_logits", "student_logits");
-  check_like(g.b, g.u, op, "aux_logits", "student_logits");
-  return g;
-}
-
 std::tuple<at::Tensor, at::Tensor> generator_loss_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                                const at::Tensor& aux, double temperature,
                                                                double top_p, double delta) {
   constexpr const char* op = "generator_loss";
   check_top_p_args(temperature, top_p, delta, op);
-  const GenArgs in = generator_args(student, teacher, aux, op);
+  const GenArgs in = generator_loss_args(student, teacher, aux, op);
   const c10::cuda::CUDAGuard guard(in.u.device());
   const int64_t rows = in.u.size(0), v = in.u.size(1);
   at::Tensor loss = at::empty({rows}, in.u.options().dtype(at::kFloat));
@@ -71,12 +59,10 @@ at::Tensor generator_loss_backward_cuda(const at::Tensor& grad_loss, const at::T
                                         double temperature, double top_p, double delta) {
   constexpr const char* op = "generator_loss_backward";
   check_top_p_args(temperature, top_p, delta, op);
-  const GenArgs in = generator_args(student, teacher, aux, op);
+  const GenArgs in = generator_loss_args(student, teacher, aux, op);
   const int64_t rows = in.u.size(0), v = in.u.size(1);
-  const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
-  const at::Tensor st = stats_rows(stats, rows, kGenStats, op);
-  TORCH_CHECK_VALUE(g.device() == in.u.device() && st.device() == in.u.device(), op,
-                    ": grad_loss and stats must be on the device of student_logits");
+  const auto backward = loss_backward_args(grad_loss, stats, kGenStats, in.u, op);
+  const at::Tensor &g = backward.first, &st = backward.second;
   const c10::cuda::CUDAGuard guard(in.u.device());
   at::Tensor grad = at::empty({rows, v}, in.u.options());
   if (rows == 0) return grad;
@@ -123,10 +109,8 @@ at::Tensor aux_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor&
   check_top_p_args(temperature, top_p, delta, op);
   const AuxArgs in = aux_loss_args(aux, target, teacher, op);
   const int64_t rows = in.b.size(0), v = in.b.size(1);
-  const at::Tensor g = row_vector(grad_loss, rows, at::kFloat, op, "grad_loss");
-  const at::Tensor st = stats_rows(stats, rows, kAuxStats, op);
-  TORCH_CHECK_VALUE(g.device() == in.b.device() && st.device() == in.b.device(), op,
-                    ": grad_loss and stats must be on the device of aux_logits");
+  const auto backward = loss_backward_args(grad_loss, stats, kAuxStats, in.b, op);
+  const at::Tensor &g = backward.first, &st = backward.second;
   const c10::cuda::CUDAGuard guard(in.b.device());
   at::Tensor grad = at::empty({rows, v}, in.b.options());
   if (rows == 0) return grad;

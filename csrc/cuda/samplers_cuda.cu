@@ -37,20 +37,11 @@ at::Tensor denoise_step_cuda(const at::Tensor& logits, const at::Tensor& z_t, co
                              const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id, double temperature,
                              double top_p, int64_t seed, int64_t offset) {
   constexpr const char* op = "denoise_step";
-  check_top_p_args(temperature, top_p, 0.0, op);
-  const bool is_masked = is_masked_process(std::string(process), op);
-  const at::Tensor x = logit_rows(logits, op, "logits");
+  const DenoiseArgs in =
+      denoise_step_args(logits, z_t, alpha_s, alpha_t, std::string(process), mask_id, temperature, top_p, op);
+  const at::Tensor &x = in.x, &z = in.z, &as = in.as, &at_ = in.at;
+  const bool is_masked = in.masked;
   const int64_t rows = x.size(0), v = x.size(1);
-  const at::Tensor z = row_vector(z_t, rows, at::kLong, op, "z_t");
-  const at::Tensor as = row_vector(alpha_s, rows, at::kDouble, op, "alpha_s");
-  const at::Tensor at_ = row_vector(alpha_t, rows, at::kDouble, op, "alpha_t");
-  TORCH_CHECK_VALUE(z.device() == x.device() && as.device() == x.device() && at_.device() == x.device(), op,
-                    ": z_t, alpha_s and alpha_t must be on the device of logits");
-  if (is_masked) {
-    TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < v, op, ": mask_id must be in [0, ", v,
-                      ") for process=\"masked\", got ", mask_id);
-    TORCH_CHECK_VALUE(v >= 2, op, ": masked diffusion needs V >= 2");
-  }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({rows}, z.options());
   if (rows == 0) return out;
@@ -69,33 +60,11 @@ at::Tensor posterior_sample_cuda(const at::Tensor& z_t, const at::Tensor& x, con
                                  const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id,
                                  int64_t num_classes, int64_t seed, int64_t offset) {
   constexpr const char* op = "posterior_sample";
-  const bool is_masked = is_masked_process(std::string(process), op);
-  TORCH_CHECK_VALUE(z_t.dim() == 1, op, ": z_t must be 1-D [rows], got ", z_t.sizes());
-  const int64_t rows = z_t.size(0);
-  const at::Tensor z = row_vector(z_t, rows, at::kLong, op, "z_t");
-  const at::Tensor as = row_vector(alpha_s, rows, at::kDouble, op, "alpha_s");
-  const at::Tensor at_ = row_vector(alpha_t, rows, at::kDouble, op, "alpha_t");
-  TORCH_CHECK_VALUE(x.device() == z.device() && as.device() == z.device() && at_.device() == z.device(), op,
-                    ": x, alpha_s and alpha_t must be on the device of z_t");
-  const bool soft = x.is_floating_point();
-  at::Tensor xs;
-  int64_t v = num_classes;
-  if (soft) {
-    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(0) == rows, op,
-                      ": soft x must be float32 [rows, V], got ", x.scalar_type(), " ", x.sizes());
-    xs = x.stride(1) == 1 ? x : x.contiguous();
-    TORCH_CHECK_VALUE(num_classes < 0 || num_classes == x.size(1), op, ": num_classes=", num_classes,
-                      " disagrees with soft x's V=", x.size(1));
-    v = x.size(1);
-  } else {
-    xs = row_vector(x, rows, at::kLong, op, "x");
-    TORCH_CHECK_VALUE(is_masked || num_classes >= 1, op, ": num_classes is required for process=\"uniform\" ",
-                      "with hard x");
-  }
-  if (is_masked) {
-    TORCH_CHECK_VALUE(mask_id >= 0 && (v < 0 || mask_id < v), op, ": mask_id must be a class id for ",
-                      "process=\"masked\", got ", mask_id);
-  }
+  const PosteriorArgs in =
+      posterior_sample_args(z_t, x, alpha_s, alpha_t, std::string(process), mask_id, num_classes, op);
+  const at::Tensor &z = in.z, &as = in.as, &at_ = in.at, &xs = in.x;
+  const bool is_masked = in.masked, soft = in.soft;
+  const int64_t rows = z.size(0), v = in.v;
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor out = at::empty({rows}, z.options());
   if (rows == 0) return out;
