@@ -1,6 +1,10 @@
 """Shared fixtures: devices, dtype tolerances, and helpers for the statistical tests."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +12,20 @@ import torch
 import dmmd_ops
 
 HAS_CUDA = torch.cuda.is_available()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nvcc_host_program(tmp_path_factory, name: str):
+    """tests/csrc/<name>.cu built by nvcc as a host program over the shared headers (skips
+    without nvcc): CI's check of the device toolchain's view of the shared math, no GPU needed."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    exe = tmp_path_factory.mktemp(name) / name
+    subprocess.run([nvcc, "-O2", "-x", "cu", "-I", os.path.join(ROOT, "csrc", "include"),
+                    os.path.join(ROOT, "tests", "csrc", f"{name}.cu"), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=300)
+    return exe
 
 # dtype -> (rtol, atol) for losses / log-probs computed from logits of that dtype.
 TOLERANCES = {

@@ -4,8 +4,6 @@ i* and the kept mass) on rows with ties, signed zeros, -inf classes and the thre
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -13,8 +11,8 @@ import pytest
 import torch
 
 import dmmd_ops
+from tests.conftest import nvcc_host_program
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 A_STAR, I_STAR, LOG_ZT = 6, 7, 3  # GenStat slots (csrc/include/dmmd/rowmath.h)
 KIND = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -25,14 +23,7 @@ pytestmark = pytest.mark.skipif(not dmmd_ops.has_kernel("generator_loss_forward"
 
 @pytest.fixture(scope="module")
 def nucleus_program(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not on PATH")
-    exe = tmp_path_factory.mktemp("nucleus") / "nucleus_host"
-    subprocess.run([nvcc, "-O2", "-x", "cu", "-I", os.path.join(ROOT, "csrc", "include"),
-                    os.path.join(ROOT, "tests", "csrc", "nucleus_host.cu"), "-o", str(exe)],
-                   check=True, capture_output=True, timeout=300)
-    return exe
+    return nvcc_host_program(tmp_path_factory, "nucleus_host")
 
 
 def _from_bits(bits: int, dtype) -> float:

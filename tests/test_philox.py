@@ -2,8 +2,6 @@
 kernel, the shared header compiled by nvcc (host side), and CUDA when present."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -11,8 +9,7 @@ import torch
 
 import dmmd_ops
 from dmmd_ops import reference
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import nvcc_host_program
 
 # (counter x4, key x2) -> output x4, from Random123's kat_vectors.
 KAT = [
@@ -94,14 +91,7 @@ def test_stream_layout_matches_header():
 
 @pytest.fixture(scope="module")
 def nvcc_program(tmp_path_factory):
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not on PATH")
-    exe = tmp_path_factory.mktemp("philox") / "philox_host"
-    subprocess.run([nvcc, "-O2", "-x", "cu", "-I", os.path.join(ROOT, "csrc", "include"),
-                    os.path.join(ROOT, "tests", "csrc", "philox_host.cu"), "-o", str(exe)],
-                   check=True, capture_output=True, timeout=300)
-    return exe
+    return nvcc_host_program(tmp_path_factory, "philox_host")
 
 
 def run_nvcc_philox(exe, counter, key):
