@@ -373,14 +373,14 @@ struct NucleusRow {
   double total;    // mass of all classes
 };
 
-// The top-p nucleus of a row (radix.h) with every class's mass exp(tempered(a) ) taken
-// relative to ms; class `exclude` (-1 for none) has no mass and is never a threshold.
+// The top-p nucleus of a row (radix.h), every class's mass exp(tempered(a)) taken relative to
+// ms; class `exclude` (-1 for none) has no mass and is never a threshold.
 template <typename T, int N>
 __device__ NucleusRow block_nucleus(const T* row, const RowPlan& p, float inv_t, float ms, int64_t exclude,
                                     double top_p, Scratch& s) {
   constexpr int kBits = Elem<T>::kBits;
   uint32_t prefix = 0;
-  double above = 0, target = 0, total = 0, tie_mass = 0;
+  double above = 0, target = 0, total = 0;
   for (int level = 0; level < radix_levels(kBits); ++level) {
     double h[kRadixBins];
 #pragma unroll
@@ -406,7 +406,6 @@ __device__ NucleusRow block_nucleus(const T* row, const RowPlan& p, float inv_t,
     }
     const int d = radix_choose(h, target, &above);
     prefix = (prefix << kRadixBits) | static_cast<uint32_t>(d);
-    tie_mass = h[d];
   }
   const float a_star = Elem<T>::to_float(key_raw(prefix, kBits));
   const double e_tie = expf(tempered(a_star, inv_t, ms));
@@ -426,7 +425,6 @@ __device__ NucleusRow block_nucleus(const T* row, const RowPlan& p, float inv_t,
   const int64_t ties = block_sum_i(count, s);
   last = block_max_i(last, s);
   const int64_t keep = radix_ties_kept(above, e_tie, target, ties);
-  (void)tie_mass;
   int64_t i_star = last;
   if (keep < ties) {
     // The keep-th tied class in index order: a block scan of the tie counts, tile by tile.
