@@ -64,25 +64,42 @@ def sample_categorical(logits: torch.Tensor, temperature: float = 1.0, top_p: fl
 
 def denoise_step(logits: torch.Tensor, z: torch.Tensor, alpha_s: float, alpha_t: float, process: str,
                  mask_id: int | None, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """Sample x for every token, then the posterior (masked: reveal coin; uniform: eq. 4 densely)."""
-    x = sample_categorical_excluding(logits, temperature, top_p, mask_id)
+    """One sampler step doing the op's work and no more. Masked: the reveal coin first, then
+    ``x`` only for the revealed rows (the others keep their token); uniform: ``x`` for every
+    row, then the O(1) hard-``x`` posterior."""
     if process == "masked":
         reveal = (z == mask_id) & (torch.rand(z.shape, device=z.device) < (alpha_s - alpha_t) / (1 - alpha_t))
-        return torch.where(reveal, x, z)
+        out = z.clone()
+        out[reveal] = sample_categorical_excluding(logits[reveal], temperature, top_p, mask_id)
+        return out
+    x = sample_categorical(logits, temperature, top_p)
     return uniform_posterior(z, x, alpha_s, alpha_t, logits.shape[-1])
 
 
 def sample_categorical_excluding(logits, temperature, top_p, exclude):
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     return torch.multinomial(sampling_probs(logits, temperature, top_p, exclude), 1).squeeze(-1)
 
 
 def uniform_posterior(z: torch.Tensor, x: torch.Tensor, alpha_s: float, alpha_t: float, v: int) -> torch.Tensor:
-    """eq. 4 for uniform diffusion with hard x, as dense [N, V] weights and torch.multinomial."""
+    """eq. 4 for uniform diffusion with a hard ``x`` in O(1) per token: only ``z``, ``x`` and
+    "any other class" carry distinct weights, so draw which of the three, then (for "other")
+    a uniform class that skips ``z`` and ``x``. float64 weights."""
     a_ts = alpha_t / alpha_s
-    zo = torch.nn.functional.one_hot(z, v).float()
-    xo = torch.nn.functional.one_hot(x, v).float()
-    w = (a_ts * zo + (1 - a_ts) / v) * (alpha_s * xo + (1 - alpha_s) / v)
-    return torch.multinomial(w, 1).squeeze(-1)
+    zb, xb = (1 - a_ts) / v, (1 - alpha_s) / v  # the uniform parts of the two factors
+    same = z == x
+    w_z = (a_ts + zb) * torch.where(same, alpha_s + xb, xb)      # class z (and x, when equal)
+    w_x = torch.where(same, 0.0, zb * (alpha_s + xb))             # class x != z
+    n_other = torch.where(same, v - 1, v - 2).double()
+    w_o = zb * xb                                                 # every other class
+    u = torch.rand(z.shape, dtype=torch.float64, device=z.device) * (w_z + w_x + n_other * w_o)
+    k = torch.clamp(((u - w_z - w_x) / w_o).floor(), min=0).long()
+    k = torch.minimum(k, n_other.long() - 1)
+    lo, hi = torch.minimum(z, x), torch.maximum(z, x)
+    other = k + (k >= lo).long()                                  # skip the smaller of z, x
+    other = other + ((other >= hi) & ~same).long()                # and the larger, if distinct
+    return torch.where(u < w_z, z, torch.where(u < w_z + w_x, x, other))
 
 
 def grad_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

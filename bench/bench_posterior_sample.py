@@ -1,5 +1,5 @@
-"""posterior_sample, uniform diffusion with hard x: eq. 4 as dense [N, V] weights and
-torch.multinomial in eager PyTorch, torch.compile of it, and dmmd_ops (O(1) per token)."""
+"""posterior_sample, uniform diffusion with hard x: the O(1)-per-token draw (three distinct
+masses: z_t, x, any other class) in eager PyTorch, torch.compile of it, and dmmd_ops."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from bench import baselines
 from bench.conftest import IMPLS, ROW_SIZES, run
 
 _compiled_uniform = torch.compile(baselines.uniform_posterior, dynamic=False)
-ALPHA_S, ALPHA_T = 0.55, 0.5  # one step of a 16-step sampler late in the chain: ~10% of masks reveal
+ALPHA_S, ALPHA_T = 0.55, 0.5  # one step of a 16-step sampler late in the chain
 
 
 @pytest.mark.parametrize("impl", IMPLS)

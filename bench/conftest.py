@@ -19,12 +19,14 @@ def make_logits(n: int, v: int, dtype: torch.dtype, count: int, seed: int = 0) -
     return [(torch.randn(n, v, generator=gen) * 2).to(dtype) for _ in range(count)]
 
 
+ROUNDS = 3
+
+
 def run(benchmark, fn, impl: str) -> None:
-    """Timed rounds after a warm-up call (which compiles for torch.compile); the eager
-    baselines need no warm-up and take seconds per call, so they get 2 rounds, ours 5."""
-    if impl != "eager":
-        fn()
-    benchmark.pedantic(fn, rounds=5 if impl == "dmmd" else 2, iterations=1, warmup_rounds=0)
+    """The same rule for every implementation: one warm-up call (which compiles for
+    torch.compile and faults in first-touch memory for everyone), then ``ROUNDS`` timed rounds."""
+    fn()
+    benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=0)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

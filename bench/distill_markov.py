@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dmmd.markov_study import StudyConfig, markdown_table, run_study
+from dmmd.apps.markov_study import StudyConfig, markdown_table, run_study
 
 
 def main() -> None:

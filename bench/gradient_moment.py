@@ -20,9 +20,11 @@ import time
 
 import torch
 
+from dmmd.data import make_source
 from dmmd.metrics import gradient_moment, per_example_gram
 from dmmd.metrics.gram import _model_inputs, _token_losses
-from dmmd.reference_lm import ReferenceConfig, load_reference, train_reference
+from dmmd.models.reference_lm import load_reference
+from dmmd.training.reference import ReferenceConfig, train_reference
 
 
 def brute_force_gram(model, seqs):
@@ -49,15 +51,15 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=400)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = ReferenceConfig(data="text", length=256, n_layer=2, n_embd=128, n_head=4, batch_size=16,
+    cfg = ReferenceConfig.from_dict(dict(data="text", length=256, n_layer=2, n_embd=128, n_head=4, batch_size=16,
                           steps=args.ref_steps, warmup=40, lr=2e-3, eval_batches=4, save_every=200,
-                          out=os.path.join(args.out, "reference"))
+                          out=os.path.join(args.out, "reference")))
     t0 = time.perf_counter()
     result = train_reference(cfg)
     model = load_reference(result["model"])
     report = {"reference": {"val_nll_nats_per_byte": result["val_nll"], "train_seconds": time.perf_counter() - t0,
                             "parameters": sum(p.numel() for p in model.parameters())}}
-    source = cfg.source()
+    source = make_source(cfg.source)
     gen = torch.Generator().manual_seed(0)
 
     seqs = source.sample(32, gen, split="val")

@@ -1,6 +1,6 @@
 """``python -m dmmd`` runs the command line."""
 import sys
 
-from dmmd.cli import main
+from dmmd.apps.cli import main
 
 sys.exit(main())

@@ -2,7 +2,7 @@
 
 Each op validates its arguments, runs the compiled kernel for the input's device when
 the extension has one, and otherwise the pure-PyTorch reference in
-:mod:`dmmd_ops.reference` (identical contract, slower). See SPEC section 2.
+:mod:`dmmd_ops.reference` (identical contract, slower). See docs/design.md §8.
 """
 from dmmd_ops import reference
 from dmmd_ops._ext import EXTENSION_LOADED, has_kernel

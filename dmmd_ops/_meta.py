@@ -3,7 +3,7 @@
 The schemas live in ``csrc/ops.cpp``; here each op gets the shape function torch.compile
 and ``opcheck`` need, and the loss ops get their backward: ``generator_loss_forward``
 differentiates wrt the student logits only and ``aux_loss_forward`` wrt the aux logits only
-(SPEC section 2), each through its single-pass backward kernel; ``teacher_logprobs`` through
+(docs/design.md §8), each through its single-pass backward kernel; ``teacher_logprobs`` through
 a closed form.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The public ops of ``SPEC.md`` section 2: argument checks, then the compiled kernel for
+"""The public ops of ``docs/design.md`` §8: argument checks, then the compiled kernel for
 the input's device when the extension has one, else the pure-PyTorch reference (with one
 warning per op and device type)."""
 from __future__ import annotations

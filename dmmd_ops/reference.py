@@ -1,6 +1,6 @@
 """Pure-PyTorch references of every dmmd op: the test oracle and the fallback.
 
-Everything here follows ``SPEC.md`` section 2 literally and computes in float64 on
+Everything here follows ``docs/design.md`` §8 literally and computes in float64 on
 whatever device the inputs live on. Results are float32 (float64 when an input is
 float64, so that ``gradcheck`` can hold the references to finite differences).
 
@@ -85,7 +85,7 @@ def _out_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 
 
 def nucleus_mask(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The top-p keep set of SPEC section 1, as a bool tensor shaped like ``logits``.
+    """The top-p keep set of docs/design.md §4, as a bool tensor shaped like ``logits``.
 
     Classes are ordered by probability, highest first, ties by lower index (we sort the
     raw logits, which orders exactly like the probabilities without rounding ties); a
@@ -125,7 +125,7 @@ def reduce_rows(rows: torch.Tensor, weight: torch.Tensor | None, reduction: str)
 
 def teacher_logprobs(teacher_logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
                      delta: float = 2.0) -> torch.Tensor:
-    """Modified teacher log-probabilities (SPEC section 1, paper section 3.3).
+    """Modified teacher log-probabilities (docs/design.md §4, paper section 3.3).
 
     ``s = a / temperature``; with ``top_p < 1``, ``s -= delta * (1 - keep_p(s))``; then
     ``log_softmax(s)``. ``[..., V]`` in, float32 ``[..., V]`` out.

@@ -10,9 +10,9 @@ import json
 
 import torch
 
-from dmmd.data import ByteText
-from dmmd.sampling import sample
-from dmmd.train import TeacherConfig, load_teacher, make_source
+from dmmd.data import ByteText, make_source
+from dmmd.diffusion.sampling import sample
+from dmmd.training.teacher import TeacherConfig, load_teacher
 
 
 def main() -> None:
@@ -27,11 +27,11 @@ def main() -> None:
     for weights in ("ema", "raw"):
         model, process, state = load_teacher(args.checkpoint, use_ema=weights == "ema")
         cfg = TeacherConfig.from_dict(state["config"])
-        source = make_source(cfg)
+        source = make_source(cfg.source)
         gen = torch.Generator().manual_seed(777)
         with torch.no_grad():
             bits = torch.cat([process.nll_bound_bits(lambda z, t, m=model: torch.softmax(m(z, t), -1),
-                                                     source.sample(cfg.batch_size, gen, split="val"),
+                                                     source.sample(cfg.run.batch_size, gen, split="val"),
                                                      steps=128, generator=gen)
                               for _ in range(args.val_batches)])
         report[f"val_bits_per_token_{weights}"] = round(float(bits.mean()), 4)
@@ -39,8 +39,10 @@ def main() -> None:
         if weights == "ema":
             report["step"] = state["step"]
             for k in args.steps:
-                x = sample(lambda z, t, m=model: m(z, t), process, args.num, cfg.length, k, seed=args.seed)
-                report[f"samples_{k}_steps"] = [ByteText.decode(r) if cfg.data == "text" else r.tolist() for r in x]
+                x = sample(lambda z, t, m=model: m(z, t), process, args.num, cfg.source.length, k,
+                           seed=args.seed)
+                report[f"samples_{k}_steps"] = [ByteText.decode(r) if cfg.source.data == "text" else r.tolist()
+                                                for r in x]
     print(json.dumps(report, indent=1, ensure_ascii=False))
 
 

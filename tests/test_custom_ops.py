@@ -92,9 +92,9 @@ def test_compile_fullgraph_over_the_public_ops(gen):
         rtol=1e-5, atol=1e-5)
 
 
-def test_float64_gradcheck_on_the_loss_ops(gen):
-    """float64 inputs run the float64 reference (the kernels compute in float32): gradcheck holds
-    the public ops' gradients to finite differences."""
+def test_float64_gradcheck_of_the_reference_losses(gen):
+    """The math: float64 inputs run the float64 reference, and gradcheck holds its gradients to
+    finite differences. (The kernels compute in float32; the next test checks them.)"""
     u = torch.randn(3, 11, dtype=torch.float64, generator=gen).requires_grad_()
     a, b = (torch.randn(3, 11, dtype=torch.float64, generator=gen) for _ in range(2))
     w = torch.rand(3, dtype=torch.float64, generator=gen)
@@ -102,3 +102,40 @@ def test_float64_gradcheck_on_the_loss_ops(gen):
         lambda u: dmmd_ops.generator_loss(u, a, b, weight=w, top_p=0.8, reduction="none"), (u,))
     assert torch.autograd.gradcheck(lambda b: dmmd_ops.aux_loss(b, torch.tensor([1, 5, 9]), a, top_p=0.8), (u,))
     assert torch.autograd.gradcheck(lambda a: dmmd_ops.teacher_logprobs(a, temperature=0.7, top_p=0.6), (u,))
+
+
+def _finite_difference_grad(f, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Central differences of the scalar ``f`` at float64 ``x``, element by element."""
+    grad = torch.zeros_like(x)
+    flat, g = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.numel()):
+        keep = float(flat[i])
+        flat[i] = keep + eps
+        hi = float(f(x))
+        flat[i] = keep - eps
+        lo = float(f(x))
+        flat[i] = keep
+        g[i] = (hi - lo) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_registered_backward_kernels_match_finite_differences(gen, top_p):
+    """The backward kernels the autograd registration calls (float32 inputs), held to float64
+    central differences of the reference forward at the same (float32-representable) point."""
+    assert dmmd_ops.has_kernel("generator_loss_backward", "cpu") and dmmd_ops.has_kernel("aux_loss_backward", "cpu")
+    u, a, b = (torch.randn(4, 13, generator=gen) * 2 for _ in range(3))
+    w = torch.rand(4, generator=gen)
+    target = torch.softmax(torch.randn(4, 13, generator=gen), -1)
+    u32 = u.clone().requires_grad_()
+    dmmd_ops.generator_loss(u32, a, b, weight=w, top_p=top_p, temperature=0.8).backward()
+    want = _finite_difference_grad(
+        lambda x: reference.generator_loss(x, a.double(), b.double(), weight=w.double(), top_p=top_p,
+                                           temperature=0.8), u.double())
+    torch.testing.assert_close(u32.grad.double(), want, rtol=1e-4, atol=1e-6)
+    b32 = b.clone().requires_grad_()
+    dmmd_ops.aux_loss(b32, target, a, weight=w, top_p=top_p, temperature=0.8).backward()
+    want = _finite_difference_grad(
+        lambda x: reference.aux_loss(x, target.double(), a.double(), weight=w.double(), top_p=top_p,
+                                     temperature=0.8), b.double())
+    torch.testing.assert_close(b32.grad.double(), want, rtol=1e-4, atol=1e-6)

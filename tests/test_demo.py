@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from dmmd.cli import main
-from dmmd.demo import DemoConfig, demo_config, markdown_tables, verdicts
+from dmmd.apps.cli import main
+from dmmd.apps.demo import DemoConfig, demo_config, markdown_tables, verdicts
 
 
 def _row(model, steps, gm, se=0.1):

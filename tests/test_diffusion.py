@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from dmmd.model import Denoiser, DenoiserConfig, block_causal_mask
-from dmmd.processes import DiffusionProcess
-from dmmd.schedules import get_schedule
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.diffusion.schedules import get_schedule
+from dmmd.models.denoiser import Denoiser, DenoiserConfig, block_causal_mask
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "loglinear"])

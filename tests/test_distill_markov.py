@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dmmd.markov_study import StudyConfig, markdown_table, run_study
+from dmmd.apps.markov_study import StudyConfig, markdown_table, run_study
 
 
 def test_two_step_student_beats_two_step_teacher(tmp_path):

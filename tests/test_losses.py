@@ -13,7 +13,7 @@ from dmmd_ops import reference
 
 
 def brute_keep(logits: list[float], top_p: float) -> list[bool]:
-    """SPEC's keep rule written out: sort by probability (ties: lower index first), keep a
+    """The keep rule of docs/design.md §4 written out: sort by probability (ties: lower index first), keep a
     class while the mass strictly before it is < top_p."""
     m = max(logits)
     w = [math.exp(a - m) for a in logits]

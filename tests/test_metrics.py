@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dmmd.data import MarkovSource
+from dmmd.data import MarkovSource, make_source
 from dmmd.metrics import exact_nll, gradient_moment, mmd2_ustat, per_example_gram, total_variation
 from dmmd.metrics.gram import _token_losses
 
@@ -145,11 +145,13 @@ def test_estimators_agree_in_expectation(tmp_path):
 
 @pytest.fixture(scope="module")
 def byte_reference(tmp_path_factory):
-    from dmmd.reference_lm import ReferenceConfig, load_reference, train_reference
+    from dmmd.models.reference_lm import load_reference
+    from dmmd.training.reference import ReferenceConfig, train_reference
 
     out = tmp_path_factory.mktemp("ref")
-    cfg = ReferenceConfig(data="text", length=32, n_layer=2, n_embd=64, n_head=2, batch_size=32, steps=300,
-                          warmup=20, lr=3e-3, eval_batches=2, save_every=300, out=str(out))
+    cfg = ReferenceConfig.from_dict(dict(data="text", length=32, n_layer=2, n_embd=64, n_head=2, batch_size=32,
+                                         steps=300, warmup=20, lr=3e-3, eval_batches=2, save_every=300,
+                                         out=str(out)))
     result = train_reference(cfg, progress=False)
     return load_reference(result["model"]), cfg, result
 
@@ -167,7 +169,7 @@ def test_gradient_moment_separates_degenerate_generators(byte_reference):
     from dmmd.metrics import generative_perplexity, unigram_entropy
 
     model, cfg, _ = byte_reference
-    source = cfg.source()
+    source = make_source(cfg.source)
     gen = torch.Generator().manual_seed(0)
     data = source.sample(96, gen, split="val")
     held_out = source.sample(96, gen, split="val")

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from dmmd.data import MarkovSource
-from dmmd.processes import DiffusionProcess
-from dmmd.sampling import sample
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.diffusion.sampling import sample
 from tests.conftest import chi2_pvalue
 
 
@@ -72,8 +72,18 @@ def test_sampler_is_reproducible_and_covers_both_processes(gen):
         c = sample(model, proc, 6, 10, 4, seed=8, top_p=0.9, temperature=0.8)
         assert torch.equal(a, b) and not torch.equal(a, c)
         assert a.shape == (6, 10) and a.min() >= 0 and a.max() < proc.data_classes
-        chunked = sample(model, proc, 6, 10, 4, seed=7, top_p=0.9, temperature=0.8, batch_size=6)
-        assert torch.equal(a, chunked)
+        calls = []
+
+        def counted(z, t, calls=calls):
+            calls.append(z.shape[0])
+            return model(z, t)
+
+        chunked = sample(counted, proc, 6, 10, 4, seed=7, top_p=0.9, temperature=0.8, batch_size=4)
+        assert calls == [4] * 4 + [2] * 4  # two chunks (4 + 2 rows), 4 steps each
+        again = sample(model, proc, 6, 10, 4, seed=7, top_p=0.9, temperature=0.8, batch_size=4)
+        assert torch.equal(chunked, again) and chunked.shape == (6, 10)
+        # the second chunk has streams of its own, not a replay of the first chunk's
+        assert not torch.equal(chunked[4:], chunked[:2])
 
 
 def test_block_autoregressive_sampling_fills_blocks_in_order():

@@ -3,7 +3,7 @@
 // and the top-p nucleus found without sorting the row.
 //
 // Nucleus: classes are ranked by the raw logit a (higher first, ties by lower index) and a
-// class is kept while the mass strictly before it is < top_p (SPEC section 1). We bin every
+// class is kept while the mass strictly before it is < top_p (docs/design.md §4). We bin every
 // class by d = max(s) - s (s = a / temperature, so d >= 0 orders like -a) in bins of width
 // 1/64 over [0, 64) (beyond, each class has mass < e^-64), accumulate each bin's mass in
 // float64, find the bin where the cumulative mass crosses top_p, split that bin into 1024

@@ -1,5 +1,5 @@
 """Exact distances on small synthetic spaces: with a source that knows ``log p(x)`` and can
-enumerate its sequences (:class:`dmmd.data.MarkovSource`), the total variation between a
+enumerate its sequences (:class:`dmmd.data.sources.MarkovSource`), the total variation between a
 sampler's empirical distribution and the data distribution, and the exact NLL of samples.
 """
 from __future__ import annotations

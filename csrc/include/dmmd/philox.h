@@ -2,7 +2,7 @@
 // the counter-based generator behind every draw in dmmd. One implementation for host and
 // device, so CPU and CUDA kernels produce identical words for the same (key, counter).
 //
-// Stream convention (SPEC section 2): key = (seed_lo, seed_hi); counter = (index_lo,
+// Stream convention (docs/design.md §8): key = (seed_lo, seed_hi); counter = (index_lo,
 // index_hi, offset_lo, offset_hi), where `index` is the global element (row) index.
 #pragma once
 #include <cstdint>
@@ -68,7 +68,7 @@ DMMD_HD PhiloxWords philox_element(uint64_t seed, uint64_t offset, uint64_t inde
 }
 
 // A double in [0, 1) with 53 random bits: `hi` gives the top 32 bits, `lo` the next 21.
-// Float64 on purpose: draws must stay exact in the far tail (SPEC section 2).
+// Float64 on purpose: draws must stay exact in the far tail (docs/design.md §8).
 DMMD_HD double uniform53(uint32_t hi, uint32_t lo) {
   const uint64_t bits = (static_cast<uint64_t>(hi) << 21) | static_cast<uint64_t>(lo >> 11);
   return static_cast<double>(bits) * 1.1102230246251565404236316680908203125e-16;  // 2^-53

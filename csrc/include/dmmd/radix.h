@@ -1,7 +1,7 @@
 // The top-p nucleus by radix selection (used by the CUDA kernels; host-tested through nvcc).
 //
 // Classes are ranked by the raw logit (higher first, ties by lower index) and a class is kept
-// while the mass strictly before it is < top_p * total (SPEC section 1). Instead of sorting,
+// while the mass strictly before it is < top_p * total (docs/design.md §4). Instead of sorting,
 // we look for the threshold logit a* digit by digit over an order-preserving integer key of
 // the raw logit, most significant digit first: at each level every class whose key agrees
 // with the digits chosen so far adds its mass to one of 16 bins (its next 4 bits), and the

@@ -1,4 +1,4 @@
-"""Masked and uniform discrete diffusion (SPEC section 1): the forward process, the posterior
+"""Masked and uniform discrete diffusion (docs/design.md §1-§3): the forward process, the posterior
 (through ``dmmd_ops``), the denoiser's training loss and a validation bound on the NLL.
 
 Shapes: token ids ``[..., L]`` (int64), model logits ``[..., L, V]``, times ``[...]`` (one
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 import dmmd_ops
-from dmmd.schedules import Schedule, get_schedule
+from dmmd.diffusion.schedules import Schedule, get_schedule
 
 PROCESSES = ("masked", "uniform")
 
@@ -38,7 +38,7 @@ class DiffusionProcess:
     Args:
         kind: ``"masked"`` (``pi`` = the mask class) or ``"uniform"`` (``pi = 1/V``).
         num_classes: ``V``, the model's output classes (masked: data tokens plus the mask).
-        schedule: a :class:`~dmmd.schedules.Schedule` or its name.
+        schedule: a :class:`~dmmd.diffusion.schedules.Schedule` or its name.
         mask_id: the mask class for masked diffusion (default ``V - 1``).
     """
 
@@ -150,7 +150,7 @@ class DiffusionProcess:
 
     def teacher_loss(self, logits: torch.Tensor, x: torch.Tensor, z_t: torch.Tensor,
                      t: torch.Tensor | float) -> torch.Tensor:
-        """The denoiser's weighted cross-entropy, averaged over tokens (SPEC section 1).
+        """The denoiser's weighted cross-entropy, averaged over tokens (docs/design.md §3).
 
         Masked: ``-alpha'_t / (1 - alpha_t) * CE`` on masked positions (the continuous-time
         ELBO weight), zero elsewhere. Uniform: plain CE on every position, so that

@@ -7,8 +7,8 @@
     dmmd evaluate --samples S.json [...] --reference DIR       GM, generative perplexity, entropy
     dmmd demo [--quick] [--out DIR] [--device cuda] [...]      the whole story on the embedded text
 
-Each ``train-teacher`` / ``distill`` flag is a field of :class:`dmmd.train.TeacherConfig` /
-:class:`dmmd.distill.DistillConfig`; a JSON config file gives defaults that flags override.
+Each ``train-teacher`` / ``distill`` flag is a field of :class:`dmmd.training.teacher.TeacherConfig` /
+:class:`dmmd.training.distill.DistillConfig`; a JSON config file gives defaults that flags override.
 ``dmmd <command> --help`` explains every flag.
 """
 from __future__ import annotations
@@ -16,90 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields
 
-from dmmd.distill import DistillConfig
-from dmmd.reference_lm import ReferenceConfig
-from dmmd.train import TeacherConfig
-
-TEACHER_HELP = {
-    "data": "token source: 'text' (the stdlib docs as bytes), 'markov' (exact synthetic source), "
-            "'grids' (2-D token images) or a path to a nanoGPT .bin file",
-    "vocab_size": "vocabulary of a .bin file, or V of the markov source",
-    "bin_dtype": "uint16 or uint32 ids in the .bin file",
-    "markov_fanout": "successors per state of the markov source",
-    "markov_seed": "seed that builds the markov source",
-    "grid_size": "side of the token grids (length must be its square)",
-    "grid_colors": "colours of the token grids (token 0 is the background)",
-    "process": "'masked' or 'uniform' diffusion",
-    "schedule": "noise schedule: linear, cosine or loglinear",
-    "length": "tokens per sequence",
-    "width": "transformer width",
-    "depth": "transformer blocks",
-    "heads": "attention heads",
-    "block_size": "block-causal attention with this block size (block-autoregressive diffusion)",
-    "batch_size": "sequences per step (the global batch under torchrun)",
-    "steps": "optimizer steps in total (a resumed run continues to this count)",
-    "lr": "peak learning rate of AdamW",
-    "warmup": "linear warm-up steps",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip the gradient norm to this value",
-    "ema": "decay of the exponential moving average of the weights",
-    "t_min": "smallest diffusion time drawn in training",
-    "eval_every": "validate (ELBO bits per token, EMA weights) every this many steps",
-    "eval_batches": "validation batches",
-    "eval_steps": "discretisation steps of the validation ELBO",
-    "save_every": "write the checkpoint every this many steps",
-    "seed": "seed of the initialisation and of every step's batch",
-    "out": "output directory (checkpoint/, log.jsonl)",
-    "device": "cpu or cuda",
-    "time_limit_min": "stop and save after this many minutes (0: no limit)",
-}
-
-
-DISTILL_HELP = {
-    "teacher": "the teacher's checkpoint directory (from train-teacher)",
-    "student_steps": "k, the student's sampling steps",
-    "teacher_raw_weights": "distill the teacher's raw weights instead of its EMA",
-    "batch_size": "sequences per step (the global batch under torchrun)",
-    "steps": "optimizer steps in total, generator and auxiliary together",
-    "aux_per_gen": "auxiliary-model steps after each generator step",
-    "lr_gen": "AdamW learning rate of the generator",
-    "lr_aux": "AdamW learning rate of the auxiliary model",
-    "warmup": "linear learning-rate warm-up steps",
-    "beta1": "AdamW beta1 of both optimizers",
-    "beta2": "AdamW beta2 of both optimizers",
-    "weight_decay": "AdamW weight decay",
-    "grad_clip": "clip each model's gradient norm to this value",
-    "ema": "decay of the generator's exponential moving average",
-    "weight": "loss weight w(s): constant or elbo",
-    "soft_target": "masked diffusion: train the auxiliary model on x_hat_eta(z_t) instead of the sample x",
-    "temperature": "teacher temperature (paper section 3.3)",
-    "top_p": "teacher top-p, applied as a soft mask",
-    "delta": "logit drop outside the teacher's top-p nucleus",
-    "noise_dim": "Gaussian noise input of the generator (default: 32 masked, 0 uniform)",
-    "noise_init": "std of the generator's initial noise projection (0: the generator starts as the teacher)",
-    "noise_per": "token: independent noise per token; sequence: one noise vector shared by a sequence's tokens",
-    "form": "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)",
-    "posterior_ds": "Appendix D: s - s' of the posterior vectors (default 1/(2k))",
-    "draw_block": "sequences per random stream (keeps draws independent of the process count)",
-    "collapse_entropy": "warn when the generator's output entropy (nats) falls below this",
-    "save_every": "write the checkpoint every this many steps",
-    "seed": "seed of every step's batch, times, noise and draws",
-    "out": "output directory (checkpoint/, log.jsonl)",
-    "device": "cpu or cuda",
-    "time_limit_min": "stop and save after this many minutes (0: no limit)",
-}
-
-
-REFERENCE_HELP = {
-    "data": "token source (as for train-teacher): text, markov, grids or a .bin path",
-    "vocab_size": "vocabulary of a .bin file, or V of the markov source",
-    "length": "tokens per training sequence (and the model's context)",
-    "n_layer": "GPT-2 blocks", "n_embd": "GPT-2 width", "n_head": "attention heads",
-    "batch_size": "sequences per step", "steps": "optimizer steps", "lr": "peak AdamW learning rate",
-    "out": "output directory: OUT/model is the transformers directory, OUT/checkpoint resumes",
-}
+from dmmd.training.distill import DistillConfig
+from dmmd.training.reference import ReferenceConfig
+from dmmd.training.teacher import TeacherConfig
 
 
 def _parse_bool(text: str) -> bool:
@@ -118,43 +38,40 @@ def _parse_or_none(kind):
     return parse
 
 
-def _field_default(f):
-    if f.default is not MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not MISSING else None
-
-
-def _config_parser(sub, name: str, config_cls, helps: dict, *, resumable: bool = True, **kw):
-    """A sub-command whose flags are the fields of ``config_cls`` (plus --config, --no-progress
-    and, for ``resumable`` ones, --no-resume); tuple fields take several ints, dict fields JSON."""
+def _config_parser(sub, name: str, config_cls, *, resumable: bool = True, **kw):
+    """A sub-command whose flags are the options of ``config_cls`` (nested configs flattened;
+    help and default from each field), plus --config, --no-progress and, for ``resumable``
+    ones, --no-resume; tuple fields take several ints, dict fields JSON."""
     p = sub.add_parser(name, **kw)
     p.add_argument("--config", help="JSON file of defaults (keys are the flag names with underscores)")
     if resumable:
         p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for f in fields(config_cls):
-        default = _field_default(f)
+    for f, default in config_cls.flat_fields():
         extra = {}
         if isinstance(default, tuple):
             kind, extra = int, {"nargs": "+"}
         elif isinstance(default, dict):
             kind = json.loads
+        elif isinstance(default, bool):
+            kind, extra = _parse_bool, {"metavar": "{true,false}"}
+        elif default is None:  # optional numbers: the annotation names the type
+            kind = float if "float" in str(f.type) else int
         else:
-            kind = _parse_bool if isinstance(default, bool) else type(default) if default is not None else int
-        if f.name in ("posterior_ds",):
-            kind = float
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       type=_parse_or_none(kind), help=f"{helps.get(f.name, '')} (default: {default})", **extra)
+            kind = type(default)
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=_parse_or_none(kind),
+                       help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
     return p
 
 
 def _values_from_args(args, config_cls) -> dict:
-    """The --config file's values, overridden by the flags given."""
+    """The --config file's values, overridden by the flags given (flat keys)."""
     values = {}
     if args.config:
         with open(args.config) as f:
             values.update(json.load(f))
-    values.update({f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None})
+    values.update({f.name: getattr(args, f.name) for f, _ in config_cls.flat_fields()
+                   if getattr(args, f.name) is not None})
     return values
 
 
@@ -164,7 +81,7 @@ def _config_from_args(args, config_cls):
 
 def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample sequences from a teacher or a D-MMD student",
-                       description="k-step ancestral sampling (SPEC section 1) from a checkpoint.")
+                       description="k-step ancestral sampling (docs/design.md) from a checkpoint.")
     p.add_argument("--checkpoint", required=True,
                    help="a teacher or student checkpoint directory (e.g. runs/teacher/checkpoint)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps k (default: 16)")
@@ -182,7 +99,7 @@ def _sample_parser(sub) -> None:
 
 
 def cmd_train_teacher(args) -> int:
-    from dmmd.train import train_teacher
+    from dmmd.training.teacher import train_teacher
 
     cfg = _config_from_args(args, TeacherConfig)
     result = train_teacher(cfg, resume=not args.no_resume, progress=not args.no_progress)
@@ -191,7 +108,7 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from dmmd.distill import distill
+    from dmmd.training.distill import distill
 
     cfg = _config_from_args(args, DistillConfig)
     result = distill(cfg, resume=not args.no_resume, progress=not args.no_progress)
@@ -201,16 +118,17 @@ def cmd_distill(args) -> int:
 
 def cmd_sample(args) -> int:
     from dmmd.data import ByteText
-    from dmmd.distill import is_student, load_student, student_fn
-    from dmmd.sampling import sample
-    from dmmd.train import load_teacher
+    from dmmd.diffusion.sampling import sample
+    from dmmd.training.distill import is_student, load_student, student_fn
+    from dmmd.training.teacher import load_teacher
 
     if is_student(args.checkpoint):
         model, process, state = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
-        model_fn, data = student_fn(model, args.seed), state["teacher_config"]["data"]
+        model_fn, teacher_config = student_fn(model, args.seed), state["teacher_config"]
     else:
         model, process, state = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
-        model_fn, data = (lambda z, t: model(z, t)), state["config"]["data"]
+        model_fn, teacher_config = (lambda z, t: model(z, t)), state["config"]
+    data = TeacherConfig.from_dict(teacher_config).source.data
     length = args.length or model.config.length
     block = args.block_size if args.block_size is not None else model.config.block_size
     x = sample(model_fn, process, args.num, length, args.steps, seed=args.seed,
@@ -247,7 +165,7 @@ def _evaluate_parser(sub) -> None:
 
 
 def cmd_reference(args) -> int:
-    from dmmd.reference_lm import train_reference
+    from dmmd.training.reference import train_reference
 
     cfg = _config_from_args(args, ReferenceConfig)
     print(json.dumps(train_reference(cfg, resume=not args.no_resume, progress=not args.no_progress)))
@@ -257,22 +175,22 @@ def cmd_reference(args) -> int:
 def cmd_evaluate(args) -> int:
     import torch
 
-    from dmmd.checkpoint import read_state
-    from dmmd.evaluate import evaluate_samples, markdown_table
-    from dmmd.train import TeacherConfig, make_source
+    from dmmd.data import DataConfig, make_source
+    from dmmd.metrics.evaluate import evaluate_samples, markdown_table
+    from dmmd.training.checkpoint import read_state
 
     if args.checkpoint:
         state = read_state(args.checkpoint)
-        tcfg = TeacherConfig.from_dict(state.get("teacher_config", state.get("config")))
+        source = TeacherConfig.from_dict(state.get("teacher_config", state.get("config"))).source
     else:
-        tcfg = TeacherConfig(data=args.data, vocab_size=args.vocab_size)
+        source = DataConfig(data=args.data, vocab_size=args.vocab_size)
     named = {}
     for path in args.samples:
         with open(path) as f:
             named[path] = torch.tensor(json.load(f)["tokens"], dtype=torch.long)
     length = next(iter(named.values())).shape[1]
-    tcfg.length = length
-    rows = evaluate_samples(named, make_source(tcfg), args.reference, num_data=args.num_data,
+    source = source.replace(length=length)
+    rows = evaluate_samples(named, make_source(source), args.reference, num_data=args.num_data,
                             estimator=args.estimator, batch_size=args.batch_size,
                             prompt_length=args.prompt_length, seed=args.seed)
     table = markdown_table(rows)
@@ -285,30 +203,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-DEMO_HELP = {
-    "out": "output directory; every stage resumes from what is there",
-    "device": "cpu or cuda",
-    "seed": "seed of every stage",
-    "length": "bytes per sequence",
-    "teacher_width": "teacher transformer width", "teacher_depth": "teacher transformer blocks",
-    "teacher_steps": "teacher training steps", "teacher_batch": "teacher batch size",
-    "teacher_lr": "teacher peak learning rate",
-    "reference_width": "reference LM width", "reference_layers": "reference LM blocks",
-    "reference_steps": "reference LM training steps",
-    "ks": "student step counts k (one student each)",
-    "distill_steps": "D-MMD steps per student", "distill_batch": "D-MMD batch size",
-    "temperature": "teacher temperature, in distillation and in teacher sampling",
-    "top_p": "teacher top-p (soft mask in distillation, nucleus in teacher sampling)",
-    "distill": "further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}'",
-    "teacher_ks": "step counts the teacher is evaluated at",
-    "num_samples": "samples per sampler for the metrics", "num_data": "held-out sequences for the metrics",
-}
-
-
 def _demo_parser(sub) -> None:
-    from dmmd.demo import QUICK, DemoConfig
+    from dmmd.apps.demo import QUICK, DemoConfig
 
-    p = _config_parser(sub, "demo", DemoConfig, DEMO_HELP, resumable=False,
+    p = _config_parser(sub, "demo", DemoConfig, resumable=False,
                        help="teacher, reference LM, D-MMD students and the GM table on the embedded text",
                        description="The whole story on the embedded text with no downloads: train a masked "
                                    "teacher and a reference LM, distill students for each k, evaluate GM, "
@@ -320,7 +218,7 @@ def _demo_parser(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from dmmd.demo import DemoConfig, demo_config, run_demo
+    from dmmd.apps.demo import DemoConfig, demo_config, run_demo
 
     values = _values_from_args(args, DemoConfig)
     if "distill" in values:
@@ -332,16 +230,16 @@ def cmd_demo(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dmmd", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    _config_parser(sub, "train-teacher", TeacherConfig, TEACHER_HELP, help="train (or resume) a diffusion teacher",
+    _config_parser(sub, "train-teacher", TeacherConfig, help="train (or resume) a diffusion teacher",
                    description="Train a masked or uniform diffusion denoiser; resumes from OUT/checkpoint "
                                "when it exists.")
-    _config_parser(sub, "distill", DistillConfig, DISTILL_HELP, help="distill a k-step D-MMD student",
+    _config_parser(sub, "distill", DistillConfig, help="distill a k-step D-MMD student",
                    description="D-MMD (paper Algorithm 1): a k-step student generator from a teacher "
                                "checkpoint; resumes from OUT/checkpoint when it exists.")
     _sample_parser(sub)
     ref = sub.add_parser("reference", help="reference causal LMs for the metrics").add_subparsers(
         dest="reference_command", required=True)
-    _config_parser(ref, "train", ReferenceConfig, REFERENCE_HELP, help="train a small GPT-2-configured causal LM",
+    _config_parser(ref, "train", ReferenceConfig, help="train a small GPT-2-configured causal LM",
                    description="Train a GPT-2-configured causal LM on a token source and save it as a "
                                "transformers directory (OUT/model); resumes from OUT/checkpoint.")
     _evaluate_parser(sub)

@@ -9,7 +9,7 @@ import torch
 
 from dmmd.data import MarkovSource
 from dmmd.metrics import exact_nll, generative_perplexity, gradient_moment, total_variation, unigram_entropy
-from dmmd.reference_lm import load_reference
+from dmmd.models.reference_lm import load_reference
 
 
 def evaluate_samples(named: dict[str, torch.Tensor], source, reference: str, *, num_data: int = 256,

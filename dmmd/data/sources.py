@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +61,25 @@ class TokenFile(WindowSource):
                  val_fraction: float = 0.1):
         if dtype not in ("uint16", "uint32"):
             raise ValueError(f"dtype must be uint16 or uint32, got {dtype!r}")
+        if not os.path.isfile(path):
+            raise ValueError(f"token file {path}: not a file")
+        size, item = os.path.getsize(path), np.dtype(dtype).itemsize
+        if size % item:
+            raise ValueError(f"token file {path}: {size} bytes is not a whole number of {dtype} ids "
+                             f"(truncated, or another dtype)")
+        if size < 2 * (length + 1) * item:
+            raise ValueError(f"token file {path}: {size // item} ids, too few for windows of {length}")
+        self.path = path
         tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
         super().__init__(tokens, vocab_size, length, val_fraction=val_fraction)
+
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+        """As :meth:`WindowSource.sample`; an id outside the vocabulary raises naming the file."""
+        x = super().sample(batch, generator, split)
+        if x.numel() and int(x.max()) >= self.vocab_size:
+            raise ValueError(f"token file {self.path}: id {int(x.max())} >= vocab_size {self.vocab_size} "
+                             f"(corrupt file, or the wrong vocab_size / dtype)")
+        return x
 
 
 @dataclass

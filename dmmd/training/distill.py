@@ -1,4 +1,4 @@
-"""D-MMD distillation (SPEC section 1, paper Algorithm 1): a k-step student generator from a
+"""D-MMD distillation (docs/design.md, "Algorithm 1"; paper Algorithm 1): a k-step student generator from a
 trained teacher, for masked and uniform diffusion.
 
 One step ``i``: ``s ~ U(0,1)``, ``delta ~ U(0, 1/k)``, ``t = min(1, s + delta)``; data diffused to
@@ -16,82 +16,74 @@ On CUDA the models run under bf16 autocast (the ops take the bf16 logits).
 
 Reproducibility: everything random in step ``i`` is a function of ``(seed, i)`` (the batch,
 times and noise from a seeded ``torch.Generator``; the categorical and posterior draws from the
-Philox stream with one offset per global sequence), so a resumed run replays exactly the steps
-it would have taken, and ``torchrun`` ranks that each take their rows of the global batch make
-the same update as one process.
+Philox stream with one offset per block of global sequences; :mod:`dmmd.diffusion.randomness`),
+so a resumed run replays exactly the steps it would have taken, and ``torchrun`` ranks that
+each take their rows of the global batch make the same update as one process. The run itself
+(resume, schedule, EMA, checkpoints, DDP) is :class:`dmmd.training.loop.RunLoop`'s.
 """
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import dmmd_ops
-from dmmd.checkpoint import load_checkpoint, load_tensors, read_state, save_checkpoint
-from dmmd.model import Denoiser, DenoiserConfig
-from dmmd.processes import DiffusionProcess
-from dmmd.train import (
-    ConfigFromDict,
-    TeacherConfig,
-    dist_info,
-    ema_decay,
-    init_distributed,
-    load_teacher,
-    make_source,
-    out_of_time,
-    process_device,
+from dmmd.data import make_source
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.diffusion.randomness import (
+    Stream,
+    distill_draw_offsets,
+    noise_projection_generator,
     step_generator,
+    student_noise_generator,
 )
+from dmmd.models.denoiser import Denoiser, DenoiserConfig
+from dmmd.options import Options, nested, option
+from dmmd.training.checkpoint import load_tensors, read_state
+from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_constant
+from dmmd.training.teacher import TeacherConfig, load_teacher
 
 WEIGHTS = ("constant", "elbo")
 FORMS = ("xhat", "posterior")
 
 
 @dataclass
-class DistillConfig(ConfigFromDict):
+class DistillConfig(Options):
     """Everything a distillation run needs; saved in its checkpoints."""
 
-    teacher: str = "runs/teacher/checkpoint"  # the teacher's checkpoint directory
-    student_steps: int = 4          # k, the student's sampling steps
-    teacher_raw_weights: bool = False  # distill the teacher's raw weights instead of its EMA
-    batch_size: int = 64
-    steps: int = 2000               # optimizer steps in total (generator + auxiliary)
-    aux_per_gen: int = 1            # auxiliary steps after each generator step
-    lr_gen: float = 1e-4
-    lr_aux: float = 1e-4
-    warmup: int = 50
-    beta1: float = 0.9
-    beta2: float = 0.99
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema: float = 0.999
-    weight: str = "constant"        # w(s): constant, or elbo (-alpha'(s) / (1 - alpha(s)))
-    soft_target: bool = False       # masked only: auxiliary target x_hat_eta(z_t) instead of x
-    temperature: float = 1.0        # teacher temperature
-    top_p: float = 1.0              # teacher top-p (soft mask, paper section 3.3)
-    delta: float = 2.0              # logit drop outside the teacher's nucleus
-    noise_dim: int | None = None    # generator noise input; None: 32 for masked, 0 for uniform
+    teacher: str = option("runs/teacher/checkpoint", "the teacher's checkpoint directory (from train-teacher)")
+    student_steps: int = option(4, "k, the student's sampling steps")
+    teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
+    aux_per_gen: int = option(1, "auxiliary-model steps after each generator step")
+    lr_gen: float = option(1e-4, "AdamW learning rate of the generator")
+    lr_aux: float = option(1e-4, "AdamW learning rate of the auxiliary model")
+    beta1: float = option(0.9, "AdamW beta1 of both optimizers")
+    beta2: float = option(0.99, "AdamW beta2 of both optimizers")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    ema: float = option(0.999, "decay of the generator's exponential moving average")
+    weight: str = option("constant", "loss weight w(s): constant, or elbo (-alpha'(s) / (1 - alpha(s)))")
+    soft_target: bool = option(False, "masked diffusion: train the auxiliary model on x_hat_eta(z_t) "
+                                      "instead of the sample x")
+    temperature: float = option(1.0, "teacher temperature (paper section 3.3)")
+    top_p: float = option(1.0, "teacher top-p, applied as a soft mask")
+    delta: float = option(2.0, "logit drop outside the teacher's top-p nucleus")
+    noise_dim: int | None = option(None, "Gaussian noise input of the generator (none: 32 for masked, "
+                                         "0 for uniform)")
     # One noise vector per sequence (shared by its tokens) and a small random initial projection:
     # with a zero projection the expected gradient towards using the noise is zero, and in the
     # masked Markov study per-token noise was left unused (see the README's results).
-    noise_init: float = 0.02        # std of the initial noise projection (0: start exactly as the teacher)
-    noise_per: str = "sequence"     # one noise vector per sequence shared by its tokens, or one per "token"
-    form: str = "xhat"              # xhat (eq. 11/12) or posterior (Appendix D, uniform only)
-    posterior_ds: float | None = None  # Appendix D step s - s'; None: 1 / (2 k)
-    draw_block: int = 16            # sequences per Philox stream (draws independent of the DDP split)
-    collapse_entropy: float = 0.02  # warn when the generator's output entropy (nats) falls below
-    save_every: int = 500
-    seed: int = 0
-    out: str = "runs/student"
-    device: str = "cpu"
-    time_limit_min: float = 0.0     # > 0: stop (and save) after this many minutes
+    noise_init: float = option(0.02, "std of the generator's initial noise projection (0: the generator "
+                                     "starts exactly as the teacher)")
+    noise_per: str = option("sequence", "token: independent noise per token; sequence: one noise vector "
+                                        "shared by a sequence's tokens")
+    form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
+    posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
+    draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
+    collapse_entropy: float = option(0.02, "warn when the generator's output entropy (nats) falls below this")
+    run: RunConfig = nested(RunConfig, batch_size=64, steps=2000, warmup=50, save_every=500, out="runs/student")
 
     def validate(self, process: DiffusionProcess) -> None:
         """Raise ``ValueError`` naming the first option that does not fit ``process``."""
@@ -148,8 +140,8 @@ class DistillBatch:
 
 def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim: int, step: int) -> DistillBatch:
     """Algorithm 1 lines 1-2 for the global batch of ``step``."""
-    gen = step_generator(cfg.seed, step, purpose=1)
-    b = cfg.batch_size
+    gen = step_generator(cfg.run.seed, step, Stream.DISTILL)
+    b = cfg.run.batch_size
     x0 = source.sample(b, gen)
     s = torch.rand(b, generator=gen, dtype=torch.float64)
     delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps
@@ -179,7 +171,7 @@ def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0, 
     if unexpected or set(missing) - {"noise_proj.weight"}:
         raise RuntimeError(f"teacher and generator do not match: missing {missing}, unexpected {unexpected}")
     if gen.noise_proj is not None and noise_init > 0:
-        g = torch.Generator().manual_seed(seed)
+        g = noise_projection_generator(seed)
         with torch.no_grad():
             w = gen.noise_proj.weight
             w.copy_(noise_init * torch.randn(w.shape, generator=g, dtype=w.dtype))
@@ -208,22 +200,17 @@ class Distiller:
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
         self.noise_dim = cfg.resolved_noise_dim(process)
-        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.seed, cfg.noise_per)
+        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.run.seed, cfg.noise_per)
         self.generator.train().requires_grad_(True)
         self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
-        # What the losses call with gradient: the modules, or their DDP wrappers (wrap_ddp).
+        # What the losses call with gradient: the modules, or their DDP wrappers (the run loop's).
         self.gen_net: torch.nn.Module = self.generator
         self.aux_net: torch.nn.Module = self.aux
         # Rows per Philox stream: a divisor of the batch, so every process holds whole blocks.
-        self.draw_block = math.gcd(cfg.draw_block, cfg.batch_size)
+        self.draw_block = math.gcd(cfg.draw_block, cfg.run.batch_size)
         k = cfg.student_steps
         self.posterior_ds = cfg.posterior_ds if cfg.posterior_ds is not None else 1.0 / (2 * k)
-
-    def wrap_ddp(self) -> None:
-        """Train under ``torch.distributed``: gradients averaged over the ranks."""
-        self.gen_net = torch.nn.parallel.DistributedDataParallel(self.generator)
-        self.aux_net = torch.nn.parallel.DistributedDataParallel(self.aux)
 
     def is_generator_step(self, step: int) -> bool:
         return step % (1 + self.cfg.aux_per_gen) == 0
@@ -245,12 +232,13 @@ class Distiller:
         with torch.no_grad():
             for lo in range(0, batch.z_t.shape[0], blk):
                 rows = slice(lo, lo + blk)
-                offset = 2 * (step * (self.cfg.batch_size // blk) + int(batch.rows[lo]) // blk)
-                xb = dmmd_ops.sample_categorical(logits[rows].detach(), seed=self.cfg.seed, offset=offset)
+                x_offset, z_offset = distill_draw_offsets(step, self.cfg.run.batch_size // blk,
+                                                          int(batch.rows[lo]) // blk)
+                xb = dmmd_ops.sample_categorical(logits[rows].detach(), seed=self.cfg.run.seed, offset=x_offset)
                 z_s.append(dmmd_ops.posterior_sample(
                     batch.z_t[rows], xb, a_s[rows], a_t[rows], process=self.process.kind,
-                    mask_id=self.process.mask_id, num_classes=self.process.num_classes, seed=self.cfg.seed,
-                    offset=offset + 1))
+                    mask_id=self.process.mask_id, num_classes=self.process.num_classes, seed=self.cfg.run.seed,
+                    offset=z_offset))
                 x.append(xb)
         return logits, torch.cat(x), torch.cat(z_s)
 
@@ -342,7 +330,7 @@ class Distiller:
 def student_fn(model: Denoiser, seed: int):
     """A generator as the sampler's ``model_fn(z_t, t)``: each call draws fresh Gaussian noise from
     a ``torch.Generator`` seeded with ``seed`` (so sampling stays reproducible)."""
-    gen = torch.Generator().manual_seed(seed + 7_777_777)
+    gen = student_noise_generator(seed)
     nd = model.config.noise_dim
 
     def fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -388,93 +376,64 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device):
     """The teacher, its process, its token source and its config, from ``cfg.teacher``."""
     teacher, process, state = load_teacher(cfg.teacher, use_ema=not cfg.teacher_raw_weights, device=str(device))
     tcfg = TeacherConfig.from_dict(state["config"])
-    return teacher, process, make_source(tcfg), tcfg
-
-
-def lr_factor(step: int, warmup: int) -> float:
-    return min(1.0, (step + 1) / max(1, warmup))
+    return teacher, process, make_source(tcfg.source), tcfg
 
 
 def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
-    """Distill (or resume) a student; returns ``{"step", "checkpoint", "seconds", ...}``.
+    """Distill (or resume) a student; returns ``{"step", "checkpoint", "seconds", "metrics"}``.
 
-    Writes ``cfg.out/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
-    ``save_every`` steps, at the end and when stopped early, and ``cfg.out/log.jsonl``.
+    Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
+    ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``.
     """
-    init_distributed(cfg.device)
-    rank, world = dist_info()
-    device = process_device(cfg.device, cfg.batch_size)
-    teacher, process, source, tcfg = load_distill_teacher(cfg, device)
+    run = cfg.run
+    ctx = run_context(run)
+    teacher, process, source, tcfg = load_distill_teacher(cfg, ctx.device)
     d = Distiller(teacher, process, cfg)
+    per_rank = run.batch_size // ctx.world
+    if per_rank % d.draw_block:
+        raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
+                         f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
-    ckpt = os.path.join(cfg.out, "checkpoint")
-    models = {"generator": d.generator, "aux": d.aux, "ema": d.ema}
-    optimizers = {"opt_gen": opt_gen, "opt_aux": opt_aux}
-    start = 0
-    if resume and os.path.exists(ckpt):
-        start = int(load_checkpoint(ckpt, models=models, optimizers=optimizers)["step"])
-    if world > 1:
-        d.wrap_ddp()
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if start else "w") if rank == 0 else None
+    trained = {
+        "generator": Trained(d.generator, opt_gen, warmup_constant(cfg.lr_gen, run.warmup), ema=d.ema,
+                             ema_decay=cfg.ema, opt_name="opt_gen", label="gen"),
+        "aux": Trained(d.aux, opt_aux, warmup_constant(cfg.lr_aux, run.warmup), opt_name="opt_aux", label="aux"),
+    }
+
+    def postfix(record: dict, metrics: dict) -> dict:
+        if "gen_loss" not in record:
+            return {}
+        return {"gen": f"{record['gen_loss']:.4f}", "H": f"{record['gen_entropy']:.3f}"}
+
+    loop = RunLoop(run, ctx, trained, name=f"distill k={cfg.student_steps}", postfix=postfix,
+                   state=lambda done: student_state(d, cfg, tcfg))
+    if resume:
+        loop.resume()
+    nets = loop.wrap_ddp()
+    d.gen_net, d.aux_net = nets["generator"], nets["aux"]
     monitor = CollapseMonitor(cfg.collapse_entropy)
-    per_rank = cfg.batch_size // world
-    if per_rank % d.draw_block:
-        raise ValueError(f"each of the {world} processes gets {per_rank} sequences, not a multiple of "
-                         f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
-    mine = slice(rank * per_rank, (rank + 1) * per_rank)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"distill k={cfg.student_steps}",
-               disable=not progress or rank)
-    t0 = time.perf_counter()
-    step = start
-    for step in bar:
-        batch = draw_batch(source, process, cfg, d.noise_dim, step).take(mine, device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if d.is_generator_step(step):
-                loss, stats = d.generator_loss(batch, step)
-                model, opt, lr, name = d.generator, opt_gen, cfg.lr_gen, "gen"
+    rows = ctx.rows(run.batch_size)
+
+    def step(i: int) -> Update:
+        batch = draw_batch(source, process, cfg, d.noise_dim, i).take(rows, ctx.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            if d.is_generator_step(i):
+                loss, stats, model = *d.generator_loss(batch, i), "generator"
             else:
-                loss, stats = d.aux_loss(batch, step)
-                model, opt, lr, name = d.aux, opt_aux, cfg.lr_aux, "aux"
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, cfg.warmup)
-        opt.step()
-        if name == "gen":
-            with torch.no_grad():
-                decay = ema_decay(step, cfg.ema)
-                for pe, pm in zip(d.ema.parameters(), d.generator.parameters(), strict=True):
-                    pe.lerp_(pm, 1 - decay)
-        done = step + 1
-        record = {"step": done, **stats, f"{name}_grad_norm": float(gnorm)}
+                loss, stats, model = *d.aux_loss(batch, i), "aux"
         if monitor.update(stats):
-            record["collapse_warning"] = True
-        stop = out_of_time(cfg.time_limit_min, t0, done, stop_at)
-        if rank == 0:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if "gen_loss" in stats:
-                bar.set_postfix(gen=f"{stats['gen_loss']:.4f}", H=f"{stats['gen_entropy']:.3f}")
-            if done % cfg.save_every == 0 or done == cfg.steps or stop:
-                save_student(ckpt, d, optimizers, cfg, tcfg, done)
-        if stop:
-            break
-    if log is not None:
-        log.close()
-    return {"step": step + 1 if cfg.steps > start else start, "checkpoint": ckpt,
-            "seconds": time.perf_counter() - t0}
+            stats["collapse_warning"] = True
+        return Update(loss, model, stats)
+
+    return loop.run(step, progress=progress, stop_at=stop_at)
 
 
-def save_student(path: str, d: Distiller, optimizers: dict, cfg: DistillConfig, tcfg: TeacherConfig,
-                 step: int) -> None:
-    save_checkpoint(path, models={"generator": d.generator, "aux": d.aux, "ema": d.ema}, optimizers=optimizers,
-                    state={"kind": "student", "step": step, "config": asdict(cfg), "teacher_config": asdict(tcfg),
-                           "model": d.generator.config.to_dict(), "schedule": tcfg.schedule})
+def student_state(d: Distiller, cfg: DistillConfig, tcfg: TeacherConfig) -> dict:
+    """The JSON state saved with a student: what :func:`load_student` needs to rebuild it."""
+    return {"kind": "student", "config": cfg.to_dict(), "teacher_config": tcfg.to_dict(),
+            "model": d.generator.config.to_dict(), "schedule": tcfg.schedule}
 
 
 def is_student(path: str) -> bool:

@@ -3,15 +3,15 @@ the embedded text (the Python standard library's documentation, as bytes), with 
 
 Stages, each resumed from what an earlier run left under ``out``:
 
-1. ``teacher/``: a masked-diffusion teacher (:func:`dmmd.train.train_teacher`).
+1. ``teacher/``: a masked-diffusion teacher (:func:`dmmd.training.teacher.train_teacher`).
 2. ``reference/``: a small GPT-2-configured reference LM for the metrics
-   (:func:`dmmd.reference_lm.train_reference`).
-3. ``student_k{k}/``: a D-MMD student per ``k`` (:func:`dmmd.distill.distill`), distilled from
+   (:func:`dmmd.training.reference.train_reference`).
+3. ``student_k{k}/``: a D-MMD student per ``k`` (:func:`dmmd.training.distill.distill`), distilled from
    the teacher modified by ``temperature`` / ``top_p`` (paper section 3.3).
 4. ``samples/{name}.json``: ``num_samples`` sequences from the teacher at every step count of
    ``teacher_ks`` (with the same temperature / top-p) and from each student at its ``k``.
 5. ``eval/{name}.json``: GM (U-statistic, with its standard error), generative perplexity and
-   unigram entropy against held-out text (:func:`dmmd.evaluate.evaluate_set`).
+   unigram entropy against held-out text (:func:`dmmd.metrics.evaluate.evaluate_set`).
 
 Then ``results.json``, ``table.md`` (printed) and ``gm_vs_steps.png``.
 """
@@ -21,51 +21,62 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from dmmd.checkpoint import write_json_atomic
-from dmmd.data import ByteText
-from dmmd.distill import DistillConfig, distill, load_student, student_fn
-from dmmd.evaluate import evaluate_set
-from dmmd.reference_lm import ReferenceConfig, load_reference, train_reference
-from dmmd.sampling import sample
-from dmmd.train import ConfigFromDict, TeacherConfig, load_teacher, make_source, train_teacher
+from dmmd.data import ByteText, make_source
+from dmmd.diffusion.sampling import sample
+from dmmd.metrics.evaluate import evaluate_set
+from dmmd.models.reference_lm import load_reference
+from dmmd.options import Options, check_keys, option
+from dmmd.training.checkpoint import write_json_atomic
+from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.reference import ReferenceConfig, train_reference
+from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
+
+# DistillConfig keys the demo sets itself from its own options (refused in --distill, by name)
+DEMO_OWNED = {"teacher": "is the demo's own teacher", "student_steps": "is set per student by --ks",
+              "temperature": "is a demo option: use --temperature", "top_p": "is a demo option: use --top-p",
+              "out": "is set under --out", "device": "is a demo option: use --device",
+              "seed": "is a demo option: use --seed", "batch_size": "is a demo option: use --distill-batch",
+              "steps": "is a demo option: use --distill-steps"}
 
 
 @dataclass
-class DemoConfig(ConfigFromDict):
+class DemoConfig(Options):
     """Everything ``dmmd demo`` runs; the defaults take under 30 minutes on 2 CPU cores."""
 
-    out: str = "runs/demo"
-    device: str = "cpu"
-    seed: int = 0
-    length: int = 64                 # bytes per sequence (teacher, students, reference LM, samples)
+    out: str = option("runs/demo", "output directory; every stage resumes from what is there")
+    device: str = option("cpu", "cpu or cuda")
+    seed: int = option(0, "seed of every stage")
+    length: int = option(64, "bytes per sequence (teacher, students, reference LM, samples)")
     # teacher: masked diffusion, log-linear schedule
-    teacher_width: int = 128
-    teacher_depth: int = 3
-    teacher_steps: int = 3000
-    teacher_batch: int = 32
-    teacher_lr: float = 2e-3
+    teacher_width: int = option(128, "teacher transformer width")
+    teacher_depth: int = option(3, "teacher transformer blocks")
+    teacher_steps: int = option(3000, "teacher training steps")
+    teacher_batch: int = option(32, "teacher batch size")
+    teacher_lr: float = option(2e-3, "teacher peak learning rate")
     # reference LM (GPT-2 configuration)
-    reference_width: int = 128
-    reference_layers: int = 2
-    reference_steps: int = 600
+    reference_width: int = option(128, "reference LM width")
+    reference_layers: int = option(2, "reference LM blocks")
+    reference_steps: int = option(600, "reference LM training steps")
     # students
-    ks: tuple[int, ...] = (4, 8, 16)
-    distill_steps: int = 800
-    distill_batch: int = 32
-    temperature: float = 1.0         # teacher modification, for distillation and teacher sampling
-    top_p: float = 1.0
-    # further DistillConfig fields: the optimiser settings of the Markov study (bench/distill_markov.py)
-    distill: dict = field(default_factory=lambda: {"beta1": 0.0, "aux_per_gen": 2, "lr_gen": 3e-4,
-                                                   "lr_aux": 1e-3, "ema": 0.99, "warmup": 20})
+    ks: tuple[int, ...] = option((4, 8, 16), "student step counts k (one student each)")
+    distill_steps: int = option(800, "D-MMD steps per student")
+    distill_batch: int = option(32, "D-MMD batch size")
+    temperature: float = option(1.0, "teacher temperature, in distillation and in teacher sampling")
+    top_p: float = option(1.0, "teacher top-p (soft mask in distillation, nucleus in teacher sampling)")
+    # the optimiser settings of the Markov study (bench/distill_markov.py)
+    distill: dict = option({"beta1": 0.0, "aux_per_gen": 2, "lr_gen": 3e-4, "lr_aux": 1e-3, "ema": 0.99,
+                            "warmup": 20},
+                           "further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}' (merged into "
+                           "these defaults)")
     # evaluation
-    teacher_ks: tuple[int, ...] = (4, 8, 16, 32, 64, 128)
-    num_samples: int = 128
-    num_data: int = 128
+    teacher_ks: tuple[int, ...] = option((4, 8, 16, 32, 64, 128), "step counts the teacher is evaluated at")
+    num_samples: int = option(128, "samples per sampler for the metrics")
+    num_data: int = option(128, "held-out sequences for the metrics")
 
     def validate(self) -> None:
         for name in ("length", "teacher_steps", "reference_steps", "distill_steps", "num_samples", "num_data"):
@@ -77,6 +88,8 @@ class DemoConfig(ConfigFromDict):
                 raise ValueError(f"{name} must be positive integers, got {ks}")
         if self.num_samples < 2 or self.num_data < 2:
             raise ValueError("num_samples and num_data must be >= 2 (the GM U-statistic needs pairs)")
+        check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=DEMO_OWNED)
+        distill_config(self, self.ks[0])  # every value of --distill must make a valid DistillConfig
 
 
 # ``dmmd demo --quick``: tiny models and few steps (under 3 minutes on 2 cores)
@@ -91,27 +104,30 @@ def demo_config(quick: bool = False, **overrides) -> DemoConfig:
 
 
 def teacher_config(cfg: DemoConfig) -> TeacherConfig:
-    return TeacherConfig(data="text", process="masked", schedule="loglinear", length=cfg.length,
-                         width=cfg.teacher_width, depth=cfg.teacher_depth, heads=4, batch_size=cfg.teacher_batch,
-                         steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup=min(100, cfg.teacher_steps // 10),
-                         ema=0.999, eval_every=0, eval_batches=2, eval_steps=64,
-                         save_every=max(1, cfg.teacher_steps // 10), seed=cfg.seed,
-                         out=os.path.join(cfg.out, "teacher"), device=cfg.device)
+    return TeacherConfig.from_dict(dict(
+        data="text", process="masked", schedule="loglinear", length=cfg.length, width=cfg.teacher_width,
+        depth=cfg.teacher_depth, heads=4, batch_size=cfg.teacher_batch, steps=cfg.teacher_steps, lr=cfg.teacher_lr,
+        warmup=min(100, cfg.teacher_steps // 10), ema=0.999, eval_every=0, eval_batches=2, eval_steps=64,
+        save_every=max(1, cfg.teacher_steps // 10), seed=cfg.seed, out=os.path.join(cfg.out, "teacher"),
+        device=cfg.device))
 
 
 def reference_config(cfg: DemoConfig) -> ReferenceConfig:
-    return ReferenceConfig(data="text", length=cfg.length, n_layer=cfg.reference_layers, n_embd=cfg.reference_width,
-                           n_head=4, batch_size=32, steps=cfg.reference_steps, lr=2e-3,
-                           warmup=min(50, cfg.reference_steps // 10), save_every=max(1, cfg.reference_steps // 4),
-                           seed=cfg.seed, out=os.path.join(cfg.out, "reference"), device=cfg.device)
+    return ReferenceConfig.from_dict(dict(
+        data="text", length=cfg.length, n_layer=cfg.reference_layers, n_embd=cfg.reference_width, n_head=4,
+        batch_size=32, steps=cfg.reference_steps, lr=2e-3, warmup=min(50, cfg.reference_steps // 10),
+        save_every=max(1, cfg.reference_steps // 4), seed=cfg.seed, out=os.path.join(cfg.out, "reference"),
+        device=cfg.device))
 
 
 def distill_config(cfg: DemoConfig, k: int) -> DistillConfig:
-    return DistillConfig(teacher=os.path.join(cfg.out, "teacher", "checkpoint"), student_steps=k,
-                         batch_size=cfg.distill_batch, steps=cfg.distill_steps, soft_target=True,
-                         temperature=cfg.temperature, top_p=cfg.top_p, save_every=max(1, cfg.distill_steps // 4),
-                         seed=cfg.seed, out=os.path.join(cfg.out, f"student_k{k}"), device=cfg.device,
-                         **cfg.distill)
+    """The student for ``k``: the demo's settings, then ``cfg.distill`` (keys checked by name)."""
+    check_keys(cfg.distill, DistillConfig.leaf_names(), "distill", owned=DEMO_OWNED)
+    return DistillConfig.from_dict({
+        "teacher": os.path.join(cfg.out, "teacher", "checkpoint"), "student_steps": k,
+        "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "soft_target": True,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "save_every": max(1, cfg.distill_steps // 4),
+        "seed": cfg.seed, "out": os.path.join(cfg.out, f"student_k{k}"), "device": cfg.device, **cfg.distill})
 
 
 def _samplers(cfg: DemoConfig) -> list[dict]:
@@ -157,7 +173,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     def evaluate_all():
         specs = _samplers(cfg)
         reference = load_reference(ref["model"], device=cfg.device)
-        source = make_source(teacher_config(cfg))
+        source = make_source(teacher_config(cfg).source)
         gen = torch.Generator().manual_seed(cfg.seed)
         data = source.sample(cfg.num_data, gen, split="val").to(cfg.device)
         held_out = source.sample(cfg.num_samples, gen, split="val")
@@ -177,7 +193,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
         return rows
 
     rows = stage("evaluate", evaluate_all)
-    result = {"config": asdict(cfg), "rows": rows, "seconds": seconds}
+    result = {"config": cfg.to_dict(), "rows": rows, "seconds": seconds}
     write_json_atomic(os.path.join(cfg.out, "results.json"), result)
     table = markdown_tables(rows, cfg)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:

@@ -1,0 +1,43 @@
+"""Which token source a run reads: :class:`DataConfig` (shared by teachers, reference LMs and
+the evaluation) and :func:`make_source`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dmmd.data.sources import ByteText, MarkovSource, TokenFile, TokenGrids
+from dmmd.options import Options, option
+
+
+@dataclass
+class DataConfig(Options):
+    """A token source and the sequence length drawn from it."""
+
+    data: str = option("text", "token source: 'text' (the stdlib docs as bytes), 'markov' (exact synthetic "
+                               "source), 'grids' (2-D token images) or a path to a nanoGPT .bin file")
+    vocab_size: int = option(0, "vocabulary of a .bin file, or V of the markov source")
+    bin_dtype: str = option("uint16", "uint16 or uint32 ids in the .bin file")
+    markov_fanout: int = option(3, "successors per state of the markov source")
+    markov_seed: int = option(0, "seed that builds the markov source")
+    grid_size: int = option(8, "side of the token grids (length must be its square)")
+    grid_colors: int = option(4, "colours of the token grids (token 0 is the background)")
+    length: int = option(128, "tokens per sequence")
+
+
+def make_source(cfg: DataConfig):
+    """The token source named by ``cfg.data``; a bad name or file raises ``ValueError`` naming it."""
+    if cfg.length < 1:
+        raise ValueError(f"length must be >= 1, got {cfg.length}")
+    if cfg.data == "text":
+        return ByteText(cfg.length)
+    if cfg.data == "markov":
+        return MarkovSource(cfg.vocab_size or 8, cfg.length, fanout=cfg.markov_fanout, seed=cfg.markov_seed)
+    if cfg.data == "grids":
+        if cfg.length != cfg.grid_size ** 2:
+            raise ValueError(f"grids of size {cfg.grid_size} need length {cfg.grid_size ** 2}, got {cfg.length}")
+        return TokenGrids(cfg.grid_size, cfg.grid_colors)
+    if not os.path.exists(cfg.data):
+        raise ValueError(f"data must be text, markov, grids or an existing .bin path, got {cfg.data!r}")
+    if cfg.vocab_size < 2:
+        raise ValueError("a .bin token file needs --vocab-size")
+    return TokenFile(cfg.data, cfg.vocab_size, cfg.length, dtype=cfg.bin_dtype)

@@ -1,0 +1,300 @@
+"""The one run loop behind teacher training, D-MMD distillation and reference-LM training.
+
+A run supplies its models (any ``nn.Module``), a step function and a :class:`RunConfig`; the
+loop owns everything else: the output directory and its lock, resume from the checkpoint,
+the learning-rate schedule, gradient clipping, the EMA of the weights, the JSONL log, the
+progress bar, atomic checkpoints, the time limit and DDP (``torchrun``).
+
+Step ``i`` of a run asks ``step_fn(i)`` for an :class:`Update` (a loss and which trained model
+it trains), then zeroes that model's gradients, back-propagates, clips, sets the learning rate
+of step ``i``, steps its optimizer and updates its EMA. Everything random in a step is the
+step function's business and must be a function of ``(seed, i)`` (see
+:mod:`dmmd.diffusion.randomness`): a run resumed from a checkpoint then replays exactly the
+steps it would have taken, and ends bit-identical to an uninterrupted one on CPU.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from dmmd.options import Options, option
+from dmmd.training.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class RunConfig(Options):
+    """What every run of the loop takes (each kind of run gives its own defaults)."""
+
+    batch_size: int = option(32, "sequences per step (the global batch under torchrun)")
+    steps: int = option(2000, "optimizer steps in total (a resumed run continues to this count)")
+    warmup: int = option(100, "linear learning-rate warm-up steps")
+    grad_clip: float = option(1.0, "clip the trained model's gradient norm to this value")
+    save_every: int = option(250, "write the checkpoint every this many steps")
+    seed: int = option(0, "seed of the initialisation and of every step's randomness")
+    out: str = option("runs/run", "output directory (checkpoint/, log.jsonl)")
+    device: str = option("cpu", "cpu or cuda")
+    time_limit_min: float = option(0.0, "stop and save after this many minutes (0: no limit)")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first option out of its domain."""
+        for name in ("batch_size", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup", "time_limit_min"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not self.out:
+            raise ValueError("out must name a directory")
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+
+def warmup_cosine(lr: float, warmup: int, steps: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of ``lr`` at ``steps``."""
+    def at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    return at
+
+
+def warmup_constant(lr: float, warmup: int) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup`` steps, then constant ``lr``."""
+    return lambda step: lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+def ema_decay(step: int, ema: float) -> float:
+    """EMA decay with a warm-up, ``min(ema, (1 + step) / (10 + step))``: early weights, which
+    are far from the final ones, do not linger for ``1 / (1 - ema)`` steps."""
+    return min(ema, (1 + step) / (10 + step))
+
+
+# ---------------------------------------------------------------- processes and devices
+
+@dataclass(frozen=True)
+class RunContext:
+    """This process's place in the run: rank, process count and device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch (contiguous, equal shares)."""
+        per_rank = batch_size // self.world
+        return slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def run_context(cfg: RunConfig) -> RunContext:
+    """Join the process group ``torchrun`` describes (gloo on CPU, nccl on CUDA), check that the
+    global batch splits evenly, and pick this rank's device (on CUDA: one GPU per rank)."""
+    cfg.validate()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+    return RunContext(rank, world, dev)
+
+
+# ---------------------------------------------------------------- the output directory's lock
+
+class OutputLock:
+    """An exclusive lock on an output directory (``OUT/.lock``, ``flock``): a second run on the
+    same directory is refused while the first lives; the kernel drops it when a run dies."""
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, ".lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise RuntimeError(f"output directory {out} is in use by another run (pid {holder}); "
+                               f"wait for it to end or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+    def __enter__(self) -> OutputLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class Trained:
+    """A model the loop trains: its optimizer (saved as ``opt_name``), learning rate per step,
+    and optionally an EMA copy (saved as ``ema_name``). ``label`` prefixes its log fields."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr: Callable[[int], float]
+    ema: nn.Module | None = None
+    ema_decay: float = 0.999
+    opt_name: str = "opt"
+    ema_name: str = "ema"
+    label: str = ""
+
+
+@dataclass
+class Update:
+    """What one step asks of the loop: minimise ``loss`` w.r.t. the trained model ``model``;
+    ``stats`` (floats) go to the log."""
+
+    loss: torch.Tensor
+    model: str
+    stats: dict = field(default_factory=dict)
+
+
+StepFn = Callable[[int], Update]
+
+
+class RunLoop:
+    """Resume, train, log and checkpoint one run (see the module docstring).
+
+    Args:
+        cfg: the run's :class:`RunConfig`.
+        ctx: from :func:`run_context` (call it before building the models: it picks the device).
+        trained: name -> :class:`Trained`; the names are the models' names in the checkpoint.
+        name: the progress bar's label.
+        state: ``done -> dict`` of JSON state saved beside the weights (configs and such).
+        evaluate: ``done -> dict`` after each update (e.g. a validation every N steps); what it
+            returns is logged, kept and saved in the checkpoint state.
+        postfix: ``(record, metrics) -> dict`` for the progress bar.
+    """
+
+    def __init__(self, cfg: RunConfig, ctx: RunContext, trained: dict[str, Trained], *, name: str,
+                 state: Callable[[int], dict] | None = None, evaluate: Callable[[int], dict] | None = None,
+                 postfix: Callable[[dict, dict], dict] | None = None):
+        self.cfg, self.ctx, self.trained, self.name = cfg, ctx, trained, name
+        self.state_fn = state or (lambda done: {})
+        self.evaluate = evaluate or (lambda done: {})
+        self.postfix = postfix or (lambda record, metrics: {})
+        self.checkpoint = os.path.join(cfg.out, "checkpoint")
+        self.metrics: dict = {}
+        self.start = 0
+        self.nets = {n: t.module for n, t in trained.items()}
+        self.lock = OutputLock(cfg.out) if ctx.rank == 0 else None
+
+    def _models(self) -> dict[str, nn.Module]:
+        models = {}
+        for n, t in self.trained.items():
+            models[n] = t.module
+            if t.ema is not None:
+                models[t.ema_name] = t.ema
+        return models
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {t.opt_name: t.optimizer for t in self.trained.values()}
+
+    def resume(self) -> dict:
+        """Load the checkpoint, if there is one, into every model and optimizer; returns its
+        JSON state (``{}`` when starting afresh)."""
+        try:
+            if not checkpoint_exists(self.checkpoint, repair=self.ctx.rank == 0):
+                return {}
+            state = load_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers())
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        self.start = int(state["step"])
+        self.metrics = dict(state.get("metrics", {}))
+        return state
+
+    def wrap_ddp(self) -> dict[str, nn.Module]:
+        """Under ``torchrun``: the trained modules wrapped in DDP (gradients averaged over the
+        ranks). Step functions call ``loop.nets[name]`` for anything that needs a gradient."""
+        if self.ctx.world > 1:
+            self.nets = {n: nn.parallel.DistributedDataParallel(t.module) for n, t in self.trained.items()}
+        return self.nets
+
+    def save(self, done: int) -> None:
+        save_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers(),
+                        state={"step": done, "metrics": self.metrics, **self.state_fn(done)})
+
+    def run(self, step_fn: StepFn, *, progress: bool = True, stop_at: int | None = None) -> dict:
+        """Train from ``self.start`` to ``cfg.steps`` (or until the time limit, or ``stop_at``);
+        returns ``{"step", "checkpoint", "seconds", "metrics"}``."""
+        cfg, rank = self.cfg, self.ctx.rank
+        log = open(os.path.join(cfg.out, "log.jsonl"), "a" if self.start else "w") if rank == 0 else None
+        bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps, desc=self.name,
+                   disable=not progress or rank > 0)
+        t0 = time.perf_counter()
+        done = self.start
+        try:
+            for step in bar:
+                update = step_fn(step)
+                record = {"step": step + 1, **update.stats, **self._apply(update, step)}
+                done = step + 1
+                evaluated = self.evaluate(done)
+                self.metrics.update(evaluated)
+                record.update(evaluated)
+                stop = (cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min) or \
+                    (stop_at is not None and done >= stop_at)
+                if rank == 0:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(self.postfix(record, self.metrics))
+                    if done % cfg.save_every == 0 or done == cfg.steps or stop:
+                        self.save(done)
+                if stop:
+                    break
+        finally:
+            if log is not None:
+                log.close()
+            bar.close()
+            if self.lock is not None:
+                self.lock.release()
+        return {"step": done, "checkpoint": self.checkpoint, "seconds": time.perf_counter() - t0,
+                "metrics": dict(self.metrics)}
+
+    def _apply(self, update: Update, step: int) -> dict:
+        """Back-propagate ``update.loss`` into its model, clip, set the lr, step, update the EMA."""
+        t = self.trained[update.model]
+        t.optimizer.zero_grad(set_to_none=True)
+        update.loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(t.module.parameters(), self.cfg.grad_clip)
+        lr = t.lr(step)
+        for g in t.optimizer.param_groups:
+            g["lr"] = lr
+        t.optimizer.step()
+        if t.ema is not None:
+            with torch.no_grad():
+                decay = ema_decay(step, t.ema_decay)
+                for pe, pm in zip(t.ema.parameters(), t.module.parameters(), strict=True):
+                    pe.lerp_(pm, 1 - decay)
+        prefix = f"{t.label}_" if t.label else ""
+        return {f"{prefix}grad_norm": float(gnorm), f"{prefix}lr": lr}

@@ -1,0 +1,144 @@
+"""Teacher training: the denoiser's weighted cross-entropy (``DiffusionProcess.teacher_loss``)
+with AdamW (warm-up then cosine decay), an EMA of the weights, bf16 autocast on CUDA and a
+periodic validation (ELBO bound in bits per token), run by :class:`dmmd.training.loop.RunLoop`.
+
+Under DDP each rank takes its rows of the same global batch, so the update equals the
+single-process one on that batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dmmd.data import DataConfig, make_source
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.diffusion.randomness import Stream, step_generator, validation_generator
+from dmmd.models.denoiser import Denoiser, DenoiserConfig
+from dmmd.options import Options, nested, option
+from dmmd.training.checkpoint import load_tensors, read_state
+from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
+
+
+@dataclass
+class TeacherConfig(Options):
+    """Everything a teacher run needs; saved in its checkpoints."""
+
+    source: DataConfig = nested(DataConfig)
+    process: str = option("masked", "'masked' or 'uniform' diffusion")
+    schedule: str = option("loglinear", "noise schedule: linear, cosine or loglinear")
+    width: int = option(256, "transformer width")
+    depth: int = option(4, "transformer blocks")
+    heads: int = option(4, "attention heads")
+    block_size: int | None = option(None, "block-causal attention with this block size "
+                                          "(block-autoregressive diffusion)")
+    lr: float = option(1e-3, "peak learning rate of AdamW")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    ema: float = option(0.999, "decay of the exponential moving average of the weights")
+    t_min: float = option(1e-3, "smallest diffusion time drawn in training")
+    eval_every: int = option(250, "validate (ELBO bits per token, EMA weights) every this many steps")
+    eval_batches: int = option(4, "validation batches")
+    eval_steps: int = option(128, "discretisation steps of the validation ELBO")
+    run: RunConfig = nested(RunConfig, batch_size=32, steps=2000, warmup=100, save_every=250, out="runs/teacher")
+
+
+def build(cfg: TeacherConfig) -> tuple[DiffusionProcess, Denoiser]:
+    """The process and a freshly initialised denoiser for ``cfg`` (seeded by ``cfg.run.seed``)."""
+    v = make_source(cfg.source).vocab_size
+    num_classes = v + 1 if cfg.process == "masked" else v
+    process = DiffusionProcess(cfg.process, num_classes, cfg.schedule)
+    torch.manual_seed(cfg.run.seed)
+    model = Denoiser(DenoiserConfig(num_classes=num_classes, length=cfg.source.length, process=cfg.process,
+                                    mask_id=process.mask_id, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                                    block_size=cfg.block_size))
+    return process, model
+
+
+def batch_for_step(source, process: DiffusionProcess, cfg: TeacherConfig, step: int):
+    """The global batch of ``step``: clean ``x``, times ``t`` and noised ``z_t``."""
+    gen = step_generator(cfg.run.seed, step, Stream.TEACHER)
+    b = cfg.run.batch_size
+    x = source.sample(b, gen)
+    t = torch.rand(b, generator=gen, dtype=torch.float64).clamp_min(cfg.t_min)
+    return x, t, process.diffuse(x, t, gen)
+
+
+@torch.no_grad()
+def validate(model: Denoiser, process: DiffusionProcess, source, cfg: TeacherConfig) -> float:
+    """The ELBO bound in bits per token on ``eval_batches`` fixed validation batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = validation_generator(cfg.run.seed, Stream.TEACHER)
+    bits = []
+    for _ in range(cfg.eval_batches):
+        x = source.sample(cfg.run.batch_size, gen, split="val").to(device)
+        bits.append(process.nll_bound_bits(lambda z, t: torch.softmax(model(z, t), -1), x,
+                                           steps=cfg.eval_steps, generator=gen))
+    model.train()
+    return float(torch.cat(bits).mean())
+
+
+def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = True,
+                  stop_at: int | None = None) -> dict:
+    """Train (or resume) a teacher; returns ``{"step", "val_bits", "tokens_per_s", "checkpoint",
+    "seconds"}``.
+
+    Writes ``OUT/checkpoint/`` (model, EMA, optimizer, step) every ``save_every`` steps and at
+    the end, and ``OUT/log.jsonl``. With ``resume`` an existing checkpoint is continued.
+    ``stop_at`` ends this run (with a checkpoint) after that step, for jobs cut into time
+    slices; the schedule still runs to ``steps``.
+    """
+    run = cfg.run
+    ctx = run_context(run)
+    source = make_source(cfg.source)
+    process, model = build(cfg)
+    model.to(ctx.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    trained = {"model": Trained(model, opt, warmup_cosine(cfg.lr, run.warmup, run.steps), ema=ema,
+                                ema_decay=cfg.ema)}
+
+    def evaluate(done: int) -> dict:
+        if cfg.eval_every and done % cfg.eval_every == 0 or done == run.steps:
+            return {"val_bits_per_token": validate(ema, process, source, cfg)}
+        return {}
+
+    def postfix(record: dict, metrics: dict) -> dict:
+        shown = {"loss": f"{record['loss']:.3f}"}
+        if "val_bits_per_token" in metrics:
+            shown["val"] = f"{metrics['val_bits_per_token']:.3f}"
+        return shown
+
+    loop = RunLoop(run, ctx, trained, name="teacher", evaluate=evaluate, postfix=postfix,
+                   state=lambda done: {"config": cfg.to_dict(), "model": model.config.to_dict()})
+    if resume:
+        loop.resume()
+    net = loop.wrap_ddp()["model"]
+    rows = ctx.rows(run.batch_size)
+
+    def step(i: int) -> Update:
+        x, t, z = (v[rows].to(ctx.device) for v in batch_for_step(source, process, cfg, i))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            logits = net(z, t.float())
+        loss = process.teacher_loss(logits, x, z, t)
+        return Update(loss, "model", {"loss": float(loss.detach())})
+
+    start = loop.start
+    result = loop.run(step, progress=progress, stop_at=stop_at)
+    tokens = (result["step"] - start) * run.batch_size * cfg.source.length
+    return {"step": result["step"], "val_bits": loop.metrics.get("val_bits_per_token", math.nan),
+            "tokens_per_s": tokens / max(result["seconds"], 1e-9), "checkpoint": result["checkpoint"],
+            "seconds": result["seconds"]}
+
+
+def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu") -> tuple[Denoiser, DiffusionProcess, dict]:
+    """A trained denoiser (EMA weights by default), its process and its state, from a checkpoint."""
+    state = read_state(path)
+    mcfg = DenoiserConfig(**state["model"])
+    model = Denoiser(mcfg)
+    model.load_state_dict(load_tensors(path, "ema" if use_ema else "model"))
+    cfg = TeacherConfig.from_dict(state["config"])
+    process = DiffusionProcess(mcfg.process, mcfg.num_classes, cfg.schedule, mask_id=mcfg.mask_id)
+    return model.to(device).eval(), process, state
