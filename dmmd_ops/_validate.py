@@ -184,7 +184,8 @@ def alphas(alpha_s: torch.Tensor | float, alpha_t: torch.Tensor | float, z_t: to
 
 def bad_rows(op: str, bad: torch.Tensor, named: dict[str, torch.Tensor | None], *,
              exclude: int | None = None, fallback: str | None = None) -> None:
-    """Raise for the first row a CUDA kernel flagged (it cannot raise itself), naming the argument.
+    """Raise for the first row a kernel flagged (kernels do not raise: CUDA ones cannot, and the
+    CPU ones flag the same way so that there is one error path), naming the argument.
 
     ``bad`` is a bool ``[rows]``; ``named`` maps argument names to their ``[rows, V]`` logits, read
     only for the flagged row (class ``exclude`` left out, as the kernel did). ``fallback`` is

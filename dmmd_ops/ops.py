@@ -72,8 +72,8 @@ def teacher_logprobs(teacher_logits: torch.Tensor, *, temperature: float = 1.0, 
     if _use_kernel("teacher_logprobs", teacher_logits.device, teacher_logits):
         a = _rows(teacher_logits)
         out = torch.ops.dmmd.teacher_logprobs(a, temperature, top_p, delta)
-        if out.is_cuda:  # a row the kernel could not use is NaN throughout
-            check.bad_rows("teacher_logprobs", out[:, 0].isnan(), {"teacher_logits": a})
+        # the kernels flag a row they cannot use (NaN throughout); raise naming the argument
+        check.bad_rows("teacher_logprobs", out[:, 0].isnan(), {"teacher_logits": a})
         return out.reshape(teacher_logits.shape)
     check.no_nan("teacher_logits", teacher_logits)
     return reference.teacher_logprobs(teacher_logits, temperature=temperature, top_p=top_p, delta=delta)
@@ -123,9 +123,8 @@ def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
     if use_kernel:
         u, a, b = (_rows(t) for t in _one_dtype(student_logits, teacher_logits, aux_logits))
         rows, stats = torch.ops.dmmd.generator_loss_forward(u, a, b, temperature, top_p, delta)
-        if rows.is_cuda:
-            check.bad_rows("generator_loss", stats[:, _meta.GEN_I_STAR] < 0,
-                           {"student_logits": u, "teacher_logits": a, "aux_logits": b})
+        check.bad_rows("generator_loss", stats[:, _meta.GEN_I_STAR] < 0,
+                       {"student_logits": u, "teacher_logits": a, "aux_logits": b})
         return reference.reduce_rows(rows.reshape(student_logits.shape[:-1]), weight, reduction)
     return reference.generator_loss(student_logits, teacher_logits, aux_logits, weight=weight,
                                     temperature=temperature, top_p=top_p, delta=delta, reduction=reduction)
@@ -167,9 +166,8 @@ def aux_loss(aux_logits: torch.Tensor, target: torch.Tensor, teacher_logits: tor
         x = _rows(target.to(torch.float32)) if target.is_floating_point() else target.reshape(-1)
         b, a = _rows(b), None if a is None else _rows(a)
         rows, stats = torch.ops.dmmd.aux_loss_forward(b, x, a, temperature, top_p, delta)
-        if rows.is_cuda:
-            check.bad_rows("aux_loss", stats[:, _meta.AUX_I_STAR] < 0, {"aux_logits": b, "teacher_logits": a},
-                           fallback="target must hold finite non-negative probabilities")
+        check.bad_rows("aux_loss", stats[:, _meta.AUX_I_STAR] < 0, {"aux_logits": b, "teacher_logits": a},
+                       fallback="target must hold finite non-negative probabilities")
         return reference.reduce_rows(rows.reshape(aux_logits.shape[:-1]), weight, reduction)
     return reference.aux_loss(aux_logits, target, teacher_logits, weight=weight, temperature=temperature,
                               top_p=top_p, delta=delta, reduction=reduction)
@@ -187,8 +185,7 @@ def sample_categorical(logits: torch.Tensor, *, temperature: float = 1.0, top_p:
     if _use_kernel("sample_categorical", logits.device, logits):
         x = _rows(logits)
         out = torch.ops.dmmd.sample_categorical(x, temperature, top_p, seed, offset)
-        if out.is_cuda:  # -1: a row the kernel could not draw from
-            check.bad_rows("sample_categorical", out < 0, {"logits": x})
+        check.bad_rows("sample_categorical", out < 0, {"logits": x})  # -1: a row with no draw
         return out.reshape(logits.shape[:-1])
     check.no_nan("logits", logits)
     return reference.sample_categorical(logits, temperature=temperature, top_p=top_p, seed=seed, offset=offset)
@@ -255,9 +252,8 @@ def posterior_sample(z_t: torch.Tensor, x: torch.Tensor, alpha_s: torch.Tensor |
             z_t.reshape(-1), xk, reference.flat_alpha(a_s, z_t).contiguous(),
             reference.flat_alpha(a_t, z_t).contiguous(), process,
             -1 if mask_id is None else mask_id, -1 if num_classes is None else num_classes, seed, offset)
-        if out.is_cuda:
-            check.bad_rows("posterior_sample", out < 0, {}, fallback="soft x has no mass outside mask_id"
-                           if soft and process == "masked" else "z_t, x or the alphas are invalid")
+        check.bad_rows("posterior_sample", out < 0, {}, fallback="soft x has no mass outside mask_id"
+                       if soft and process == "masked" else "z_t, x or the alphas are invalid")
         return out.reshape(z_t.shape)
     return reference.posterior_sample(z_t, x, a_s, a_t, process=process, mask_id=mask_id,
                                       num_classes=num_classes, seed=seed, offset=offset)
@@ -291,8 +287,7 @@ def denoise_step(logits: torch.Tensor, z_t: torch.Tensor, alpha_s: torch.Tensor 
             x, z_t.reshape(-1), reference.flat_alpha(a_s, z_t).contiguous(),
             reference.flat_alpha(a_t, z_t).contiguous(), process,
             -1 if mask_id is None else mask_id, temperature, top_p, seed, offset)
-        if out.is_cuda:
-            check.bad_rows("denoise_step", out < 0, {"logits": x}, exclude=mask_id)
+        check.bad_rows("denoise_step", out < 0, {"logits": x}, exclude=mask_id)
         return out.reshape(z_t.shape)
     check.no_nan("logits", logits)
     return reference.denoise_step(logits, z_t, a_s, a_t, process=process, mask_id=mask_id,

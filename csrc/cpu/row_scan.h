@@ -70,12 +70,10 @@ inline float row_max(const T* row, int64_t v, int64_t exclude = -1) {
 
 // Raises (ValueError, naming the argument) unless a row maximum is finite: NaN means the row
 // has a NaN, +inf a +inf logit, -inf a row where no class can occur.
-inline void check_row_max(float m, const char* op, const char* arg, int64_t row) {
-  TORCH_CHECK_VALUE(!std::isnan(m), op, ": ", arg, " contains NaN (row ", row, ")");
-  TORCH_CHECK_VALUE(m != kInf, op, ": ", arg, " contains +inf (row ", row, "); only -inf logits are allowed");
-  TORCH_CHECK_VALUE(m != -kInf, op, ": ", arg, " has a row where every logit is -inf (row ", row,
-                    "): no class can occur");
-}
+// A row maximum that no kernel can use: NaN somewhere in the row, a +inf, or only -inf logits.
+// The kernels do not raise (like the CUDA ones, which cannot): they flag the row (NaN losses
+// and log-probs, i_star = -1, draws = -1) and dmmd_ops raises naming the argument and row.
+inline bool bad_row_max(float m) { return std::isnan(m) || m == kInf || m == -kInf; }
 
 // x = a * inv_t - ms, the tempered logit relative to its maximum (<= 0). One definition, so
 // that every pass (and the bin keys) sees bit-identical values (built with -ffp-contract=off).

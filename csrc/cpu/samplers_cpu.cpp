@@ -4,14 +4,17 @@
 // row, the top-p nucleus threshold (row_scan.h) applied in place, float32 sums of blocks of
 // 64 weights, and an inverse CDF in float64 with the row's Philox uniform: find the block,
 // then walk its weights. Each draw depends only on (seed, offset, row), never on threads.
+// A row the kernels cannot use (bad logits, an id out of range, alphas out of order) gets -1,
+// as on CUDA; dmmd_ops raises naming the argument and row.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
 
-#include "../checks.h"
+#include "../prologue.h"
 #include "dmmd/philox.h"
 #include "dmmd/rowmath.h"
 #include "row_scan.h"
@@ -54,12 +57,12 @@ inline int64_t inverse_cdf(const float* w, int64_t n, const double* blocks, doub
 }
 
 // One draw from softmax(row / temperature) restricted to the nucleus, class `exclude`
-// (the mask of a masked denoiser; -1 for none) never drawn.
+// (the mask of a masked denoiser; -1 for none) never drawn; -1 for a row with bad logits.
 template <typename T>
 int64_t draw_from_logits(const T* row, int64_t v, float inv_t, double top_p, int64_t exclude, double u,
-                         Workspace& ws, const char* op, int64_t r) {
+                         Workspace& ws) {
   const float m = row_max(row, v, exclude);
-  check_row_max(m, op, "logits", r);
+  if (bad_row_max(m)) return -1;
   const float ms = m * inv_t;
   const bool masked = top_p < 1.0;
   teacher_exp(row, v, inv_t, ms, exclude, masked, ws);
@@ -85,79 +88,45 @@ int64_t draw_from_logits(const T* row, int64_t v, float inv_t, double top_p, int
   return inverse_cdf(e, v, blocks, u);
 }
 
-void check_alphas(double a_s, double a_t, const char* op, int64_t r) {
-  TORCH_CHECK_VALUE(a_t >= 0 && a_t <= a_s && a_s <= 1, op, ": alpha_s and alpha_t must satisfy 0 <= alpha_t <= ",
-                    "alpha_s <= 1, got alpha_s=", a_s, ", alpha_t=", a_t, " (row ", r, ")");
-}
-
-void check_id(int64_t id, int64_t v, const char* op, const char* name, int64_t r) {
-  TORCH_CHECK_VALUE(id >= 0 && id < v, op, ": ", name, " id ", id, " out of range [0, ", v, ") (row ", r, ")");
-}
+inline bool alphas_ok(double a_s, double a_t) { return a_t >= 0 && a_t <= a_s && a_s <= 1; }
 
 // ----------------------------------------------------------------------------- sample_categorical
 
-at::Tensor sample_categorical_cpu(const at::Tensor& logits, double temperature, double top_p, int64_t seed,
-                                  int64_t offset) {
-  constexpr const char* op = "sample_categorical";
-  check_top_p_args(temperature, top_p, 0.0, op);
-  const at::Tensor x = logit_rows(logits, op, "logits");
-  const int64_t rows = x.size(0), v = x.size(1);
-  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  dispatch_logits(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = x.const_data_ptr<T>();
-    int64_t* op_ = out.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, rows, grain(v), [&](int64_t begin, int64_t end) {
-      Workspace ws(v);
-      for (int64_t r = begin; r < end; ++r) {
-        const double u = element_uniforms(seed, offset, r).u0;
-        op_[r] = draw_from_logits(xp + r * x.stride(0), v, inv_t, top_p, -1, u, ws, op, r);
-      }
-    });
+template <typename T>
+void sample_rows(const SampleParams<T>& p) {
+  at::parallel_for(0, p.rows, grain(p.v), [&](int64_t begin, int64_t end) {
+    Workspace ws(p.v);
+    for (int64_t r = begin; r < end; ++r) {
+      const double u = element_uniforms(p.seed, p.offset, r).u0;
+      p.out[r] = draw_from_logits(p.x + r * p.sx, p.v, p.inv_t, p.top_p, -1, u, ws);
+    }
   });
-  return out;
 }
 
 // ----------------------------------------------------------------------------- denoise_step
 
-at::Tensor denoise_step_cpu(const at::Tensor& logits, const at::Tensor& z_t, const at::Tensor& alpha_s,
-                            const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id,
-                            double temperature, double top_p, int64_t seed, int64_t offset) {
-  constexpr const char* op = "denoise_step";
-  const DenoiseArgs in =
-      denoise_step_args(logits, z_t, alpha_s, alpha_t, std::string(process), mask_id, temperature, top_p, op);
-  const at::Tensor &x = in.x, &z = in.z, &as = in.as, &at_ = in.at;
-  const bool is_masked = in.masked;
-  const int64_t rows = x.size(0), v = x.size(1);
-  at::Tensor out = at::empty({rows}, z.options());
-  const float inv_t = static_cast<float>(1.0 / temperature);
-  dispatch_logits(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    const T* xp = x.const_data_ptr<T>();
-    const int64_t* zp = z.const_data_ptr<int64_t>();
-    const double *asp = as.const_data_ptr<double>(), *atp = at_.const_data_ptr<double>();
-    int64_t* op_ = out.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, rows, grain(v), [&](int64_t begin, int64_t end) {
-      Workspace ws(v);
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t zr = zp[r];
-        check_id(zr, v, op, "z_t", r);
-        check_alphas(asp[r], atp[r], op, r);
-        const Uniform2 u = element_uniforms(seed, offset, r);
-        const T* row = xp + r * x.stride(0);
-        if (is_masked) {
-          // The reveal coin first: rows that stay as they are never touch their logits.
-          const bool reveal = zr == mask_id && u.u0 < unmask_probability(asp[r], atp[r]);
-          op_[r] = reveal ? draw_from_logits(row, v, inv_t, top_p, mask_id, u.u1, ws, op, r) : zr;
-        } else {
-          const int64_t xr = draw_from_logits(row, v, inv_t, top_p, -1, u.u0, ws, op, r);
-          op_[r] = uniform_posterior_hard(zr, xr, asp[r], atp[r], v, u.u1);
-        }
+template <typename T>
+void denoise_rows(const DenoiseParams<T>& p) {
+  const int64_t v = p.v;
+  at::parallel_for(0, p.rows, grain(v), [&](int64_t begin, int64_t end) {
+    Workspace ws(v);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t zr = p.z[r];
+      const double a_s = p.alpha_s[r], a_t = p.alpha_t[r];
+      const Uniform2 u = element_uniforms(p.seed, p.offset, r);
+      const T* row = p.x + r * p.sx;
+      if (zr < 0 || zr >= v || !alphas_ok(a_s, a_t)) {
+        p.out[r] = -1;
+      } else if (p.masked) {
+        // The reveal coin first: rows that stay as they are never touch their logits.
+        const bool reveal = zr == p.mask_id && u.u0 < unmask_probability(a_s, a_t);
+        p.out[r] = reveal ? draw_from_logits(row, v, p.inv_t, p.top_p, p.mask_id, u.u1, ws) : zr;
+      } else {
+        const int64_t xr = draw_from_logits(row, v, p.inv_t, p.top_p, -1, u.u0, ws);
+        p.out[r] = xr < 0 ? -1 : uniform_posterior_hard(zr, xr, a_s, a_t, v, u.u1);
       }
-    });
+    }
   });
-  return out;
 }
 
 // ----------------------------------------------------------------------------- posterior_sample
@@ -182,58 +151,67 @@ int64_t walk_weights(int64_t v, double u, W&& w) {
   return last;
 }
 
-at::Tensor posterior_sample_cpu(const at::Tensor& z_t, const at::Tensor& x, const at::Tensor& alpha_s,
-                                const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id,
-                                int64_t num_classes, int64_t seed, int64_t offset) {
-  constexpr const char* op = "posterior_sample";
-  const PosteriorArgs in =
-      posterior_sample_args(z_t, x, alpha_s, alpha_t, std::string(process), mask_id, num_classes, op);
-  const at::Tensor &z = in.z, &as = in.as, &at_ = in.at, &xs = in.x;
-  const bool is_masked = in.masked, soft = in.soft;
-  const int64_t rows = z.size(0), v = in.v;
-  at::Tensor out = at::empty({rows}, z.options());
-  const int64_t* zp = z.const_data_ptr<int64_t>();
-  const double *asp = as.const_data_ptr<double>(), *atp = at_.const_data_ptr<double>();
-  int64_t* op_ = out.mutable_data_ptr<int64_t>();
+void posterior_rows(const PosteriorParams& p) {
+  const bool soft = p.soft != nullptr;
+  const int64_t v = p.v;
   const int64_t id_bound = v > 0 ? v : std::numeric_limits<int64_t>::max();
-  at::parallel_for(0, rows, soft ? grain(v) : 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.rows, soft ? grain(v) : 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t zr = zp[r];
-      const double a_s = asp[r], a_t = atp[r];
-      check_id(zr, id_bound, op, "z_t", r);
-      check_alphas(a_s, a_t, op, r);
-      const Uniform2 u = element_uniforms(seed, offset, r);
-      const float* xr = soft ? xs.const_data_ptr<float>() + r * xs.stride(0) : nullptr;
-      if (is_masked) {
-        if (zr != mask_id || !(u.u0 < unmask_probability(a_s, a_t))) {
-          op_[r] = zr;
+      const int64_t zr = p.z[r];
+      const double a_s = p.alpha_s[r], a_t = p.alpha_t[r];
+      const Uniform2 u = element_uniforms(p.seed, p.offset, r);
+      const float* xr = soft ? p.soft + r * p.sx : nullptr;
+      const int64_t xh = soft ? 0 : p.hard[r];
+      const bool ids_ok = zr >= 0 && zr < id_bound && xh >= 0 && xh < id_bound && !(p.masked && !soft && xh == p.mask_id);
+      if (!ids_ok || !alphas_ok(a_s, a_t)) {
+        p.out[r] = -1;
+      } else if (p.masked) {
+        if (zr != p.mask_id || !(u.u0 < unmask_probability(a_s, a_t))) {
+          p.out[r] = zr;
         } else if (!soft) {
-          const int64_t xh = xs.const_data_ptr<int64_t>()[r];
-          check_id(xh, id_bound, op, "x", r);
-          TORCH_CHECK_VALUE(xh != mask_id, op, ": x must not contain mask_id (row ", r, ")");
-          op_[r] = xh;
-        } else {
-          const int64_t c = walk_weights(v, u.u1, [&](int64_t c) {
-            return c == mask_id ? 0.0 : static_cast<double>(xr[c]);
-          });
-          TORCH_CHECK_VALUE(c >= 0, op, ": soft x has no mass outside mask_id (row ", r, ")");
-          op_[r] = c;
+          p.out[r] = xh;
+        } else {  // -1 when soft x has no mass outside mask_id
+          p.out[r] = walk_weights(v, u.u1, [&](int64_t c) { return c == p.mask_id ? 0.0 : static_cast<double>(xr[c]); });
         }
       } else if (!soft) {
-        const int64_t xh = xs.const_data_ptr<int64_t>()[r];
-        check_id(xh, id_bound, op, "x", r);
-        op_[r] = uniform_posterior_hard(zr, xh, a_s, a_t, v, u.u0);
+        p.out[r] = uniform_posterior_hard(zr, xh, a_s, a_t, v, u.u0);
       } else {
         // eq. 4 over all classes: (a_ts [c = z] + beta) (alpha_s x_c + gamma)
         const double a_ts = alpha_ts(a_s, a_t), beta = (1 - a_ts) / v, gamma = (1 - a_s) / v;
         const int64_t c = walk_weights(v, u.u0, [&](int64_t c) {
           return ((c == zr ? a_ts : 0.0) + beta) * (a_s * static_cast<double>(xr[c]) + gamma);
         });
-        op_[r] = c >= 0 ? c : zr;
+        p.out[r] = c >= 0 ? c : zr;
       }
     }
   });
-  return out;
+}
+
+// ----------------------------------------------------------------------------- registrations
+
+at::Tensor sample_categorical_cpu(const at::Tensor& logits, double temperature, double top_p, int64_t seed,
+                                  int64_t offset) {
+  const SampleCall c = sample_categorical_call(logits, temperature, top_p, seed, offset);
+  dispatch_logits(c.x.scalar_type(), "sample_categorical", [&](auto tag) { sample_rows(c.params<decltype(tag)>()); });
+  return c.out;
+}
+
+at::Tensor denoise_step_cpu(const at::Tensor& logits, const at::Tensor& z_t, const at::Tensor& alpha_s,
+                            const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id,
+                            double temperature, double top_p, int64_t seed, int64_t offset) {
+  const DenoiseCall c =
+      denoise_step_call(logits, z_t, alpha_s, alpha_t, std::string(process), mask_id, temperature, top_p, seed, offset);
+  dispatch_logits(c.x.scalar_type(), "denoise_step", [&](auto tag) { denoise_rows(c.params<decltype(tag)>()); });
+  return c.out;
+}
+
+at::Tensor posterior_sample_cpu(const at::Tensor& z_t, const at::Tensor& x, const at::Tensor& alpha_s,
+                                const at::Tensor& alpha_t, c10::string_view process, int64_t mask_id,
+                                int64_t num_classes, int64_t seed, int64_t offset) {
+  const PosteriorCall c =
+      posterior_sample_call(z_t, x, alpha_s, alpha_t, std::string(process), mask_id, num_classes, seed, offset);
+  posterior_rows(c.params());
+  return c.out;
 }
 
 }  // namespace

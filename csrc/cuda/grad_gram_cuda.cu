@@ -6,7 +6,7 @@
 #include <torch/library.h>
 
 #include "../grad_gram_paths.h"
-#include "gram_kernels.cuh"
+#include "launch_gram.cuh"
 
 namespace dmmd::cuda {
 namespace {
@@ -18,9 +18,9 @@ at::Tensor grad_gram_cuda(const at::Tensor& a_in, const at::Tensor& g_in) {
   if (n == 0) return at::zeros({0, 0}, a.options());
   if (!use_gram_trick(n, t, d_in, d_out)) return materialised(a, g);
   at::Tensor k = at::empty({n, n}, a.options());
-  const int64_t pairs = n * (n + 1) / 2;
-  gram_trick_kernel<<<row_grid(pairs), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      a.const_data_ptr<float>(), g.const_data_ptr<float>(), k.mutable_data_ptr<float>(), n, t, d_in, d_out);
+  launch_gram_trick(GramParams{a.const_data_ptr<float>(), g.const_data_ptr<float>(), k.mutable_data_ptr<float>(), n,
+                               t, d_in, d_out},
+                    at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return k;
 }

@@ -18,6 +18,9 @@
 #include <vector>
 
 #define DMMD_CUDA_EMULATION 1
+#define DMMD_LAUNCH(kernel, grid, block, stream) \
+  ::emu::launcher((grid), (block), [&](auto... args) { kernel(args...); })
+using cudaStream_t = void*;
 #define __global__
 #define __device__
 #define __host__
@@ -157,6 +160,25 @@ inline void launch(unsigned grid, unsigned threads, const std::function<void()>&
   for (unsigned b = 0; b < grid; ++b) run_block(b, grid, threads, body);
   last_vector_accesses = vector_accesses;
   if (misaligned) throw std::runtime_error("misaligned 16-byte vector access");
+}
+
+// What DMMD_LAUNCH(kernel, grid, block, stream)(args...) becomes here: the real launch code of
+// csrc/cuda/launch*.cuh runs, with the grid cut to at most 3 blocks (the kernels loop over their
+// rows grid-stride, so that loop still runs) to keep the emulation fast.
+template <typename K>
+struct Launcher {
+  unsigned grid, threads;
+  K kernel;
+
+  template <typename... A>
+  void operator()(A... args) const {
+    launch(grid < 3 ? grid : 3, threads, [&] { kernel(args...); });
+  }
+};
+
+template <typename K>
+Launcher<K> launcher(unsigned grid, unsigned threads, K kernel) {
+  return {grid, threads, kernel};
 }
 
 // The calling thread's next exchange buffer, as an array of V (one per thread).

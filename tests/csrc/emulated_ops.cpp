@@ -1,177 +1,103 @@
-// The CUDA kernels of dmmd (csrc/cuda/*_kernels.cuh), compiled for the host on top of
-// cuda_emulation.h and registered as torch ops `dmmd_emu::*` on CPU tensors, so that the tests
-// run the device code itself against the reference and the CPU kernels without a GPU. Each
-// launch uses a grid of up to 3 blocks, so the kernels' grid-stride loops over rows are run too.
-// Arguments are assumed valid (the tests pass what the public ops would).
+// The CUDA side of dmmd, compiled for the host on top of cuda_emulation.h and registered as torch
+// ops `dmmd_emu*::*` on CPU tensors, with the real ops' names and schemas: each op runs the
+// shared host prologue (csrc/prologue.h) and the real launch code (csrc/cuda/launch*.cuh), whose
+// DMMD_LAUNCH the emulation turns into blocks of fibers. So the tests run the device code and
+// its launches against the reference and the CPU kernels without a GPU.
 #include "cuda_emulation.h"
 // clang-format off: the emulation must come first
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
-#include "checks.h"
-#include "cuda/gram_kernels.cuh"
-#include "cuda/losses_kernels.cuh"
-#include "cuda/samplers_kernels.cuh"
+#include "grad_gram_paths.h"
+#include "prologue.h"
+#include "cuda/launch_gram.cuh"
+#include "cuda/launch_losses.cuh"
+#include "cuda/launch_samplers.cuh"
 // clang-format on
 
 namespace dmmd::cuda {
 namespace {
 
-unsigned grid_of(int64_t rows) { return static_cast<unsigned>(rows < 3 ? (rows < 1 ? 1 : rows) : 3); }
+constexpr cudaStream_t kStream = nullptr;
 
-template <typename F>
-void launch(int64_t rows, F&& kernel) {
-  emu::launch(grid_of(rows), kThreads, std::function<void()>(kernel));
+at::Tensor teacher_logprobs(const at::Tensor& teacher, double temperature, double top_p, double delta) {
+  const TeacherLogprobsCall c = teacher_logprobs_call(teacher, temperature, top_p, delta);
+  dispatch_logits(c.a.scalar_type(), "emu",
+                  [&](auto tag) { launch_teacher_logprobs(c.params<decltype(tag)>(), kStream); });
+  return c.out;
 }
 
-at::Tensor teacher_logprobs(const at::Tensor& a, double temperature, double top_p, double delta) {
-  const int64_t rows = a.size(0), v = a.size(1);
-  at::Tensor out = at::empty({rows, v}, a.options().dtype(at::kFloat));
-  dispatch_logits(a.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      teacher_logprobs_kernel<T>(a.const_data_ptr<T>(), a.stride(0), out.mutable_data_ptr<float>(), rows, v,
-                                 static_cast<float>(1.0 / temperature), top_p, static_cast<float>(delta));
-    });
-  });
-  return out;
+std::tuple<at::Tensor, at::Tensor> generator_loss_forward(const at::Tensor& u, const at::Tensor& a,
+                                                          const at::Tensor& b, double temperature, double top_p,
+                                                          double delta) {
+  const GenForwardCall c = generator_forward_call(u, a, b, temperature, top_p, delta);
+  dispatch_logits(c.u.scalar_type(), "emu",
+                  [&](auto tag) { launch_generator_forward(c.params<decltype(tag)>(), kStream); });
+  return {c.loss, c.stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> generator_forward(const at::Tensor& u, const at::Tensor& a, const at::Tensor& b,
-                                                     double temperature, double top_p, double delta) {
-  const int64_t rows = u.size(0), v = u.size(1);
-  at::Tensor loss = at::empty({rows}, u.options().dtype(at::kFloat));
-  at::Tensor stats = at::empty({rows, kGenStats}, u.options().dtype(at::kFloat));
-  dispatch_logits(u.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      generator_forward_kernel<T>(u.const_data_ptr<T>(), u.stride(0), a.const_data_ptr<T>(), a.stride(0),
-                                  b.const_data_ptr<T>(), b.stride(0), loss.mutable_data_ptr<float>(),
-                                  stats.mutable_data_ptr<float>(), rows, v, static_cast<float>(1.0 / temperature),
-                                  top_p, static_cast<float>(delta));
-    });
-  });
-  return {loss, stats};
+at::Tensor generator_loss_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& a, const at::Tensor& b,
+                                   const at::Tensor& stats, double temperature, double top_p, double delta) {
+  const GenBackwardCall c = generator_backward_call(g, u, a, b, stats, temperature, top_p, delta);
+  dispatch_logits(c.u.scalar_type(), "emu",
+                  [&](auto tag) { launch_generator_backward(c.params<decltype(tag)>(), kStream); });
+  return c.grad;
 }
 
-at::Tensor generator_backward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& a, const at::Tensor& b,
-                              const at::Tensor& stats, double temperature, double top_p, double delta) {
-  const int64_t rows = u.size(0), v = u.size(1);
-  at::Tensor grad = at::empty({rows, v}, u.options());
-  dispatch_logits(u.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      generator_backward_kernel<T>(g.const_data_ptr<float>(), u.const_data_ptr<T>(), u.stride(0),
-                                   a.const_data_ptr<T>(), a.stride(0), b.const_data_ptr<T>(), b.stride(0),
-                                   stats.const_data_ptr<float>(), grad.mutable_data_ptr<T>(), rows, v,
-                                   static_cast<float>(1.0 / temperature), top_p, static_cast<float>(delta));
-    });
-  });
-  return grad;
+std::tuple<at::Tensor, at::Tensor> aux_loss_forward(const at::Tensor& b, const at::Tensor& target,
+                                                    const std::optional<at::Tensor>& teacher, double temperature,
+                                                    double top_p, double delta) {
+  const AuxForwardCall c = aux_forward_call(b, target, teacher, temperature, top_p, delta);
+  dispatch_logits(c.in.b.scalar_type(), "emu",
+                  [&](auto tag) { launch_aux_forward(c.params<decltype(tag)>(), kStream); });
+  return {c.loss, c.stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> aux_forward(const at::Tensor& b, const at::Tensor& target,
-                                               const std::optional<at::Tensor>& teacher, double temperature,
-                                               double top_p, double delta) {
-  const AuxArgs in = aux_loss_args(b, target, teacher, "emu");
-  const int64_t rows = b.size(0), v = b.size(1);
-  at::Tensor loss = at::empty({rows}, b.options().dtype(at::kFloat));
-  at::Tensor stats = at::empty({rows, kAuxStats}, b.options().dtype(at::kFloat));
-  dispatch_logits(b.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      aux_forward_kernel<T>(in.b.const_data_ptr<T>(), in.b.stride(0), in.teacher ? in.a.const_data_ptr<T>() : nullptr,
-                            in.teacher ? in.a.stride(0) : 0, in.soft ? in.x.const_data_ptr<float>() : nullptr,
-                            in.soft ? in.x.stride(0) : 0, in.soft ? nullptr : in.x.const_data_ptr<int64_t>(),
-                            loss.mutable_data_ptr<float>(), stats.mutable_data_ptr<float>(), rows, v,
-                            static_cast<float>(1.0 / temperature), top_p, static_cast<float>(delta));
-    });
-  });
-  return {loss, stats};
-}
-
-at::Tensor aux_backward(const at::Tensor& g, const at::Tensor& b, const at::Tensor& target,
-                        const std::optional<at::Tensor>& teacher, const at::Tensor& stats, double temperature,
-                        double top_p, double delta) {
-  const AuxArgs in = aux_loss_args(b, target, teacher, "emu");
-  const int64_t rows = b.size(0), v = b.size(1);
-  at::Tensor grad = at::empty({rows, v}, b.options());
-  dispatch_logits(b.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      aux_backward_kernel<T>(g.const_data_ptr<float>(), in.b.const_data_ptr<T>(), in.b.stride(0),
-                             in.teacher ? in.a.const_data_ptr<T>() : nullptr, in.teacher ? in.a.stride(0) : 0,
-                             in.soft ? in.x.const_data_ptr<float>() : nullptr, in.soft ? in.x.stride(0) : 0,
-                             in.soft ? nullptr : in.x.const_data_ptr<int64_t>(), stats.const_data_ptr<float>(),
-                             grad.mutable_data_ptr<T>(), rows, v, static_cast<float>(1.0 / temperature), top_p,
-                             static_cast<float>(delta));
-    });
-  });
-  return grad;
+at::Tensor aux_loss_backward(const at::Tensor& g, const at::Tensor& b, const at::Tensor& target,
+                             const std::optional<at::Tensor>& teacher, const at::Tensor& stats, double temperature,
+                             double top_p, double delta) {
+  const AuxBackwardCall c = aux_backward_call(g, b, target, teacher, stats, temperature, top_p, delta);
+  dispatch_logits(c.in.b.scalar_type(), "emu",
+                  [&](auto tag) { launch_aux_backward(c.params<decltype(tag)>(), kStream); });
+  return c.grad;
 }
 
 at::Tensor sample_categorical(const at::Tensor& x, double temperature, double top_p, int64_t seed, int64_t offset) {
-  const int64_t rows = x.size(0), v = x.size(1);
-  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
-  dispatch_logits(x.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      sample_categorical_kernel<T>(x.const_data_ptr<T>(), x.stride(0), out.mutable_data_ptr<int64_t>(), rows, v,
-                                   static_cast<float>(1.0 / temperature), top_p, static_cast<uint64_t>(seed),
-                                   static_cast<uint64_t>(offset));
-    });
-  });
-  return out;
+  const SampleCall c = sample_categorical_call(x, temperature, top_p, seed, offset);
+  dispatch_logits(c.x.scalar_type(), "emu",
+                  [&](auto tag) { launch_sample_categorical(c.params<decltype(tag)>(), kStream); });
+  return c.out;
 }
 
-at::Tensor denoise_step(const at::Tensor& x, const at::Tensor& z, const at::Tensor& as, const at::Tensor& at_,
-                        bool masked, int64_t mask_id, double temperature, double top_p, int64_t seed, int64_t offset) {
-  const int64_t rows = x.size(0), v = x.size(1);
-  at::Tensor out = at::empty({rows}, z.options());
-  dispatch_logits(x.scalar_type(), "emu", [&](auto tag) {
-    using T = decltype(tag);
-    launch(rows, [&] {
-      denoise_step_kernel<T>(x.const_data_ptr<T>(), x.stride(0), z.const_data_ptr<int64_t>(),
-                             as.const_data_ptr<double>(), at_.const_data_ptr<double>(),
-                             out.mutable_data_ptr<int64_t>(), rows, v, masked, mask_id,
-                             static_cast<float>(1.0 / temperature), top_p, static_cast<uint64_t>(seed),
-                             static_cast<uint64_t>(offset));
-    });
-  });
-  return out;
+at::Tensor denoise_step(const at::Tensor& x, const at::Tensor& z, const at::Tensor& a_s, const at::Tensor& a_t,
+                        c10::string_view process, int64_t mask_id, double temperature, double top_p, int64_t seed,
+                        int64_t offset) {
+  const DenoiseCall c =
+      denoise_step_call(x, z, a_s, a_t, std::string(process), mask_id, temperature, top_p, seed, offset);
+  dispatch_logits(c.x.scalar_type(), "emu", [&](auto tag) { launch_denoise_step(c.params<decltype(tag)>(), kStream); });
+  return c.out;
 }
 
-at::Tensor posterior_sample(const at::Tensor& z, const at::Tensor& x, const at::Tensor& as, const at::Tensor& at_,
-                            bool masked, int64_t mask_id, int64_t num_classes, int64_t seed, int64_t offset) {
-  const int64_t rows = z.size(0);
-  at::Tensor out = at::empty({rows}, z.options());
-  if (x.is_floating_point()) {
-    launch(rows, [&] {
-      posterior_soft_kernel(z.const_data_ptr<int64_t>(), x.const_data_ptr<float>(), x.stride(0),
-                            as.const_data_ptr<double>(), at_.const_data_ptr<double>(),
-                            out.mutable_data_ptr<int64_t>(), rows, x.size(1), masked, mask_id,
-                            static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-    });
-  } else {
-    emu::launch(2, 64, [&] {
-      posterior_hard_kernel(z.const_data_ptr<int64_t>(), x.const_data_ptr<int64_t>(), as.const_data_ptr<double>(),
-                            at_.const_data_ptr<double>(), out.mutable_data_ptr<int64_t>(), rows, masked, mask_id,
-                            num_classes, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
-    });
-  }
-  return out;
+at::Tensor posterior_sample(const at::Tensor& z, const at::Tensor& x, const at::Tensor& a_s, const at::Tensor& a_t,
+                            c10::string_view process, int64_t mask_id, int64_t num_classes, int64_t seed,
+                            int64_t offset) {
+  const PosteriorCall c =
+      posterior_sample_call(z, x, a_s, a_t, std::string(process), mask_id, num_classes, seed, offset);
+  launch_posterior_sample(c.params(), kStream);
+  return c.out;
 }
 
-at::Tensor grad_gram(const at::Tensor& a, const at::Tensor& g) {
-  const int64_t n = a.size(0), t = a.size(1), d_in = a.size(2), d_out = g.size(2);
+// The Gram-trick kernel whatever the cost model would pick (the materialised path is ATen's).
+at::Tensor grad_gram(const at::Tensor& a_in, const at::Tensor& g_in) {
+  const auto [a, g] = grad_gram_args(a_in, g_in);
+  const int64_t n = a.size(0);
   at::Tensor k = at::empty({n, n}, a.options());
-  const int64_t pairs = n * (n + 1) / 2;
-  launch(pairs, [&] {
-    gram_trick_kernel(a.const_data_ptr<float>(), g.const_data_ptr<float>(), k.mutable_data_ptr<float>(), n, t, d_in,
-                      d_out);
-  });
+  launch_gram_trick(GramParams{a.const_data_ptr<float>(), g.const_data_ptr<float>(), k.mutable_data_ptr<float>(), n,
+                               a.size(1), a.size(2), g.size(2)},
+                    kStream);
   return k;
 }
 
@@ -189,10 +115,10 @@ int64_t last_vector_accesses() { return emu::last_vector_accesses; }
 
 DMMD_TORCH_LIBRARY(DMMD_EMU_LIB, m) {
   m.def("teacher_logprobs", &dmmd::cuda::teacher_logprobs);
-  m.def("generator_forward", &dmmd::cuda::generator_forward);
-  m.def("generator_backward", &dmmd::cuda::generator_backward);
-  m.def("aux_forward", &dmmd::cuda::aux_forward);
-  m.def("aux_backward", &dmmd::cuda::aux_backward);
+  m.def("generator_loss_forward", &dmmd::cuda::generator_loss_forward);
+  m.def("generator_loss_backward", &dmmd::cuda::generator_loss_backward);
+  m.def("aux_loss_forward", &dmmd::cuda::aux_loss_forward);
+  m.def("aux_loss_backward", &dmmd::cuda::aux_loss_backward);
   m.def("sample_categorical", &dmmd::cuda::sample_categorical);
   m.def("denoise_step", &dmmd::cuda::denoise_step);
   m.def("posterior_sample", &dmmd::cuda::posterior_sample);
