@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from dmmd_ops import testing
+
 QUICK = os.environ.get("DMMD_BENCH_QUICK", "0") == "1"
 ROW_SIZES = [(256, 8192)] if QUICK else [(4096, 32768), (4096, 50257)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -15,8 +17,9 @@ IMPLS = ["eager", "compile", "dmmd"]
 
 
 def make_logits(n: int, v: int, dtype: torch.dtype, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` random ``[n, v]`` logits (std 2), as the tests make them (dmmd_ops.testing)."""
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, v, generator=gen) * 2).to(dtype) for _ in range(count)]
+    return [testing.make_logits((n, v), dtype, gen, scale=2.0) for _ in range(count)]
 
 
 ROUNDS = 3

@@ -31,6 +31,12 @@ def medians(data: dict) -> dict[str, dict[str, float]]:
     return groups
 
 
+def fmt_ms(seconds: float) -> str:
+    """Milliseconds with three significant digits at any scale (0.173, 14.9, 11640)."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def wide_table(groups: dict[str, dict[str, float]]) -> str:
     lines = ["| case | eager (ms) | compile (ms) | dmmd (ms) | dmmd vs eager | dmmd vs compile |",
              "|---|---:|---:|---:|---:|---:|"]
@@ -38,7 +44,7 @@ def wide_table(groups: dict[str, dict[str, float]]) -> str:
         t = groups[group]
         if not {"eager", "compile", "dmmd"} <= t.keys():
             continue
-        lines.append(f"| {group} | {t['eager'] * 1e3:.0f} | {t['compile'] * 1e3:.0f} | {t['dmmd'] * 1e3:.1f} | "
+        lines.append(f"| {group} | {fmt_ms(t['eager'])} | {fmt_ms(t['compile'])} | {fmt_ms(t['dmmd'])} | "
                      f"{t['eager'] / t['dmmd']:.1f}x | {t['compile'] / t['dmmd']:.1f}x |")
     return "\n".join(lines)
 

@@ -358,9 +358,10 @@ def test_two_process_ddp_equals_one_process(tiny_teacher, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "dmmd", "distill", "--out", str(one), *args], check=True, env=env,
                    cwd=ROOT, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "dmmd", "distill", "--out", str(two), *args], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dmmd", "distill", "--out", str(two), *args], env=env, cwd=ROOT, capture_output=True,
+                         text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
     # Gradients, not only weights: Adam's first steps are sign-like and would hide a wrong
     # gradient scale. The logged norm is of the gradient rank 0 steps with (after DDP's mean).
     logs = [[json.loads(line) for line in open(d / "log.jsonl")] for d in (one, two)]

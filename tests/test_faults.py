@@ -112,7 +112,7 @@ def test_a_second_run_on_a_locked_output_directory_is_refused(tmp_path):
 
 def test_a_killed_holder_frees_the_lock(tmp_path):
     out = tmp_path / "t"
-    code = (f"from dmmd.training.loop import OutputLock; import time; OutputLock({str(out)!r}); "
+    code = (f"from dmmd.training.loop import OutputLock; import time; lock = OutputLock({str(out)!r}); "
             "print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

@@ -1,7 +1,8 @@
-"""The compiled CPU kernels against the float64 reference: values and gradients at aligned and
-awkward shapes (one row, V = 50257, 3-D inputs, rows with a stride, a non-unit last stride) in
-float32 / bfloat16 / float16; the nucleus rule at ties; -inf classes; in-kernel argument checks;
-draws identical to the reference's Philox stream and independent of the thread count."""
+"""The compiled kernels against the float64 reference: values and gradients per device (CPU;
+CUDA when a GPU is present) and dtype (float32 / bfloat16 / float16, tolerances from
+dmmd_ops.testing) at aligned and awkward shapes (one row, V = 50257, 3-D inputs, rows with a
+stride, a non-unit last stride); the nucleus rule at ties; -inf classes; bad rows named; draws
+identical to the reference's Philox stream and independent of the thread count."""
 from __future__ import annotations
 
 import pytest
@@ -9,67 +10,58 @@ import torch
 
 import dmmd_ops
 from dmmd_ops import reference
+from dmmd_ops.testing import CASES, DTYPES, VALUE_TOL, grad_tol, make_logits, on_device
 
 pytestmark = pytest.mark.skipif(not dmmd_ops.has_kernel("generator_loss_forward", "cpu"),
                                 reason="the extension has no CPU kernels")
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Gradients are written in the logits' dtype: their rounding sets the tolerance.
-GRAD_EPS = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-def _make(shape, dtype, gen, layout="contiguous", scale=3.0):
-    """Random logits of `shape` in `dtype` with the given memory layout."""
-    if layout == "contiguous":
-        t = torch.randn(shape, generator=gen) * scale
-    elif layout == "row_stride":  # rows are a slice of wider rows: stride(-2) = 2 V
-        t = (torch.randn((*shape[:-1], 2 * shape[-1]), generator=gen) * scale)[..., : shape[-1]]
-    elif layout == "transposed":  # last stride != 1
-        t = (torch.randn((shape[-1], *shape[:-1]), generator=gen) * scale).movedim(0, -1)
-    return t.to(dtype)
+def _kernels_on(device: str) -> None:
+    if not dmmd_ops.has_kernel("generator_loss_forward", device):
+        pytest.fail(f"the extension has no {device} kernels; build it for {device}")
 
 
-CASES = [  # (shape, layout)
-    ((1, 50257), "contiguous"),
-    ((37, 50), "contiguous"),
-    ((3, 5, 333), "contiguous"),
-    ((9, 1000), "row_stride"),
-    ((6, 129), "transposed"),
-    ((4, 1), "contiguous"),
-]
-
-
-def _grad_tol(dtype, g):
-    return dict(rtol=0, atol=GRAD_EPS[dtype] * float(g.abs().max()) + 1e-7)
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.3)])
-def test_generator_loss_and_grad_match_reference(shape, layout, dtype, temperature, top_p, gen):
-    u, a, b = (_make(shape, dtype, gen, layout) for _ in range(3))
+def test_generator_loss_and_grad_match_reference(device, shape, layout, dtype, temperature, top_p, gen):
+    """Against the float64 reference; on CUDA also against the CPU kernel."""
+    _kernels_on(device)
+    u, a, b = (make_logits(shape, dtype, gen, layout) for _ in range(3))
     w = torch.rand(shape[:-1], generator=gen)
-    kw = dict(temperature=temperature, top_p=top_p, delta=1.5)
-    uk = u.detach().requires_grad_()
-    got = dmmd_ops.generator_loss(uk, a, b, weight=w, reduction="none", **kw)
+    kw = dict(temperature=temperature, top_p=top_p, delta=1.5, reduction="none")
+    uk = on_device(u, device).requires_grad_()
+    got = dmmd_ops.generator_loss(uk, on_device(a, device), on_device(b, device), weight=w.to(device), **kw)
     u64 = u.detach().double().requires_grad_()
-    want = reference.generator_loss(u64, a, b, weight=w, reduction="none", **kw)
+    want = reference.generator_loss(u64, a, b, weight=w, **kw)
     assert got.dtype == torch.float32 and got.shape == shape[:-1]
-    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-4, atol=1e-4)
+    rtol, atol = VALUE_TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=rtol, atol=atol)
     gl = torch.randn(shape[:-1], generator=gen)
-    (got * gl).sum().backward()
+    (got * gl.to(device)).sum().backward()
     (want * gl).sum().backward()
     assert uk.grad.dtype == dtype and uk.grad.shape == shape
-    torch.testing.assert_close(uk.grad.double(), u64.grad, **_grad_tol(dtype, u64.grad))
+    torch.testing.assert_close(uk.grad.double().cpu(), u64.grad, **grad_tol(dtype, u64.grad))
+    if device != "cpu":
+        ucpu = u.clone().requires_grad_()
+        cpu = dmmd_ops.generator_loss(ucpu, a, b, weight=w, **kw)
+        (cpu * gl).sum().backward()
+        torch.testing.assert_close(got.cpu(), cpu.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(uk.grad.double().cpu(), ucpu.grad.double(), **grad_tol(dtype, u64.grad))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("target_kind", ["hard", "soft"])
 @pytest.mark.parametrize("teacher,top_p", [(False, 1.0), (True, 1.0), (True, 0.8)])
-def test_aux_loss_and_grad_match_reference(shape, layout, dtype, target_kind, teacher, top_p, gen):
-    b = _make(shape, dtype, gen, layout)
-    a = _make(shape, dtype, gen, layout) if teacher else None
+def test_aux_loss_and_grad_match_reference(device, shape, layout, dtype, target_kind, teacher, top_p, gen):
+    """Against the float64 reference; on CUDA also against the CPU kernel."""
+    _kernels_on(device)
+    b = make_logits(shape, dtype, gen, layout)
+    a = make_logits(shape, dtype, gen, layout) if teacher else None
     v = shape[-1]
     if target_kind == "hard":
         target = torch.randint(0, v, shape[:-1], generator=gen)
@@ -77,34 +69,46 @@ def test_aux_loss_and_grad_match_reference(shape, layout, dtype, target_kind, te
         target = torch.softmax(torch.randn(shape, generator=gen) * 2, -1)
         target = target * (torch.rand(shape, generator=gen) < 0.5)
     kw = dict(temperature=0.8, top_p=top_p, delta=2.0, reduction="none")
-    bk = b.detach().requires_grad_()
-    got = dmmd_ops.aux_loss(bk, target, a, **kw)
+    bk = on_device(b, device).requires_grad_()
+    got = dmmd_ops.aux_loss(bk, target.to(device), on_device(a, device), **kw)
     b64 = b.detach().double().requires_grad_()
     want = reference.aux_loss(b64, target, a, **kw)
-    torch.testing.assert_close(got.double(), want.detach().double(), rtol=1e-4, atol=1e-4)
+    rtol, atol = VALUE_TOL[dtype]
+    torch.testing.assert_close(got.double().cpu(), want.detach().double(), rtol=rtol, atol=atol)
     gl = torch.randn(shape[:-1], generator=gen)
-    (got * gl).sum().backward()
+    (got * gl.to(device)).sum().backward()
     (want * gl).sum().backward()
     assert bk.grad.dtype == dtype
-    torch.testing.assert_close(bk.grad.double(), b64.grad, **_grad_tol(dtype, b64.grad))
+    torch.testing.assert_close(bk.grad.double().cpu(), b64.grad, **grad_tol(dtype, b64.grad))
+    if device != "cpu":
+        bcpu = b.clone().requires_grad_()
+        cpu = dmmd_ops.aux_loss(bcpu, target, a, **kw)
+        (cpu * gl).sum().backward()
+        torch.testing.assert_close(got.cpu(), cpu.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bk.grad.double().cpu(), bcpu.grad.double(), **grad_tol(dtype, b64.grad))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,layout", CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.6, 0.9), (1.5, 0.5)])
-def test_teacher_logprobs_and_grad_match_reference(shape, layout, dtype, temperature, top_p, gen):
-    a = _make(shape, dtype, gen, layout)
+def test_teacher_logprobs_and_grad_match_reference(device, shape, layout, dtype, temperature, top_p, gen):
+    """Against the float64 reference; on CUDA also against the CPU kernel."""
+    _kernels_on(device)
+    a = make_logits(shape, dtype, gen, layout)
     kw = dict(temperature=temperature, top_p=top_p, delta=2.0)
-    ak = a.detach().requires_grad_()
+    ak = on_device(a, device).requires_grad_()
     got = dmmd_ops.teacher_logprobs(ak, **kw)
     a64 = a.detach().double().requires_grad_()
     want = reference.teacher_logprobs(a64, **kw)
     assert got.dtype == torch.float32 and got.shape == shape
-    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=5e-5)
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=5e-5)
     g = torch.randn(shape, generator=gen)
-    (got * g).sum().backward()
+    (got * g.to(device)).sum().backward()
     (want * g).sum().backward()
-    torch.testing.assert_close(ak.grad.double(), a64.grad, **_grad_tol(dtype, a64.grad))
+    torch.testing.assert_close(ak.grad.double().cpu(), a64.grad, **grad_tol(dtype, a64.grad))
+    if device != "cpu":
+        torch.testing.assert_close(got.cpu(), dmmd_ops.teacher_logprobs(a, **kw), rtol=1e-5, atol=5e-5)
 
 
 def test_nucleus_ties_go_to_the_lower_index():
@@ -201,13 +205,13 @@ def _agree(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x == y).double().mean())
 
 
-@pytest.mark.parametrize("shape,layout", CASES[:5])
+@pytest.mark.parametrize("shape,layout", CASES[:-1])  # all but V = 1
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (1.3, 0.4)])
 def test_sample_categorical_follows_the_reference_draws(shape, layout, dtype, temperature, top_p, gen):
     """The kernel inverts the same Philox uniforms through float32 weights with float64 sums: it
     agrees with the float64 reference draw for draw except within ~1e-6 of a CDF step."""
-    x = _make(shape, dtype, gen, layout, scale=2.0)
+    x = make_logits(shape, dtype, gen, layout, scale=2.0)
     kw = dict(temperature=temperature, top_p=top_p, seed=123, offset=2**40 + 5)  # a 64-bit offset
     got = dmmd_ops.sample_categorical(x, **kw)
     want = reference.sample_categorical(x, **kw)
@@ -220,7 +224,7 @@ def test_sample_categorical_follows_the_reference_draws(shape, layout, dtype, te
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_denoise_step_follows_the_reference_draws(process, dtype, top_p, gen):
     rows, v = 3000, 257
-    logits = _make((rows, v), dtype, gen, "row_stride", scale=2.0)
+    logits = make_logits((rows, v), dtype, gen, "row_stride", scale=2.0)
     mask_id = v - 1 if process == "masked" else None
     if process == "masked":
         logits[:, mask_id] = 10.0  # a large mask logit must still never be drawn

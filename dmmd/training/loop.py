@@ -121,28 +121,37 @@ def run_context(cfg: RunConfig) -> RunContext:
 
 # ---------------------------------------------------------------- the output directory's lock
 
+class OutputInUse(RuntimeError):
+    """Another live run holds the output directory."""
+
+
 class OutputLock:
     """An exclusive lock on an output directory (``OUT/.lock``, ``flock``): a second run on the
     same directory is refused while the first lives; the kernel drops it when a run dies."""
 
     def __init__(self, out: str):
+        self.fd = -1
         os.makedirs(out, exist_ok=True)
         self.path = os.path.join(out, ".lock")
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise RuntimeError(f"output directory {out} is in use by another run (pid {holder}); "
-                               f"wait for it to end or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputInUse(f"output directory {out} is in use by another run (pid {holder}); "
+                              f"wait for it to end or choose another --out") from None
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
+
+    def __del__(self) -> None:
+        self.release()
 
     def __enter__(self) -> OutputLock:
         return self
