@@ -12,22 +12,33 @@ export MAX_JOBS ?= 2
 
 all: test
 
-$(DEPS): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest pytest-benchmark scipy ruff
-	touch $@
+LOG := build/make.log
 
+# Each step's output goes to $(LOG); the terminal gets one line per step (and the log's tail
+# when a step fails).
+define quiet
+	@mkdir -p build; echo "$(1) (log: $(LOG))"; ( $(2) ) >> $(LOG) 2>&1 || { tail -n 40 $(LOG); exit 1; }
+endef
+
+$(DEPS): pyproject.toml
+	$(call quiet,python environment $(VENV),test -x $(PY) || $(PYTHON) -m venv $(VENV))
+	$(call quiet,torch,$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0)
+	$(call quiet,python packages,$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest pytest-benchmark scipy ruff)
+	@touch $@
+
+# The package in editable mode, without compiling: `build` compiles the extension once, in place.
 $(INSTALLED): $(DEPS) setup.py
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@
+	$(call quiet,dmmd (editable),DMMD_NO_EXTENSION=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .)
+	@touch $@
 
 build: $(INSTALLED)
-	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -vE "Warning|warn|^\s*$$|!!|\*\*\*\*" || true
-	$(PY) -c "import dmmd_ops, sys; sys.exit(0 if dmmd_ops.EXTENSION_LOADED else 1)"
+	$(call quiet,compiling dmmd_ops._C (incremental),$(PY) setup.py build_ext --inplace)
+	@$(PY) -c "import dmmd_ops, sys; sys.exit(0 if dmmd_ops.EXTENSION_LOADED else 1)"
 
+# The test suite (about 5 minutes on 2 cores) with its 15 slowest tests, then a smoke run of the
+# benchmarks (about 1 minute).
 test: build
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider bench --benchmark-disable
 
 bench: build

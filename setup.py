@@ -2,7 +2,10 @@
 torch is a CUDA build and nvcc is found (keyed on the torch build, not on a visible GPU).
 
 Knobs (environment): DMMD_FORCE_CUDA=1, DMMD_SKIP_CUDA=1, TORCH_CUDA_ARCH_LIST, MAX_JOBS,
-DEBUG=1, CUDA_HOME. Install with `pip install --no-build-isolation -e .` after torch.
+DEBUG=1, CUDA_HOME; DMMD_NO_EXTENSION=1 installs the Python packages only (the Makefile then
+builds the extension in place, once, with ninja). Install with `pip install --no-build-isolation .`
+after torch: the extension is built against that torch (its version is recorded in
+`_build_info.json`, and `dmmd_ops` refuses to load a build made for another torch).
 """
 from __future__ import annotations
 
@@ -50,7 +53,12 @@ if not os.environ.get("CUDA_HOME") and not _flag("DMMD_SKIP_CUDA"):
     if _home:
         os.environ["CUDA_HOME"] = _home
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ModuleNotFoundError:  # pip's isolated build environment: no torch to build against
+    sys.exit("dmmd compiles its kernels against the torch of the environment it installs into, and "
+             "this build environment has none (pip's build isolation). Install torch first, then: "
+             "pip install --no-build-isolation .")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
@@ -133,6 +141,6 @@ class BuildExt(BuildExtension):
 
 setup(
     packages=find_packages(include=["dmmd_ops", "dmmd_ops.*", "dmmd", "dmmd.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[] if _flag("DMMD_NO_EXTENSION") else [_extension()],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

@@ -1,18 +1,46 @@
 """Loading the compiled extension and asking which kernels it registered."""
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
 import warnings
 
 import torch
 
-try:  # Importing _C runs the TORCH_LIBRARY registrations; it never initialises CUDA.
-    from dmmd_ops import _C  # noqa: F401
 
-    EXTENSION_LOADED = True
-    EXTENSION_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    EXTENSION_LOADED = False
-    EXTENSION_ERROR = str(exc)
+def build_mismatch(built: dict, runtime: str) -> str | None:
+    """Why a build recorded in ``built`` (its ``_build_info.json``) must not be loaded into torch
+    ``runtime``, or None: an extension compiled against another torch can crash on import."""
+    wanted = built.get("torch_version")
+    if wanted is None or wanted == runtime:
+        return None
+    return (f"dmmd_ops._C was built against torch {wanted} but this is torch {runtime}; rebuild it "
+            f"against this torch (pip install --no-build-isolation ., or make build)")
+
+
+def _load() -> tuple[bool, str | None]:
+    """Import ``_C`` (which runs the TORCH_LIBRARY registrations and never initialises CUDA),
+    unless its build record names another torch."""
+    spec = importlib.util.find_spec("dmmd_ops._C")
+    if spec is None or spec.origin is None:
+        return False, "the extension is not built (make build, or pip install --no-build-isolation .)"
+    record = os.path.join(os.path.dirname(spec.origin), "_build_info.json")
+    if os.path.exists(record):
+        with open(record) as f:
+            why = build_mismatch(json.load(f), torch.__version__)
+        if why is not None:
+            warnings.warn(why + "; until then the pure-PyTorch reference runs every op", RuntimeWarning,
+                          stacklevel=3)
+            return False, why
+    try:
+        from dmmd_ops import _C  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+        return False, str(exc)
+    return True, None
+
+
+EXTENSION_LOADED, EXTENSION_ERROR = _load()
 
 # Every op of the schema (csrc/ops.cpp).
 OPS = ("philox4x32", "teacher_logprobs", "generator_loss_forward", "generator_loss_backward",

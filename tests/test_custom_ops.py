@@ -139,3 +139,16 @@ def test_registered_backward_kernels_match_finite_differences(gen, top_p):
         lambda x: reference.aux_loss(x, target.double(), a.double(), weight=w.double(), top_p=top_p,
                                      temperature=0.8), b.double())
     torch.testing.assert_close(b32.grad.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_build_for_another_torch_is_refused_with_one_clear_reason():
+    """An extension compiled against another torch is not loaded (that can crash); the reason
+    names both versions and how to rebuild. The installed build matches this torch."""
+    from dmmd_ops._ext import EXTENSION_LOADED, build_mismatch
+
+    assert EXTENSION_LOADED
+    assert build_mismatch({"torch_version": torch.__version__}, torch.__version__) is None
+    assert build_mismatch({}, torch.__version__) is None
+    why = build_mismatch({"torch_version": "2.6.0+cu124"}, "2.13.0+cpu")
+    assert "built against torch 2.6.0+cu124" in why and "this is torch 2.13.0+cpu" in why
+    assert "pip install --no-build-isolation" in why

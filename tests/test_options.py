@@ -63,8 +63,9 @@ def test_demo_distill_keys_work_or_are_refused_by_name():
 
 
 def test_demo_command_refuses_a_colliding_distill_key_before_any_work(tmp_path, capsys):
-    with pytest.raises(ValueError, match="'top_p' is a demo option"):
-        main(["demo", "--quick", "--out", str(tmp_path / "d"), "--distill", '{"top_p": 0.9}', "--no-progress"])
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--distill", '{"top_p": 0.9}',
+                 "--no-progress"]) == 2
+    assert "dmmd demo: error: distill: 'top_p' is a demo option: use --top-p" in capsys.readouterr().err
     assert not (tmp_path / "d" / "teacher").exists()
 
 
@@ -74,3 +75,15 @@ def test_study_distill_keys_work_or_are_refused_by_name(tmp_path):
         with pytest.raises(ValueError, match=match):
             run_study(cfg, progress=False, log=lambda *_: None)
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("key,value", [("steps", -5), ("steps", 0), ("batch_size", 0), ("save_every", 0),
+                                       ("warmup", -1), ("grad_clip", 0.0), ("time_limit_min", -1.0)])
+def test_run_options_out_of_their_domain_are_refused_before_any_work(tmp_path, key, value):
+    from dmmd.training.teacher import train_teacher
+
+    cfg = TeacherConfig.from_dict({"data": "markov", "length": 6, "width": 16, "depth": 1, "heads": 2,
+                                   "out": str(tmp_path / "t"), key: value})
+    with pytest.raises(ValueError, match=rf"^{key} must be"):
+        train_teacher(cfg, progress=False)
+    assert not (tmp_path / "t").exists()

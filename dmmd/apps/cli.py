@@ -1,4 +1,4 @@
-"""The ``dmmd`` command line.
+"""dmmd: distill discrete diffusion models into few-step generators (D-MMD).
 
     dmmd train-teacher [--config run.json] [--flag value ...]   train (or resume) a teacher
     dmmd distill --teacher DIR --student-steps K [...]         distill a k-step D-MMD student
@@ -7,15 +7,25 @@
     dmmd evaluate --samples S.json [...] --reference DIR       GM, generative perplexity, entropy
     dmmd demo [--quick] [--out DIR] [--device cuda] [...]      the whole story on the embedded text
 
-Each ``train-teacher`` / ``distill`` flag is a field of :class:`dmmd.training.teacher.TeacherConfig` /
-:class:`dmmd.training.distill.DistillConfig`; a JSON config file gives defaults that flags override.
-``dmmd <command> --help`` explains every flag.
+Each ``train-teacher`` / ``distill`` / ``reference train`` / ``demo`` flag is an option of its
+config (:class:`dmmd.training.teacher.TeacherConfig` and so on), with its help beside the
+field; a JSON config file gives defaults that flags override. A user error (a bad value, a
+missing or damaged file, a busy output directory, a missing optional dependency) is one line,
+``dmmd <command>: error: ...``, exit status 2, before any work; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+import os
+
+# Idle OpenMP workers sleep instead of spinning (read when torch loads, so before any import
+# of it). Measured with bench/under_load.py on 2 cores: a small distillation made 17.1 steps/s
+# alone and 4.1 beside a copy of itself with spinning workers, 11.4 and 11.4 with sleeping
+# ones. OMP_WAIT_POLICY=ACTIVE restores spinning (faster alone, collapses on a shared machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
 
 from dmmd.training.distill import DistillConfig
 from dmmd.training.reference import ReferenceConfig
@@ -43,6 +53,7 @@ def _config_parser(sub, name: str, config_cls, *, resumable: bool = True, **kw):
     help and default from each field), plus --config, --no-progress and, for ``resumable``
     ones, --no-resume; tuple fields take several ints, dict fields JSON."""
     p = sub.add_parser(name, **kw)
+    _common_flags(p)
     p.add_argument("--config", help="JSON file of defaults (keys are the flag names with underscores)")
     if resumable:
         p.add_argument("--no-resume", action="store_true", help="start over even if OUT/checkpoint exists")
@@ -64,12 +75,21 @@ def _config_parser(sub, name: str, config_cls, *, resumable: bool = True, **kw):
     return p
 
 
+def _common_flags(p) -> None:
+    p.add_argument("--debug", action="store_true", help="on an error, show the traceback")
+
+
 def _values_from_args(args, config_cls) -> dict:
     """The --config file's values, overridden by the flags given (flat keys)."""
     values = {}
     if args.config:
-        with open(args.config) as f:
-            values.update(json.load(f))
+        try:
+            with open(args.config) as f:
+                values.update(json.load(f))
+        except OSError as e:
+            raise ValueError(f"--config {args.config}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
     values.update({f.name: getattr(args, f.name) for f, _ in config_cls.flat_fields()
                    if getattr(args, f.name) is not None})
     return values
@@ -82,6 +102,7 @@ def _config_from_args(args, config_cls):
 def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample sequences from a teacher or a D-MMD student",
                        description="k-step ancestral sampling (docs/design.md) from a checkpoint.")
+    _common_flags(p)
     p.add_argument("--checkpoint", required=True,
                    help="a teacher or student checkpoint directory (e.g. runs/teacher/checkpoint)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps k (default: 16)")
@@ -116,12 +137,31 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _check_sample_args(args) -> None:
+    """Refuse bad sampling options (and an unreadable checkpoint) before loading anything."""
+    from dmmd.training.checkpoint import read_state
+
+    for name in ("steps", "num"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("length", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    read_state(args.checkpoint)  # a missing or damaged checkpoint, named
+
+
 def cmd_sample(args) -> int:
     from dmmd.data import ByteText
     from dmmd.diffusion.sampling import sample
     from dmmd.training.distill import is_student, load_student, student_fn
     from dmmd.training.teacher import load_teacher
 
+    _check_sample_args(args)
     if is_student(args.checkpoint):
         model, process, state = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
         model_fn, teacher_config = student_fn(model, args.seed), state["teacher_config"]
@@ -151,6 +191,7 @@ def _evaluate_parser(sub) -> None:
                        description="Evaluate sample files (from `dmmd sample --out`) against held-out data "
                                    "of a token source under a reference causal LM (a local transformers "
                                    "directory); exact NLL and TV too when the source is the Markov source.")
+    _common_flags(p)
     p.add_argument("--samples", nargs="+", required=True, help="JSON sample files (key 'tokens')")
     p.add_argument("--reference", required=True, help="a local transformers causal-LM directory")
     p.add_argument("--checkpoint", help="take the data source from this teacher or student checkpoint")
@@ -160,7 +201,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--estimator", default="ustat", choices=["ustat", "pairs"], help="GM estimator")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per reference-model pass")
     p.add_argument("--prompt-length", type=int, default=0, help="score only tokens after this prefix")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out data draws (default: 0)")
     p.add_argument("--out", help="write the results as JSON here (and a markdown table beside it)")
 
 
@@ -179,6 +220,13 @@ def cmd_evaluate(args) -> int:
     from dmmd.metrics.evaluate import evaluate_samples, markdown_table
     from dmmd.training.checkpoint import read_state
 
+    for path in args.samples:
+        if not os.path.isfile(path):
+            raise ValueError(f"--samples {path}: no such file")
+    if not os.path.isdir(args.reference):
+        raise ValueError(f"--reference {args.reference}: not a directory (a local transformers causal LM)")
+    if args.num_data < 2:
+        raise ValueError(f"--num-data must be >= 2 (the GM needs pairs), got {args.num_data}")
     if args.checkpoint:
         state = read_state(args.checkpoint)
         source = TeacherConfig.from_dict(state.get("teacher_config", state.get("config"))).source
@@ -186,8 +234,11 @@ def cmd_evaluate(args) -> int:
         source = DataConfig(data=args.data, vocab_size=args.vocab_size)
     named = {}
     for path in args.samples:
-        with open(path) as f:
-            named[path] = torch.tensor(json.load(f)["tokens"], dtype=torch.long)
+        try:
+            with open(path) as f:
+                named[path] = torch.tensor(json.load(f)["tokens"], dtype=torch.long)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--samples {path}: not a sample file of dmmd sample --out ({e})") from None
     length = next(iter(named.values())).shape[1]
     source = source.replace(length=length)
     rows = evaluate_samples(named, make_source(source), args.reference, num_data=args.num_data,
@@ -213,7 +264,7 @@ def _demo_parser(sub) -> None:
                                    "generative perplexity and entropy; table (JSON, markdown) and plot (PNG). "
                                    "Re-running resumes every stage.")
     p.add_argument("--quick", action="store_true",
-                   help="tiny models, few steps (under 3 minutes on 2 cores); quick defaults: "
+                   help="tiny models, few steps (19 s on a 2-core AMD EPYC, idle); quick defaults: "
                         + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
 
 
@@ -227,28 +278,57 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dmmd", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    _config_parser(sub, "train-teacher", TeacherConfig, help="train (or resume) a diffusion teacher",
-                   description="Train a masked or uniform diffusion denoiser; resumes from OUT/checkpoint "
-                               "when it exists.")
-    _config_parser(sub, "distill", DistillConfig, help="distill a k-step D-MMD student",
-                   description="D-MMD (paper Algorithm 1): a k-step student generator from a teacher "
-                               "checkpoint; resumes from OUT/checkpoint when it exists.")
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and each command's own parser (for its usage line in errors)."""
+    ap = argparse.ArgumentParser(prog="dmmd", description=__doc__.splitlines()[0],
+                                 epilog="dmmd <command> --help explains every flag of a command.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+    parsers = {
+        "train-teacher": _config_parser(sub, "train-teacher", TeacherConfig,
+                                        help="train (or resume) a diffusion teacher",
+                                        description="Train a masked or uniform diffusion denoiser; resumes from "
+                                                    "OUT/checkpoint when it exists."),
+        "distill": _config_parser(sub, "distill", DistillConfig, help="distill a k-step D-MMD student",
+                                  description="D-MMD (paper Algorithm 1): a k-step student generator from a "
+                                              "teacher checkpoint; resumes from OUT/checkpoint when it exists."),
+    }
     _sample_parser(sub)
-    ref = sub.add_parser("reference", help="reference causal LMs for the metrics").add_subparsers(
-        dest="reference_command", required=True)
-    _config_parser(ref, "train", ReferenceConfig, help="train a small GPT-2-configured causal LM",
-                   description="Train a GPT-2-configured causal LM on a token source and save it as a "
-                               "transformers directory (OUT/model); resumes from OUT/checkpoint.")
+    ref = sub.add_parser("reference", help="reference causal LMs for the metrics")
+    parsers["reference train"] = _config_parser(
+        ref.add_subparsers(dest="reference_command", required=True, metavar="command"), "train", ReferenceConfig,
+        help="train a small GPT-2-configured causal LM",
+        description="Train a GPT-2-configured causal LM on a token source and save it as a transformers "
+                    "directory (OUT/model); resumes from OUT/checkpoint.")
     _evaluate_parser(sub)
     _demo_parser(sub)
-    args = ap.parse_args(argv)
+    for name, p in sub.choices.items():
+        parsers.setdefault(name, p)
+    return ap, parsers
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dmmd.extras import MissingExtra
+    from dmmd.training.loop import OutputInUse
+
+    return ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OutputInUse, MissingExtra
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, parsers = _parser()
+    args, unknown = ap.parse_known_args(argv)
+    name = args.command + (f" {args.reference_command}" if args.command == "reference" else "")
+    if unknown:  # the command's own usage, not the top-level one
+        parsers[name].error(f"unrecognized arguments: {' '.join(unknown)}")
     commands = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "sample": cmd_sample,
-                "reference": cmd_reference, "evaluate": cmd_evaluate,
-                "demo": cmd_demo}
-    return commands[args.command](args)
+                "reference": cmd_reference, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except _user_errors() as e:
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line
+        print(f"dmmd {name}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dmmd.data import ByteText, make_source
 from dmmd.diffusion.sampling import sample
+from dmmd.extras import require
 from dmmd.metrics.evaluate import evaluate_set
 from dmmd.models.reference_lm import load_reference
 from dmmd.options import Options, check_keys, option
@@ -92,7 +93,7 @@ class DemoConfig(Options):
         distill_config(self, self.ks[0])  # every value of --distill must make a valid DistillConfig
 
 
-# ``dmmd demo --quick``: tiny models and few steps (under 3 minutes on 2 cores)
+# ``dmmd demo --quick``: tiny models and few steps (19 s on a 2-core AMD EPYC, idle)
 QUICK = dict(out="runs/demo-quick", length=32, teacher_width=64, teacher_depth=2, teacher_steps=150, teacher_batch=16,
              teacher_lr=2e-3, reference_width=64, reference_layers=1, reference_steps=100, distill_steps=40,
              distill_batch=16, num_samples=32, num_data=32)
@@ -153,6 +154,8 @@ def _draw(cfg: DemoConfig, spec: dict, teacher) -> torch.Tensor:
 def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
     """Run (or resume) every stage; returns ``{"config", "rows", "seconds"}`` (also in results.json)."""
     cfg.validate()
+    for module, purpose in (("transformers", "the demo's reference LM"), ("matplotlib", "the demo's plot")):
+        require(module, purpose)  # before any work
     os.makedirs(cfg.out, exist_ok=True)
     seconds = {}
 
@@ -259,8 +262,7 @@ def markdown_tables(rows: list[dict], cfg: DemoConfig) -> str:
 
 def plot(rows: list[dict], path: str, cfg: DemoConfig) -> None:
     """Steps vs GM: the teacher's curve and the students' points, with standard errors."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the demo's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -11,14 +11,15 @@ import os
 
 import torch
 
+from dmmd.extras import require
+
 
 def load_reference(path: str, *, device: str = "cpu", dtype: torch.dtype | None = None):
     """A causal LM from a local transformers directory, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     if not os.path.isdir(path):
         raise ValueError(f"reference must be a local transformers directory, got {path!r}")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    transformers = require("transformers", "a reference LM")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval()
@@ -26,9 +27,9 @@ def load_reference(path: str, *, device: str = "cpu", dtype: torch.dtype | None 
 
 def build_reference(vocab_size: int, length: int, *, n_layer: int, n_embd: int, n_head: int):
     """A freshly initialised GPT-2 LM (draws from the global torch RNG: seed it first)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=length, n_layer=n_layer,
-                                       n_embd=n_embd, n_head=n_head, bos_token_id=0, eos_token_id=0))
+    transformers = require("transformers", "a reference LM")
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=length, n_layer=n_layer, n_embd=n_embd,
+                                     n_head=n_head, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
     model.config.loss_type = "ForCausalLM"
     return model

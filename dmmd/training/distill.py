@@ -85,8 +85,9 @@ class DistillConfig(Options):
     collapse_entropy: float = option(0.02, "warn when the generator's output entropy (nats) falls below this")
     run: RunConfig = nested(RunConfig, batch_size=64, steps=2000, warmup=50, save_every=500, out="runs/student")
 
-    def validate(self, process: DiffusionProcess) -> None:
-        """Raise ``ValueError`` naming the first option that does not fit ``process``."""
+    def validate(self, kind: str | None = None) -> None:
+        """Raise ``ValueError`` naming the first option out of its domain, or (given the
+        process ``kind``, ``"masked"`` or ``"uniform"``) the first that does not fit it."""
         if self.student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {self.student_steps}")
         if self.aux_per_gen < 1:
@@ -95,23 +96,34 @@ class DistillConfig(Options):
             raise ValueError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
-        if process.kind == "uniform" and self.soft_target:
-            raise ValueError("soft_target is only valid for masked diffusion: a uniform z_s is "
-                             "consistent with the hard x only (paper section 3.2)")
-        if self.form == "posterior" and process.kind != "uniform":
-            raise ValueError("form='posterior' (Appendix D) is for uniform diffusion")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.delta >= 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        for name in ("lr_gen", "lr_aux"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "ema"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.noise_per not in ("token", "sequence"):
             raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
+        if self.noise_dim is not None and self.noise_dim < 0:
+            raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
         if self.noise_init < 0:
             raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
         if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
             raise ValueError(f"posterior_ds must be in (0, 1], got {self.posterior_ds}")
+        self.run.validate()
+        if kind == "uniform" and self.soft_target:
+            raise ValueError("soft_target is only valid for masked diffusion: a uniform z_s is "
+                             "consistent with the hard x only (paper section 3.2)")
+        if self.form == "posterior" and kind is not None and kind != "uniform":
+            raise ValueError("form='posterior' (Appendix D) is for uniform diffusion")
 
     def resolved_noise_dim(self, process: DiffusionProcess) -> int:
         if self.noise_dim is not None:
@@ -196,7 +208,7 @@ class Distiller:
     """
 
     def __init__(self, teacher: Denoiser, process: DiffusionProcess, cfg: DistillConfig):
-        cfg.validate(process)
+        cfg.validate(process.kind)
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
         self.noise_dim = cfg.resolved_noise_dim(process)
@@ -385,6 +397,8 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
     ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``.
     """
+    # every option, and the teacher's checkpoint and process, checked before any work
+    cfg.validate(DenoiserConfig(**read_state(cfg.teacher)["model"]).process)
     run = cfg.run
     ctx = run_context(run)
     teacher, process, source, tcfg = load_distill_teacher(cfg, ctx.device)

@@ -47,10 +47,10 @@ class RunConfig(Options):
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option out of its domain."""
-        for name in ("batch_size", "save_every"):
+        for name in ("batch_size", "steps", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup", "time_limit_min"):
+        for name in ("warmup", "time_limit_min"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.grad_clip > 0:

@@ -13,6 +13,7 @@ import torch
 
 from dmmd.data import DataConfig, make_source
 from dmmd.diffusion.randomness import Stream, step_generator, validation_generator
+from dmmd.extras import require
 from dmmd.models.reference_lm import build_reference, load_reference
 from dmmd.options import Options, nested, option
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
@@ -32,6 +33,17 @@ class ReferenceConfig(Options):
     run: RunConfig = nested(RunConfig, batch_size=32, steps=2000, warmup=100, save_every=500,
                             out="runs/reference")
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first option out of its domain."""
+        for name in ("n_layer", "n_embd", "n_head", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be a multiple of n_head {self.n_head}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.run.validate()
+
 
 @torch.no_grad()
 def validation_nll(model, source, cfg: ReferenceConfig) -> float:
@@ -48,9 +60,11 @@ def validation_nll(model, source, cfg: ReferenceConfig) -> float:
 def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool = True,
                     stop_at: int | None = None) -> dict:
     """Train (or resume) a reference LM; the transformers directory is ``OUT/model``."""
+    cfg.validate()
+    require("transformers", "a reference LM")
     run = cfg.run
-    ctx = run_context(run)
     source = make_source(cfg.source)
+    ctx = run_context(run)
     torch.manual_seed(run.seed)
     model = build_reference(source.vocab_size, cfg.source.length, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
                             n_head=cfg.n_head).to(ctx.device).train()

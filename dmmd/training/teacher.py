@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from dmmd.data import DataConfig, make_source
-from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.diffusion.processes import PROCESSES, DiffusionProcess
 from dmmd.diffusion.randomness import Stream, step_generator, validation_generator
+from dmmd.diffusion.schedules import get_schedule
 from dmmd.models.denoiser import Denoiser, DenoiserConfig
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
@@ -42,6 +43,30 @@ class TeacherConfig(Options):
     eval_batches: int = option(4, "validation batches")
     eval_steps: int = option(128, "discretisation steps of the validation ELBO")
     run: RunConfig = nested(RunConfig, batch_size=32, steps=2000, warmup=100, save_every=250, out="runs/teacher")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first option out of its domain (the data source's
+        own checks come with :func:`make_source`)."""
+        if self.process not in PROCESSES:
+            raise ValueError(f"process must be one of {PROCESSES}, got {self.process!r}")
+        get_schedule(self.schedule)
+        for name in ("width", "depth", "heads", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not 0 <= self.t_min < 1:
+            raise ValueError(f"t_min must be in [0, 1), got {self.t_min}")
+        for name in ("eval_every", "eval_batches", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.run.validate()
 
 
 def build(cfg: TeacherConfig) -> tuple[DiffusionProcess, Denoiser]:
@@ -90,9 +115,10 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     ``stop_at`` ends this run (with a checkpoint) after that step, for jobs cut into time
     slices; the schedule still runs to ``steps``.
     """
+    cfg.validate()
     run = cfg.run
+    source = make_source(cfg.source)  # a bad source or file, named, before any work
     ctx = run_context(run)
-    source = make_source(cfg.source)
     process, model = build(cfg)
     model.to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False)
