@@ -55,6 +55,8 @@ def test_demo_distill_keys_work_or_are_refused_by_name():
         cfg.validate()
     with pytest.raises(ValueError, match="distill: unknown key 'lr_generator'"):
         demo_config(True, distill={"lr_generator": 1e-4}).validate()
+    with pytest.raises(ValueError, match="lr_gen must be > 0"):  # values too, before any work
+        demo_config(True, distill={"lr_gen": -1.0}).validate()
     cfg = demo_config(True, distill={"lr_gen": 5e-5, "noise_per": "token", "aux_per_gen": 3})
     cfg.validate()
     student = distill_config(cfg, 4)

@@ -89,8 +89,7 @@ class DemoConfig(Options):
                 raise ValueError(f"{name} must be positive integers, got {ks}")
         if self.num_samples < 2 or self.num_data < 2:
             raise ValueError("num_samples and num_data must be >= 2 (the GM U-statistic needs pairs)")
-        check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=DEMO_OWNED)
-        distill_config(self, self.ks[0])  # every value of --distill must make a valid DistillConfig
+        distill_config(self, self.ks[0]).validate()  # --distill's keys by name, then their values
 
 
 # ``dmmd demo --quick``: tiny models and few steps (19 s on a 2-core AMD EPYC, idle)
