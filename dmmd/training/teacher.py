@@ -69,9 +69,10 @@ class TeacherConfig(Options):
         self.run.validate()
 
 
-def build(cfg: TeacherConfig) -> tuple[DiffusionProcess, Denoiser]:
-    """The process and a freshly initialised denoiser for ``cfg`` (seeded by ``cfg.run.seed``)."""
-    v = make_source(cfg.source).vocab_size
+def build(cfg: TeacherConfig, vocab_size: int) -> tuple[DiffusionProcess, Denoiser]:
+    """The process and a freshly initialised denoiser for ``cfg`` over a source of ``vocab_size``
+    tokens (seeded by ``cfg.run.seed``)."""
+    v = vocab_size
     num_classes = v + 1 if cfg.process == "masked" else v
     process = DiffusionProcess(cfg.process, num_classes, cfg.schedule)
     torch.manual_seed(cfg.run.seed)
@@ -119,7 +120,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     run = cfg.run
     source = make_source(cfg.source)  # a bad source or file, named, before any work
     ctx = run_context(run)
-    process, model = build(cfg)
+    process, model = build(cfg, source.vocab_size)
     model.to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
