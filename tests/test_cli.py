@@ -64,7 +64,8 @@ def test_missing_and_damaged_checkpoints_name_the_file(capsys, teacher, tmp_path
 
 @pytest.mark.parametrize("flags,needle", [
     (["--steps", "-5"], "steps must be >= 1"), (["--top-p", "0"], "top_p"), (["--lr-gen", "-1"], "lr_gen"),
-    (["--soft-target", "true"], "soft_target"), (["--noise-per", "pixel"], "noise_per")])
+    (["--soft-target", "true"], "soft_target"), (["--noise-per", "pixel"], "noise_per"),
+    (["--lr-schedule", "linear"], "lr_schedule"), (["--noise-into", "head"], "noise_into")])
 def test_distill_refuses_bad_options_before_any_work(capsys, tmp_path, flags, needle):
     cfg = TeacherConfig.from_dict(dict(data="markov", vocab_size=4, length=6, width=16, depth=1, heads=2,
                                        batch_size=4, steps=2, eval_every=0, process="uniform",

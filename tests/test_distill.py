@@ -95,15 +95,15 @@ def _setup(kind, **cfg_kw):
     d = Distiller(teacher, process, cfg)
     _perturb(d.generator, 0.2, 1)  # generator and aux away from the teacher: non-trivial gradients
     _perturb(d.aux, 0.2, 2)
-    batch = draw_batch(_Source(process.data_classes, 5), process, cfg, d.noise_dim, step=4)
-    return d, process, cfg, batch
+    batch = draw_batch(_Source(process.data_classes, 5), process, d.cfg, d.noise_dim, step=4)
+    return d, process, d.cfg, batch
 
 
 def _grads(model):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
 
-CASES = [("masked", {}), ("masked", {"temperature": 0.7, "top_p": 0.8, "weight": "elbo"}),
+CASES = [("masked", {}), ("masked", {"soft_target": False, "temperature": 0.7, "top_p": 0.8, "weight": "elbo"}),
          ("masked", {"soft_target": True, "top_p": 0.9}), ("uniform", {}),
          ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0})]
 
@@ -230,7 +230,11 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     teacher, process = _tiny_models("masked")
     d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4)))
     assert d.noise_dim == 32 and d.generator.config.noise_dim == 32
-    assert d.generator.config.noise_per == "sequence" and 0.01 < float(d.generator.noise_proj.weight.std()) < 0.03
+    assert d.generator.config.noise_per == "sequence" and d.generator.config.noise_into == "blocks"
+    projections = d.generator.noise_projections()
+    assert len(projections) == 1 + teacher.config.depth  # the embedding's and one before each block
+    assert all(0.05 < float(p.weight.std()) < 0.2 for p in projections)  # noise_init 0.1, each its own draw
+    assert not torch.equal(projections[0].weight, projections[1].weight)
     d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4, noise_init=0.0)))
     z = torch.full((2, 5), process.mask_id)
     t = torch.tensor([0.7, 1.0])
@@ -238,12 +242,30 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     torch.testing.assert_close(d.generator(z, t, noise), teacher(z, t))
     torch.testing.assert_close(d.aux(z, t), teacher(z, t))
     teacher_u, process_u = _tiny_models("uniform")
-    assert Distiller(teacher_u, process_u, DistillConfig.from_dict(dict(batch_size=4))).noise_dim == 0
+    d_u = Distiller(teacher_u, process_u, DistillConfig.from_dict(dict(batch_size=4)))
+    assert d_u.noise_dim == 0 and d_u.generator.noise_projections() == [] and not d_u.cfg.soft_target
     # noise_init > 0: a small random projection, the teacher again when the noise is zero
     d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4, noise_dim=8, noise_init=0.1)))
     assert 0.05 < float(d.generator.noise_proj.weight.std()) < 0.2
     assert not torch.allclose(d.generator(z, t, torch.randn(2, 5, 8, dtype=torch.float64)), teacher(z, t))
     torch.testing.assert_close(d.generator(z, t, torch.zeros(2, 5, 8, dtype=torch.float64)), teacher(z, t))
+    # noise only at the embedding: one projection
+    d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4, noise_dim=8, noise_into="embedding")))
+    assert d.generator.noise_projections() == [d.generator.noise_proj]
+
+
+def test_per_process_defaults_fill_only_unset_options():
+    masked = DistillConfig().for_process("masked")
+    assert (masked.lr_schedule, masked.soft_target, masked.noise_dim) == ("cosine", True, 32)
+    assert masked.noise_into == "blocks"
+    uniform = DistillConfig().for_process("uniform")
+    assert (uniform.lr_schedule, uniform.soft_target, uniform.noise_dim) == ("constant", False, 0)
+    mine = DistillConfig.from_dict(dict(lr_schedule="constant", noise_dim=4)).for_process("masked")
+    assert (mine.lr_schedule, mine.noise_dim, mine.noise_into) == ("constant", 4, "blocks")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        DistillConfig.from_dict(dict(lr_schedule="linear")).for_process("uniform")
+    with pytest.raises(ValueError, match="noise_into"):
+        DistillConfig.from_dict(dict(noise_into="head")).for_process("masked")
 
 
 def test_noise_per_sequence_is_shared_by_the_tokens():

@@ -66,12 +66,17 @@ def _config_parser(sub, name: str, config_cls, *, resumable: bool = True, **kw):
             kind = json.loads
         elif isinstance(default, bool):
             kind, extra = _parse_bool, {"metavar": "{true,false}"}
-        elif default is None:  # optional numbers: the annotation names the type
-            kind = float if "float" in str(f.type) else int
+        elif default is None:  # optional values: the annotation names the type
+            kind = next((k for k in (float, bool, str, int) if k.__name__ in str(f.type)), int)
+            if kind is bool:
+                kind, extra = _parse_bool, {"metavar": "{true,false}"}
         else:
             kind = type(default)
+        help_text = f.metadata.get("help", "")
+        if "(default: " not in help_text:  # per-process defaults name themselves
+            help_text += f" (default: {default})"
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=_parse_or_none(kind),
-                       help=f"{f.metadata.get('help', '')} (default: {default})", **extra)
+                       help=help_text, **extra)
     return p
 
 

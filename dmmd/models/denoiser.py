@@ -7,8 +7,9 @@ adaptive LayerNorm (shift, scale and gate from an embedding of ``t``, DiT-style)
 - Masked diffusion: the mask class is never predicted (its logit is ``-inf``) and an
   unmasked input position outputs its own token (carry-over: one finite logit).
 - ``noise_dim > 0``: a Gaussian noise input ``[B, L, noise_dim]`` projected into the residual
-  stream, for D-MMD generators; the projection starts at zero, so a generator initialised
-  from a teacher starts as the teacher.
+  stream at the embeddings (and, with ``noise_into="blocks"``, again before every block), for
+  D-MMD generators; the projections start at zero, so a generator initialised from a teacher
+  starts as the teacher.
 - ``block_size``: block-causal attention for block-autoregressive diffusion (paper section
   6.3): a position attends to its own block and the blocks before it.
 """
@@ -36,6 +37,7 @@ class DenoiserConfig:
     mlp_ratio: int = 4
     noise_dim: int = 0          # > 0: Gaussian noise input (D-MMD generators)
     noise_per: str = "token"    # one noise vector per "token" or per "sequence" (shared by its tokens)
+    noise_into: str = "embedding"  # the noise's projection is added to the "embedding" or before every "block"
     block_size: int | None = None  # block-causal attention
 
     def __post_init__(self):
@@ -45,6 +47,8 @@ class DenoiserConfig:
             self.mask_id = self.num_classes - 1
         if self.noise_per not in ("token", "sequence"):
             raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
+        if self.noise_into not in ("embedding", "blocks"):
+            raise ValueError(f"noise_into must be 'embedding' or 'blocks', got {self.noise_into!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
         if self.block_size is not None and not 0 < self.block_size <= self.length:
@@ -102,9 +106,13 @@ class Denoiser(nn.Module):
         self.embed = nn.Embedding(cfg.num_classes, cfg.width)
         self.pos = nn.Parameter(torch.randn(cfg.length, cfg.width) * 0.02)
         self.time = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
-        self.noise_proj = nn.Linear(cfg.noise_dim, cfg.width, bias=False) if cfg.noise_dim > 0 else None
-        if self.noise_proj is not None:
-            nn.init.zeros_(self.noise_proj.weight)
+        noisy = cfg.noise_dim > 0
+        self.noise_proj = nn.Linear(cfg.noise_dim, cfg.width, bias=False) if noisy else None
+        # "blocks": one more projection of the same noise into the residual before each block
+        self.block_noise = (nn.ModuleList(nn.Linear(cfg.noise_dim, cfg.width, bias=False) for _ in range(cfg.depth))
+                            if noisy and cfg.noise_into == "blocks" else None)
+        for proj in self.noise_projections():
+            nn.init.zeros_(proj.weight)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False)
         self.ada_out = nn.Linear(cfg.width, 2 * cfg.width)
@@ -126,11 +134,14 @@ class Denoiser(nn.Module):
         if n > cfg.length:
             raise ValueError(f"z_t has {n} tokens; this model was built for at most {cfg.length}")
         h = self.embed(z_t) + self.pos[:n]
-        if self.noise_proj is not None and noise is not None:
-            h = h + self.noise_proj(noise.to(h.dtype))
+        noise = None if self.noise_proj is None or noise is None else noise.to(h.dtype)
+        if noise is not None:
+            h = h + self.noise_proj(noise)
         c = self.time(timestep_embedding(t.reshape(b), cfg.width).to(h.dtype))
         mask = None if self.attn_mask is None else self.attn_mask[:n, :n]
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if noise is not None and self.block_noise is not None:
+                h = h + self.block_noise[i](noise)
             h = block(h, c, mask)
         shift, scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
         logits = self.head(self.norm_out(h) * (1 + scale) + shift)
@@ -149,6 +160,12 @@ class Denoiser(nn.Module):
         own = F.one_hot(z_t, self.config.num_classes).bool()
         carried = torch.where(own, torch.zeros_like(logits), torch.full_like(logits, float("-inf")))
         return torch.where(unmasked, carried, logits)
+
+    def noise_projections(self) -> list[nn.Linear]:
+        """Every linear map of the noise input (empty without one)."""
+        if self.noise_proj is None:
+            return []
+        return [self.noise_proj, *(self.block_noise or [])]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -43,11 +43,27 @@ from dmmd.diffusion.randomness import (
 from dmmd.models.denoiser import Denoiser, DenoiserConfig
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
-from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_constant
+from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_constant, warmup_cosine
 from dmmd.training.teacher import TeacherConfig, load_teacher
 
 WEIGHTS = ("constant", "elbo")
 FORMS = ("xhat", "posterior")
+
+
+# The defaults that differ by process, chosen on the exact-source study over seeds (README,
+# "D-MMD on a source with an exactly known distribution"): a None option takes its process's.
+PROCESS_DEFAULTS = {
+    "masked": {"lr_schedule": "cosine", "soft_target": True, "noise_dim": 32, "noise_init": 0.1,
+               "noise_into": "blocks"},
+    "uniform": {"lr_schedule": "constant", "soft_target": False, "noise_dim": 0, "noise_init": 0.02,
+                "noise_into": "embedding"},
+}
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _per_process(name: str) -> str:
+    """The help's note on a per-process default."""
+    return " (default: " + ", ".join(f"{PROCESS_DEFAULTS[k][name]} for {k}" for k in PROCESS_DEFAULTS) + ")"
 
 
 @dataclass
@@ -57,28 +73,32 @@ class DistillConfig(Options):
     teacher: str = option("runs/teacher/checkpoint", "the teacher's checkpoint directory (from train-teacher)")
     student_steps: int = option(4, "k, the student's sampling steps")
     teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
-    aux_per_gen: int = option(1, "auxiliary-model steps after each generator step")
-    lr_gen: float = option(1e-4, "AdamW learning rate of the generator")
-    lr_aux: float = option(1e-4, "AdamW learning rate of the auxiliary model")
-    beta1: float = option(0.9, "AdamW beta1 of both optimizers")
+    aux_per_gen: int = option(2, "auxiliary-model steps after each generator step")
+    lr_gen: float = option(3e-4, "AdamW learning rate of the generator")
+    lr_aux: float = option(1e-3, "AdamW learning rate of the auxiliary model")
+    lr_schedule: str | None = option(None, "learning rates after the warm-up: constant, or cosine (decay to a tenth "
+                                           "at the last step)" + _per_process("lr_schedule"))
+    beta1: float = option(0.0, "AdamW beta1 of both optimizers")
     beta2: float = option(0.99, "AdamW beta2 of both optimizers")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    ema: float = option(0.999, "decay of the generator's exponential moving average")
+    ema: float = option(0.99, "decay of the generator's exponential moving average")
     weight: str = option("constant", "loss weight w(s): constant, or elbo (-alpha'(s) / (1 - alpha(s)))")
-    soft_target: bool = option(False, "masked diffusion: train the auxiliary model on x_hat_eta(z_t) "
-                                      "instead of the sample x")
+    soft_target: bool | None = option(None, "masked diffusion: train the auxiliary model on x_hat_eta(z_t) "
+                                            "instead of the sample x" + _per_process("soft_target"))
     temperature: float = option(1.0, "teacher temperature (paper section 3.3)")
     top_p: float = option(1.0, "teacher top-p, applied as a soft mask")
     delta: float = option(2.0, "logit drop outside the teacher's top-p nucleus")
-    noise_dim: int | None = option(None, "Gaussian noise input of the generator (none: 32 for masked, "
-                                         "0 for uniform)")
+    noise_dim: int | None = option(None, "Gaussian noise input of the generator" + _per_process("noise_dim"))
     # One noise vector per sequence (shared by its tokens) and a small random initial projection:
     # with a zero projection the expected gradient towards using the noise is zero, and in the
-    # masked Markov study per-token noise was left unused (see the README's results).
-    noise_init: float = option(0.02, "std of the generator's initial noise projection (0: the generator "
-                                     "starts exactly as the teacher)")
+    # masked Markov study (2026-11-28) masked generators left per-token noise unused.
+    noise_init: float | None = option(None, "std of the generator's initial noise projections (0: the generator "
+                                            "starts exactly as the teacher)" + _per_process("noise_init"))
     noise_per: str = option("sequence", "token: independent noise per token; sequence: one noise vector "
                                         "shared by a sequence's tokens")
+    noise_into: str | None = option(None, "where the noise's projections enter: the input embedding, or also "
+                                          "the residual stream before every block (blocks)"
+                                    + _per_process("noise_into"))
     form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
@@ -108,11 +128,15 @@ class DistillConfig(Options):
         for name in ("beta1", "beta2", "ema"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.noise_per not in ("token", "sequence"):
             raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
+        if self.noise_into is not None and self.noise_into not in ("embedding", "blocks"):
+            raise ValueError(f"noise_into must be 'embedding' or 'blocks', got {self.noise_into!r}")
         if self.noise_dim is not None and self.noise_dim < 0:
             raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
-        if self.noise_init < 0:
+        if self.noise_init is not None and self.noise_init < 0:
             raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
@@ -125,12 +149,15 @@ class DistillConfig(Options):
         if self.form == "posterior" and kind is not None and kind != "uniform":
             raise ValueError("form='posterior' (Appendix D) is for uniform diffusion")
 
-    def resolved_noise_dim(self, process: DiffusionProcess) -> int:
-        if self.noise_dim is not None:
-            if self.noise_dim < 0:
-                raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
-            return self.noise_dim
-        return 32 if process.kind == "masked" else 0
+    def for_process(self, kind: str) -> DistillConfig:
+        """A copy whose unset (None) per-process options take ``kind``'s defaults
+        (:data:`PROCESS_DEFAULTS`), validated for ``kind``."""
+        if kind not in PROCESS_DEFAULTS:
+            raise ValueError(f"process must be one of {tuple(PROCESS_DEFAULTS)}, got {kind!r}")
+        unset = {name: value for name, value in PROCESS_DEFAULTS[kind].items() if getattr(self, name) is None}
+        cfg = self.replace(**unset) if unset else self
+        cfg.validate(kind)
+        return cfg
 
 
 @dataclass
@@ -172,21 +199,23 @@ def draw_noise(batch: int, length: int, dim: int, per: str, generator: torch.Gen
 
 
 def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0, seed: int = 0,
-                    noise_per: str = "token") -> Denoiser:
+                    noise_per: str = "token", noise_into: str = "embedding") -> Denoiser:
     """The teacher's architecture and weights plus a noise input whose projection starts at
     zero (the generator is then exactly the teacher) or at ``N(0, noise_init^2)``: a zero
     projection gets only zero-mean gradients at first, a small random one breaks the symmetry."""
-    cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim, "noise_per": noise_per})
+    cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim, "noise_per": noise_per,
+                            "noise_into": noise_into})
     ref = next(teacher.parameters())
     gen = Denoiser(cfg).to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = gen.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or set(missing) - {"noise_proj.weight"}:
+    if unexpected or {m for m in missing if not m.startswith(("noise_proj.", "block_noise."))}:
         raise RuntimeError(f"teacher and generator do not match: missing {missing}, unexpected {unexpected}")
-    if gen.noise_proj is not None and noise_init > 0:
+    if noise_init > 0:
         g = noise_projection_generator(seed)
         with torch.no_grad():
-            w = gen.noise_proj.weight
-            w.copy_(noise_init * torch.randn(w.shape, generator=g, dtype=w.dtype))
+            for proj in gen.noise_projections():
+                w = proj.weight
+                w.copy_(noise_init * torch.randn(w.shape, generator=g, dtype=w.dtype))
     return gen
 
 
@@ -208,11 +237,12 @@ class Distiller:
     """
 
     def __init__(self, teacher: Denoiser, process: DiffusionProcess, cfg: DistillConfig):
-        cfg.validate(process.kind)
+        cfg = cfg.for_process(process.kind)
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
-        self.noise_dim = cfg.resolved_noise_dim(process)
-        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.run.seed, cfg.noise_per)
+        self.noise_dim = cfg.noise_dim
+        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.run.seed, cfg.noise_per,
+                                         cfg.noise_into)
         self.generator.train().requires_grad_(True)
         self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
@@ -397,8 +427,9 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
     ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``.
     """
-    # every option, and the teacher's checkpoint and process, checked before any work
-    cfg.validate(DenoiserConfig(**read_state(cfg.teacher)["model"]).process)
+    # every option, and the teacher's checkpoint and process, checked before any work; unset
+    # per-process options take the teacher's process's defaults (and are saved resolved)
+    cfg = cfg.for_process(DenoiserConfig(**read_state(cfg.teacher)["model"]).process)
     run = cfg.run
     ctx = run_context(run)
     teacher, process, source, tcfg = load_distill_teacher(cfg, ctx.device)
@@ -410,10 +441,15 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
+    def schedule(lr: float):
+        if cfg.lr_schedule == "cosine":
+            return warmup_cosine(lr, run.warmup, run.steps)
+        return warmup_constant(lr, run.warmup)
+
     trained = {
-        "generator": Trained(d.generator, opt_gen, warmup_constant(cfg.lr_gen, run.warmup), ema=d.ema,
-                             ema_decay=cfg.ema, opt_name="opt_gen", label="gen"),
-        "aux": Trained(d.aux, opt_aux, warmup_constant(cfg.lr_aux, run.warmup), opt_name="opt_aux", label="aux"),
+        "generator": Trained(d.generator, opt_gen, schedule(cfg.lr_gen), ema=d.ema, ema_decay=cfg.ema,
+                             opt_name="opt_gen", label="gen"),
+        "aux": Trained(d.aux, opt_aux, schedule(cfg.lr_aux), opt_name="opt_aux", label="aux"),
     }
 
     def postfix(record: dict, metrics: dict) -> dict:
