@@ -1,21 +1,24 @@
 """The short version of the D-MMD study (``bench/distill_markov.py`` runs the full one): on the
 exact Markov source a distilled 2-step student is closer to the data distribution, in total
-variation over every sequence, than its teacher sampled with the same 2 steps."""
+variation over every sequence, than its teacher sampled with the same 2 steps, for both
+processes, with ``dmmd distill``'s defaults."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dmmd.apps.markov_study import StudyConfig, markdown_table, run_study
 
 
-def test_two_step_student_beats_two_step_teacher(tmp_path):
+@pytest.mark.parametrize("process,distill_steps", [("uniform", 400), ("masked", 800)])
+def test_two_step_student_beats_two_step_teacher(tmp_path, process, distill_steps):
     torch.manual_seed(0)
-    cfg = StudyConfig(processes=("uniform",), ks=(2,), samples=20_000, teacher_steps=600, distill_steps=400,
-                      out=str(tmp_path))
+    cfg = StudyConfig(processes=(process,), ks=(2,), seeds=(0,), samples=20_000, teacher_steps=600,
+                      distill_steps=distill_steps, out=str(tmp_path))
     rows = run_study(cfg, progress=False, log=lambda *_: None)
     print(markdown_table(rows))
     (row,) = rows
     teacher, student = row["teacher_k"], row["student_k"]
-    # The sampling noise of each TV estimate is ~0.003 (stderr); the margin asked for is 30%.
-    assert student["tv"] < 0.7 * teacher["tv"], markdown_table(rows)
+    # The sampling noise of each TV estimate is ~0.003 (stderr); the margin asked for is 25%.
+    assert student["tv"] < 0.75 * teacher["tv"], markdown_table(rows)
     assert teacher["tv"] > 0.2  # 2 factorised steps are far from the data: the check has room
