@@ -23,7 +23,7 @@ endef
 $(DEPS): pyproject.toml
 	$(call quiet,python environment $(VENV),test -x $(PY) || $(PYTHON) -m venv $(VENV))
 	$(call quiet,torch,$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0)
-	$(call quiet,python packages,$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest pytest-benchmark scipy ruff)
+	$(call quiet,python packages,$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest pytest-benchmark scipy scikit-learn pillow ruff)
 	@touch $@
 
 # The package in editable mode, without compiling: `build` compiles the extension once, in place.

@@ -6,7 +6,11 @@ import importlib
 from types import ModuleType
 
 # module -> the extra of pyproject.toml that installs it
-EXTRAS = {"transformers": "metrics", "matplotlib": "demo"}
+EXTRAS = {"transformers": "metrics", "matplotlib": "demo", "sklearn": "images", "PIL": "images"}
+
+
+# module -> its name on PyPI, where the two differ
+PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow"}
 
 
 class MissingExtra(ImportError):
@@ -22,5 +26,6 @@ def require(module: str, purpose: str) -> ModuleType:
         if e.name is not None and e.name.split(".")[0] != top:
             raise  # the module is there; something it imports is not
         extra = EXTRAS.get(top, "demo")
-        raise MissingExtra(f"{purpose} needs {top}, which is not installed: pip install 'dmmd[{extra}]' "
-                           f"(or pip install {top})") from None
+        pip_name = PIP_NAMES.get(top, top)
+        raise MissingExtra(f"{purpose} needs {pip_name}, which is not installed: pip install 'dmmd[{extra}]' "
+                           f"(or pip install {pip_name})") from None

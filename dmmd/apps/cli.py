@@ -121,6 +121,7 @@ def _sample_parser(sub) -> None:
     p.add_argument("--raw-weights", action="store_true",
                    help="use the raw weights (a student: the generator) instead of the EMA")
     p.add_argument("--out", help="write the samples as JSON here (token ids, and text for byte data)")
+    p.add_argument("--png", help="image data: write the samples as a PNG grid here")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 
 
@@ -160,6 +161,12 @@ def _check_sample_args(args) -> None:
     read_state(args.checkpoint)  # a missing or damaged checkpoint, named
 
 
+def is_image_data(data: str) -> bool:
+    from dmmd.data.images import is_image_path
+
+    return data == "digits" or (data not in ("text", "markov", "grids") and is_image_path(data))
+
+
 def cmd_sample(args) -> int:
     from dmmd.data import ByteText
     from dmmd.diffusion.sampling import sample
@@ -173,7 +180,15 @@ def cmd_sample(args) -> int:
     else:
         model, process, state = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
         model_fn, teacher_config = (lambda z, t: model(z, t)), state["config"]
-    data = TeacherConfig.from_dict(teacher_config).source.data
+    source_cfg = TeacherConfig.from_dict(teacher_config).source
+    data = source_cfg.data
+    pictures = None
+    if args.png or is_image_data(data):
+        from dmmd.data import make_source
+
+        pictures = make_source(source_cfg)
+        if not hasattr(pictures, "to_images"):
+            raise ValueError(f"--png: the checkpoint's data ({data}) is not image data")
     length = args.length or model.config.length
     block = args.block_size if args.block_size is not None else model.config.block_size
     x = sample(model_fn, process, args.num, length, args.steps, seed=args.seed,
@@ -185,6 +200,14 @@ def cmd_sample(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f)
+    if pictures is not None:
+        if args.png:
+            from dmmd.data.images import save_grid
+
+            save_grid(pictures.to_images(x), args.png)
+            print(f"wrote {args.png}")
+        else:
+            print("(image data: --png PATH writes the samples as a picture grid)")
     for i, row in enumerate(x):
         shown = result["text"][i] if "text" in result else " ".join(map(str, row.tolist()))
         print(f"--- sample {i} ({args.steps} steps)\n{shown}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from dmmd.data.images import ImageSource, is_image_path
 from dmmd.data.sources import ByteText, MarkovSource, TokenFile, TokenGrids
 from dmmd.options import Options, option
 
@@ -14,14 +15,17 @@ class DataConfig(Options):
     """A token source and the sequence length drawn from it."""
 
     data: str = option("text", "token source: 'text' (the stdlib docs as bytes), 'markov' (exact synthetic "
-                               "source), 'grids' (2-D token images) or a path to a nanoGPT .bin file")
+                               "source), 'grids' (2-D token images), 'digits' (scikit-learn's 8x8 digits), "
+                               "a path to a nanoGPT .bin file, or images: .npy/.npz uint8 [N, H, W, C], "
+                               "a folder of PNGs, CIFAR-10 python batch files")
     vocab_size: int = option(0, "vocabulary of a .bin file, or V of the markov source")
     bin_dtype: str = option("uint16", "uint16 or uint32 ids in the .bin file")
     markov_fanout: int = option(3, "successors per state of the markov source")
     markov_seed: int = option(0, "seed that builds the markov source")
     grid_size: int = option(8, "side of the token grids (length must be its square)")
     grid_colors: int = option(4, "colours of the token grids (token 0 is the background)")
-    length: int = option(128, "tokens per sequence")
+    levels: int = option(256, "tokens per channel value of image files (uint8 values quantised)")
+    length: int = option(128, "tokens per sequence (images: H * W * C)")
 
 
 def make_source(cfg: DataConfig):
@@ -36,8 +40,21 @@ def make_source(cfg: DataConfig):
         if cfg.length != cfg.grid_size ** 2:
             raise ValueError(f"grids of size {cfg.grid_size} need length {cfg.grid_size ** 2}, got {cfg.length}")
         return TokenGrids(cfg.grid_size, cfg.grid_colors)
+    if cfg.data == "digits":
+        return _image_length_checked(ImageSource.digits(), cfg)
     if not os.path.exists(cfg.data):
-        raise ValueError(f"data must be text, markov, grids or an existing .bin path, got {cfg.data!r}")
+        raise ValueError(f"data must be text, markov, grids, digits or an existing .bin or image path, "
+                         f"got {cfg.data!r}")
+    if is_image_path(cfg.data):
+        return _image_length_checked(ImageSource.from_path(cfg.data, cfg.levels), cfg)
     if cfg.vocab_size < 2:
         raise ValueError("a .bin token file needs --vocab-size")
     return TokenFile(cfg.data, cfg.vocab_size, cfg.length, dtype=cfg.bin_dtype)
+
+
+def _image_length_checked(source: ImageSource, cfg: DataConfig) -> ImageSource:
+    if cfg.length != source.length:
+        h, w, c = source.shape
+        raise ValueError(f"{cfg.data}: images of {h}x{w}x{c} are {source.length} tokens: pass --length "
+                         f"{source.length}, got {cfg.length}")
+    return source
