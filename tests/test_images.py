@@ -141,3 +141,51 @@ def test_sample_writes_a_png_grid_for_image_data(tmp_path, capsys):
     assert main(["sample", "--checkpoint", ckpt, "--png", str(tmp_path / "m.png")]) == 2
     err = capsys.readouterr().err
     assert "--png" in err and "not image data" in err and "\n" not in err.strip()
+
+
+
+def test_image_teachers_get_2d_positions_and_their_students_pyramid_noise(tmp_path):
+    from dmmd.models.denoiser import Denoiser, DenoiserConfig
+    from dmmd.training.distill import DistillConfig, distill, draw_noise, load_student
+    from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
+
+    # positions: row + column + channel embeddings, in raster order with the channels last
+    m = Denoiser(DenoiserConfig(num_classes=5, length=24, image_shape=[2, 4, 3], width=8, heads=2, depth=1))
+    pos = m.positions()
+    assert pos.shape == (24, 8) and m.config.image_shape == (2, 4, 3)
+    i = (1 * 4 + 2) * 3 + 1  # row 1, column 2, channel 1
+    torch.testing.assert_close(pos[i], m.pos_row[1] + m.pos_col[2] + m.pos_channel[1])
+    with pytest.raises(ValueError, match="image_shape"):
+        DenoiserConfig(num_classes=5, length=20, image_shape=(2, 4, 3))
+
+    # the pyramid: levels 5x6, 3x3, 2x2, 1x1; a pixel's channels share its vector; coarse
+    # levels are shared by neighbouring pixels, the finest is not
+    g = torch.Generator().manual_seed(0)
+    noise = draw_noise(7, 5 * 6 * 2, 8, "pyramid", g, (5, 6, 2)).reshape(7, 5, 6, 2, 8)
+    torch.testing.assert_close(noise[..., 0, :], noise[..., 1, :])
+    fine, coarse, top = noise[..., 0, 0:2], noise[..., 0, 2:4], noise[..., 0, 6:8]
+    assert not torch.equal(fine[:, 0, 0], fine[:, 0, 1])
+    torch.testing.assert_close(coarse[:, 0, 0], coarse[:, 1, 1])  # both in the 3x3 map's cell (0, 0)
+    torch.testing.assert_close(top[:, 0, 0], top[:, 4, 5])  # 1x1: one vector per image
+    assert abs(float(noise.std()) - 1) < 0.15
+    with pytest.raises(ValueError, match="pyramid"):
+        draw_noise(2, 10, 4, "pyramid", g, None)
+
+    # an image teacher, and a masked student that defaults to pyramid noise and samples
+    x = _images(n=16, h=3, w=2, c=1)
+    np.save(tmp_path / "x.npy", x)
+    tcfg = TeacherConfig.from_dict(dict(data=str(tmp_path / "x.npy"), levels=4, length=6, width=16, depth=1,
+                                        heads=2, batch_size=4, steps=2, eval_every=0, out=str(tmp_path / "t")))
+    ckpt = train_teacher(tcfg, progress=False)["checkpoint"]
+    teacher, _, _ = load_teacher(ckpt)
+    assert teacher.config.image_shape == (3, 2, 1) and hasattr(teacher, "pos_row")
+    result = distill(DistillConfig.from_dict(dict(teacher=ckpt, student_steps=2, batch_size=4, steps=2,
+                                                  out=str(tmp_path / "s"))), progress=False)
+    student, _, state = load_student(result["checkpoint"])
+    assert student.config.noise_per == "pyramid" and state["config"]["noise_per"] == "pyramid"
+    assert student.config.image_shape == (3, 2, 1)
+    from dmmd.apps.cli import main
+
+    png = tmp_path / "student.png"
+    assert main(["sample", "--checkpoint", result["checkpoint"], "--steps", "2", "--num", "4", "--png", str(png)]) == 0
+    assert png.exists()

@@ -10,6 +10,8 @@ adaptive LayerNorm (shift, scale and gate from an embedding of ``t``, DiT-style)
   stream at the embeddings (and, with ``noise_into="blocks"``, again before every block), for
   D-MMD generators; the projections start at zero, so a generator initialised from a teacher
   starts as the teacher.
+- ``image_shape``: pixel tokens ``(H, W, C)`` in raster order, channels last, get 2-D
+  positions (row, column and channel embeddings summed) instead of one per index.
 - ``block_size``: block-causal attention for block-autoregressive diffusion (paper section
   6.3): a position attends to its own block and the blocks before it.
 """
@@ -36,21 +38,27 @@ class DenoiserConfig:
     heads: int = 4
     mlp_ratio: int = 4
     noise_dim: int = 0          # > 0: Gaussian noise input (D-MMD generators)
-    noise_per: str = "token"    # one noise vector per "token" or per "sequence" (shared by its tokens)
+    noise_per: str = "token"    # noise per "token", per "sequence" (shared by its tokens) or a 2-D "pyramid"
     noise_into: str = "embedding"  # the noise's projection is added to the "embedding" or before every "block"
     block_size: int | None = None  # block-causal attention
+    image_shape: tuple[int, int, int] | None = None  # (H, W, C): 2-D positions for pixel tokens
 
     def __post_init__(self):
         if self.process not in ("masked", "uniform"):
             raise ValueError(f"process must be 'masked' or 'uniform', got {self.process!r}")
         if self.process == "masked" and self.mask_id is None:
             self.mask_id = self.num_classes - 1
-        if self.noise_per not in ("token", "sequence"):
-            raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
+        if self.noise_per not in ("token", "sequence", "pyramid"):
+            raise ValueError(f"noise_per must be 'token', 'sequence' or 'pyramid', got {self.noise_per!r}")
         if self.noise_into not in ("embedding", "blocks"):
             raise ValueError(f"noise_into must be 'embedding' or 'blocks', got {self.noise_into!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.image_shape is not None:
+            self.image_shape = tuple(int(d) for d in self.image_shape)  # JSON gives a list
+            if len(self.image_shape) != 3 or math.prod(self.image_shape) != self.length:
+                raise ValueError(f"image_shape {self.image_shape} must be (H, W, C) with H * W * C = length "
+                                 f"{self.length}")
         if self.block_size is not None and not 0 < self.block_size <= self.length:
             raise ValueError(f"block_size must be in [1, length], got {self.block_size}")
 
@@ -104,7 +112,13 @@ class Denoiser(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.embed = nn.Embedding(cfg.num_classes, cfg.width)
-        self.pos = nn.Parameter(torch.randn(cfg.length, cfg.width) * 0.02)
+        if cfg.image_shape is None:
+            self.pos = nn.Parameter(torch.randn(cfg.length, cfg.width) * 0.02)
+        else:  # a token's position is its row's, its column's and its channel's embedding summed
+            h, w, c = cfg.image_shape
+            self.pos_row = nn.Parameter(torch.randn(h, cfg.width) * 0.02)
+            self.pos_col = nn.Parameter(torch.randn(w, cfg.width) * 0.02)
+            self.pos_channel = nn.Parameter(torch.randn(c, cfg.width) * 0.02)
         self.time = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
         noisy = cfg.noise_dim > 0
         self.noise_proj = nn.Linear(cfg.noise_dim, cfg.width, bias=False) if noisy else None
@@ -133,7 +147,7 @@ class Denoiser(nn.Module):
         b, n = z_t.shape
         if n > cfg.length:
             raise ValueError(f"z_t has {n} tokens; this model was built for at most {cfg.length}")
-        h = self.embed(z_t) + self.pos[:n]
+        h = self.embed(z_t) + self.positions()[:n]
         noise = None if self.noise_proj is None or noise is None else noise.to(h.dtype)
         if noise is not None:
             h = h + self.noise_proj(noise)
@@ -160,6 +174,14 @@ class Denoiser(nn.Module):
         own = F.one_hot(z_t, self.config.num_classes).bool()
         carried = torch.where(own, torch.zeros_like(logits), torch.full_like(logits, float("-inf")))
         return torch.where(unmasked, carried, logits)
+
+    def positions(self) -> torch.Tensor:
+        """``[L, width]`` position embeddings (raster order, channels last for images)."""
+        if self.config.image_shape is None:
+            return self.pos
+        h, w, c = self.config.image_shape
+        grid = self.pos_row[:, None, None] + self.pos_col[None, :, None] + self.pos_channel[None, None, :]
+        return grid.reshape(h * w * c, -1)
 
     def noise_projections(self) -> list[nn.Linear]:
         """Every linear map of the noise input (empty without one)."""

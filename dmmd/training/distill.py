@@ -59,6 +59,7 @@ PROCESS_DEFAULTS = {
                 "noise_into": "embedding"},
 }
 LR_SCHEDULES = ("constant", "cosine")
+NOISE_PER = ("token", "sequence", "pyramid")
 
 
 def _per_process(name: str) -> str:
@@ -94,8 +95,10 @@ class DistillConfig(Options):
     # masked Markov study (2026-11-28) masked generators left per-token noise unused.
     noise_init: float | None = option(None, "std of the generator's initial noise projections (0: the generator "
                                             "starts exactly as the teacher)" + _per_process("noise_init"))
-    noise_per: str = option("sequence", "token: independent noise per token; sequence: one noise vector "
-                                        "shared by a sequence's tokens")
+    noise_per: str | None = option(None, "token: independent noise per token; sequence: one noise vector shared "
+                                         "by a sequence's tokens; pyramid (images): Gaussian maps at halving "
+                                         "resolutions, upsampled, one vector per pixel (default: pyramid for "
+                                         "image teachers, else sequence)")
     noise_into: str | None = option(None, "where the noise's projections enter: the input embedding, or also "
                                           "the residual stream before every block (blocks)"
                                     + _per_process("noise_into"))
@@ -130,8 +133,8 @@ class DistillConfig(Options):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.noise_per not in ("token", "sequence"):
-            raise ValueError(f"noise_per must be 'token' or 'sequence', got {self.noise_per!r}")
+        if self.noise_per is not None and self.noise_per not in NOISE_PER:
+            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.noise_per!r}")
         if self.noise_into is not None and self.noise_into not in ("embedding", "blocks"):
             raise ValueError(f"noise_into must be 'embedding' or 'blocks', got {self.noise_into!r}")
         if self.noise_dim is not None and self.noise_dim < 0:
@@ -186,16 +189,43 @@ def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim:
     delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps
     t = torch.clamp(s + delta, max=1.0)
     z_t = process.diffuse(x0, t, gen)
-    noise = draw_noise(b, x0.shape[1], noise_dim, cfg.noise_per, gen) if noise_dim > 0 else None
+    noise = None
+    if noise_dim > 0:
+        noise = draw_noise(b, x0.shape[1], noise_dim, cfg.noise_per, gen, getattr(source, "shape", None))
     return DistillBatch(x0, s, t, z_t, noise, torch.arange(b))
 
 
-def draw_noise(batch: int, length: int, dim: int, per: str, generator: torch.Generator) -> torch.Tensor:
-    """The generator's Gaussian noise ``[batch, length, dim]``: independent per token, or one
-    vector per sequence repeated over its tokens (``per="sequence"``)."""
+def draw_noise(batch: int, length: int, dim: int, per: str, generator: torch.Generator,
+               image_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The generator's Gaussian noise ``[batch, length, dim]``: independent per token, one
+    vector per sequence repeated over its tokens (``per="sequence"``), or for pixel tokens of
+    ``image_shape`` (H, W, C) a 2-D noise pyramid (``per="pyramid"``): Gaussian maps at H x W,
+    H/2 x W/2, ... down to 1 x 1, each upsampled (nearest) to H x W, their channels
+    concatenated to ``dim`` and each pixel's vector shared by its C channel tokens."""
     if per == "sequence":
         return torch.randn(batch, 1, dim, generator=generator).expand(batch, length, dim)
-    return torch.randn(batch, length, dim, generator=generator)
+    if per == "pyramid":
+        if image_shape is None or math.prod(image_shape) != length:
+            raise ValueError(f"pyramid noise needs image data whose H * W * C is the length {length}, "
+                             f"got image shape {image_shape}")
+        h, w, c = image_shape
+        sizes = [(h, w)]
+        while sizes[-1] != (1, 1):
+            sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+        dims = [dim // len(sizes) + (i < dim % len(sizes)) for i in range(len(sizes))]
+        maps = []
+        for (mh, mw), d in zip(sizes, dims, strict=True):
+            if d == 0:
+                continue
+            m = torch.randn(batch, mh, mw, d, generator=generator)
+            rows = torch.arange(h) * mh // h  # nearest upsampling: pixel -> its cell at this level
+            cols = torch.arange(w) * mw // w
+            maps.append(m[:, rows][:, :, cols])
+        pixel = torch.cat(maps, dim=-1)  # [batch, H, W, dim]
+        return pixel.unsqueeze(3).expand(batch, h, w, c, dim).reshape(batch, length, dim)
+    if per == "token":
+        return torch.randn(batch, length, dim, generator=generator)
+    raise ValueError(f"noise_per must be one of {NOISE_PER}, got {per!r}")
 
 
 def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0, seed: int = 0,
@@ -238,6 +268,11 @@ class Distiller:
 
     def __init__(self, teacher: Denoiser, process: DiffusionProcess, cfg: DistillConfig):
         cfg = cfg.for_process(process.kind)
+        image = teacher.config.image_shape is not None
+        if cfg.noise_per is None:
+            cfg = cfg.replace(noise_per="pyramid" if image else "sequence")
+        if cfg.noise_per == "pyramid" and not image:
+            raise ValueError("noise_per='pyramid' needs an image teacher (trained on image data)")
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
         self.noise_dim = cfg.noise_dim
@@ -378,7 +413,7 @@ def student_fn(model: Denoiser, seed: int):
     def fn(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         noise = None
         if nd > 0:
-            noise = draw_noise(*z_t.shape, nd, model.config.noise_per, gen).to(z_t.device)
+            noise = draw_noise(*z_t.shape, nd, model.config.noise_per, gen, model.config.image_shape).to(z_t.device)
         return model(z_t, t, noise)
 
     return fn
@@ -434,6 +469,7 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     ctx = run_context(run)
     teacher, process, source, tcfg = load_distill_teacher(cfg, ctx.device)
     d = Distiller(teacher, process, cfg)
+    cfg = d.cfg  # with the noise resolved for the teacher's data
     per_rank = run.batch_size // ctx.world
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "

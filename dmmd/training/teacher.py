@@ -69,16 +69,17 @@ class TeacherConfig(Options):
         self.run.validate()
 
 
-def build(cfg: TeacherConfig, vocab_size: int) -> tuple[DiffusionProcess, Denoiser]:
+def build(cfg: TeacherConfig, vocab_size: int, image_shape: tuple[int, int, int] | None = None
+          ) -> tuple[DiffusionProcess, Denoiser]:
     """The process and a freshly initialised denoiser for ``cfg`` over a source of ``vocab_size``
-    tokens (seeded by ``cfg.run.seed``)."""
+    tokens (seeded by ``cfg.run.seed``); ``image_shape`` (H, W, C) for pixel tokens."""
     v = vocab_size
     num_classes = v + 1 if cfg.process == "masked" else v
     process = DiffusionProcess(cfg.process, num_classes, cfg.schedule)
     torch.manual_seed(cfg.run.seed)
     model = Denoiser(DenoiserConfig(num_classes=num_classes, length=cfg.source.length, process=cfg.process,
                                     mask_id=process.mask_id, width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                                    block_size=cfg.block_size))
+                                    block_size=cfg.block_size, image_shape=image_shape))
     return process, model
 
 
@@ -120,7 +121,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     run = cfg.run
     source = make_source(cfg.source)  # a bad source or file, named, before any work
     ctx = run_context(run)
-    process, model = build(cfg, source.vocab_size)
+    process, model = build(cfg, source.vocab_size, getattr(source, "shape", None))
     model.to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
