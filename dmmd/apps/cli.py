@@ -161,12 +161,6 @@ def _check_sample_args(args) -> None:
     read_state(args.checkpoint)  # a missing or damaged checkpoint, named
 
 
-def is_image_data(data: str) -> bool:
-    from dmmd.data.images import is_image_path
-
-    return data == "digits" or (data not in ("text", "markov", "grids") and is_image_path(data))
-
-
 def cmd_sample(args) -> int:
     from dmmd.data import ByteText
     from dmmd.diffusion.sampling import sample
@@ -183,7 +177,9 @@ def cmd_sample(args) -> int:
     source_cfg = TeacherConfig.from_dict(teacher_config).source
     data = source_cfg.data
     pictures = None
-    if args.png or is_image_data(data):
+    from dmmd.data.config import is_image_data
+
+    if args.png or is_image_data(source_cfg):
         from dmmd.data import make_source
 
         pictures = make_source(source_cfg)

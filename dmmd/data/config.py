@@ -28,6 +28,14 @@ class DataConfig(Options):
     length: int = option(128, "tokens per sequence (images: H * W * C)")
 
 
+BUILT_IN = ("text", "markov", "grids")
+
+
+def is_image_data(cfg: DataConfig) -> bool:
+    """Whether ``cfg`` names image data (digits, or an image file or folder), without reading it."""
+    return cfg.data == "digits" or (cfg.data not in BUILT_IN and is_image_path(cfg.data))
+
+
 def make_source(cfg: DataConfig):
     """The token source named by ``cfg.data``; a bad name or file raises ``ValueError`` naming it."""
     if cfg.length < 1:
@@ -45,7 +53,7 @@ def make_source(cfg: DataConfig):
     if not os.path.exists(cfg.data):
         raise ValueError(f"data must be text, markov, grids, digits or an existing .bin or image path, "
                          f"got {cfg.data!r}")
-    if is_image_path(cfg.data):
+    if is_image_data(cfg):
         return _image_length_checked(ImageSource.from_path(cfg.data, cfg.levels), cfg)
     if cfg.vocab_size < 2:
         raise ValueError("a .bin token file needs --vocab-size")

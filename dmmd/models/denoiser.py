@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NOISE_PER = ("token", "sequence", "pyramid")  # one noise vector per token, per sequence, or a 2-D pyramid
+NOISE_INTO = ("embedding", "blocks")  # the noise's projection at the embedding, or also before every block
+
 
 @dataclass
 class DenoiserConfig:
@@ -48,10 +51,10 @@ class DenoiserConfig:
             raise ValueError(f"process must be 'masked' or 'uniform', got {self.process!r}")
         if self.process == "masked" and self.mask_id is None:
             self.mask_id = self.num_classes - 1
-        if self.noise_per not in ("token", "sequence", "pyramid"):
-            raise ValueError(f"noise_per must be 'token', 'sequence' or 'pyramid', got {self.noise_per!r}")
-        if self.noise_into not in ("embedding", "blocks"):
-            raise ValueError(f"noise_into must be 'embedding' or 'blocks', got {self.noise_into!r}")
+        if self.noise_per not in NOISE_PER:
+            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.noise_per!r}")
+        if self.noise_into not in NOISE_INTO:
+            raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {self.noise_into!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
         if self.image_shape is not None:

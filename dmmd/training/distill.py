@@ -40,7 +40,7 @@ from dmmd.diffusion.randomness import (
     step_generator,
     student_noise_generator,
 )
-from dmmd.models.denoiser import Denoiser, DenoiserConfig
+from dmmd.models.denoiser import NOISE_INTO, NOISE_PER, Denoiser, DenoiserConfig
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_constant, warmup_cosine
@@ -59,7 +59,6 @@ PROCESS_DEFAULTS = {
                 "noise_into": "embedding"},
 }
 LR_SCHEDULES = ("constant", "cosine")
-NOISE_PER = ("token", "sequence", "pyramid")
 
 
 def _per_process(name: str) -> str:
@@ -135,8 +134,8 @@ class DistillConfig(Options):
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.noise_per is not None and self.noise_per not in NOISE_PER:
             raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.noise_per!r}")
-        if self.noise_into is not None and self.noise_into not in ("embedding", "blocks"):
-            raise ValueError(f"noise_into must be 'embedding' or 'blocks', got {self.noise_into!r}")
+        if self.noise_into is not None and self.noise_into not in NOISE_INTO:
+            raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {self.noise_into!r}")
         if self.noise_dim is not None and self.noise_dim < 0:
             raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
         if self.noise_init is not None and self.noise_init < 0:
@@ -152,12 +151,14 @@ class DistillConfig(Options):
         if self.form == "posterior" and kind is not None and kind != "uniform":
             raise ValueError("form='posterior' (Appendix D) is for uniform diffusion")
 
-    def for_process(self, kind: str) -> DistillConfig:
+    def for_process(self, kind: str, image: bool = False) -> DistillConfig:
         """A copy whose unset (None) per-process options take ``kind``'s defaults
-        (:data:`PROCESS_DEFAULTS`), validated for ``kind``."""
+        (:data:`PROCESS_DEFAULTS`; noise per pixel pyramid for an ``image`` teacher, else per
+        sequence), validated for ``kind``."""
         if kind not in PROCESS_DEFAULTS:
             raise ValueError(f"process must be one of {tuple(PROCESS_DEFAULTS)}, got {kind!r}")
-        unset = {name: value for name, value in PROCESS_DEFAULTS[kind].items() if getattr(self, name) is None}
+        defaults = {**PROCESS_DEFAULTS[kind], "noise_per": "pyramid" if image else "sequence"}
+        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         cfg = self.replace(**unset) if unset else self
         cfg.validate(kind)
         return cfg
@@ -267,10 +268,8 @@ class Distiller:
     """
 
     def __init__(self, teacher: Denoiser, process: DiffusionProcess, cfg: DistillConfig):
-        cfg = cfg.for_process(process.kind)
         image = teacher.config.image_shape is not None
-        if cfg.noise_per is None:
-            cfg = cfg.replace(noise_per="pyramid" if image else "sequence")
+        cfg = cfg.for_process(process.kind, image)
         if cfg.noise_per == "pyramid" and not image:
             raise ValueError("noise_per='pyramid' needs an image teacher (trained on image data)")
         self.cfg, self.process = cfg, process
@@ -464,12 +463,12 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     """
     # every option, and the teacher's checkpoint and process, checked before any work; unset
     # per-process options take the teacher's process's defaults (and are saved resolved)
-    cfg = cfg.for_process(DenoiserConfig(**read_state(cfg.teacher)["model"]).process)
+    teacher_model = DenoiserConfig(**read_state(cfg.teacher)["model"])
+    cfg = cfg.for_process(teacher_model.process, teacher_model.image_shape is not None)
     run = cfg.run
     ctx = run_context(run)
     teacher, process, source, tcfg = load_distill_teacher(cfg, ctx.device)
     d = Distiller(teacher, process, cfg)
-    cfg = d.cfg  # with the noise resolved for the teacher's data
     per_rank = run.batch_size // ctx.world
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
