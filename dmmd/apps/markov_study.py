@@ -27,7 +27,8 @@ from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 # DistillConfig keys the study sets itself (refused in ``distill``, by name)
 STUDY_OWNED = {"teacher": "is the study's own teacher", "student_steps": "is set per student by ks",
                "batch_size": "is a study option: distill_batch", "steps": "is a study option: distill_steps",
-               "seed": "is a study option: seeds", "out": "is set under the study's out"}
+               "seed": "is a study option: seeds", "out": "is set under the study's out",
+               "device": "is a study option: device"}
 
 
 @dataclass
@@ -43,20 +44,22 @@ class StudyConfig(Options):
     fanout: int = option(2, "successors per state of the Markov source")
     teacher_steps: int = option(1500, "teacher training steps")
     teacher_width: int = option(64, "teacher width")
+    teacher_depth: int = option(2, "teacher depth (transformer blocks); students copy the teacher")
     teacher_batch: int = option(256, "teacher batch size")
     distill_steps: int = option(4000, "D-MMD steps per student")
     distill_batch: int = option(256, "D-MMD batch size")
     distill: dict = option({}, "DistillConfig fields to change (none: dmmd distill's per-process defaults)")
     seed: int = option(0, "seed of the teachers and the TV samples")
+    device: str = option("cpu", "cpu or cuda: where teachers and students train and sample")
     out: str = option("runs/markov_study", "output directory; every stage resumes")
 
 
 def _teacher_config(cfg: StudyConfig, process: str) -> TeacherConfig:
     return TeacherConfig.from_dict(dict(
         data="markov", vocab_size=cfg.vocab_size, length=cfg.length, markov_fanout=cfg.fanout, process=process,
-        schedule="linear", width=cfg.teacher_width, depth=2, heads=2, batch_size=cfg.teacher_batch,
+        schedule="linear", width=cfg.teacher_width, depth=cfg.teacher_depth, heads=2, batch_size=cfg.teacher_batch,
         steps=cfg.teacher_steps, lr=2e-3, warmup=50, ema=0.99, eval_every=0, save_every=cfg.teacher_steps,
-        seed=cfg.seed, out=os.path.join(cfg.out, f"teacher_{process}")))
+        seed=cfg.seed, device=cfg.device, out=os.path.join(cfg.out, f"teacher_{process}")))
 
 
 def _distill_config(cfg: StudyConfig, kind: str, k: int, seed: int) -> DistillConfig:
@@ -64,12 +67,13 @@ def _distill_config(cfg: StudyConfig, kind: str, k: int, seed: int) -> DistillCo
     return DistillConfig.from_dict({
         "teacher": os.path.join(cfg.out, f"teacher_{kind}", "checkpoint"), "student_steps": k,
         "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "seed": seed,
-        "save_every": max(1, cfg.distill_steps // 4),
+        "save_every": max(1, cfg.distill_steps // 4), "device": cfg.device,
         "out": os.path.join(cfg.out, f"student_{kind}_k{k}" + (f"_seed{seed}" if seed else "")), **cfg.distill})
 
 
 def _tv(model_fn, process, source, cfg: StudyConfig, steps: int, seed: int) -> dict:
-    x = sample(model_fn, process, cfg.samples, cfg.length, steps, seed=seed, batch_size=25_000)
+    x = sample(model_fn, process, cfg.samples, cfg.length, steps, seed=seed, batch_size=25_000,
+               device=cfg.device).cpu()
     d = total_variation(x, source)
     return {"tv": d.value, "tv_stderr": d.stderr}
 
@@ -94,7 +98,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log=print) -> list[dic
         tcfg = _teacher_config(cfg, kind)
         t0 = time.perf_counter()
         train_teacher(tcfg, progress=progress)
-        teacher, process, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"))
+        teacher, process, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
         source = make_source(tcfg.source)
         teacher_fn = lambda z, t, m=teacher: m(z, t)  # noqa: E731
         log(f"{kind}: teacher ready ({time.perf_counter() - t0:.0f} s)")
@@ -104,7 +108,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log=print) -> list[dic
                 t0 = time.perf_counter()
                 result = distill(_distill_config(cfg, kind, k, seed), progress=progress)
                 seconds += time.perf_counter() - t0
-                student, _, _ = load_student(result["checkpoint"])
+                student, _, _ = load_student(result["checkpoint"], device=cfg.device)
                 students.append(_tv(student_fn(student, seed + 2), process, source, cfg, k, cfg.seed + 1 + seed))
             samplings = [cfg.seed + 1 + seed for seed in cfg.seeds]
             row = {"process": kind, "k": k, "seeds": list(cfg.seeds), "distill_seconds": round(seconds, 1),
