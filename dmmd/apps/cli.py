@@ -28,7 +28,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from dmmd.training.distill import DistillConfig
-from dmmd.training.reference import ReferenceConfig
+from dmmd.training.reference import CLASSIFIER_DEFAULTS, ReferenceConfig
 from dmmd.training.teacher import TeacherConfig
 
 
@@ -211,16 +211,22 @@ def cmd_sample(args) -> int:
 
 
 def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="Gradient Moment, generative perplexity and entropy of samples",
+    p = sub.add_parser("evaluate", help="Gradient Moment, generative perplexity and entropy of samples "
+                                        "(images: FID)",
                        description="Evaluate sample files (from `dmmd sample --out`) against held-out data "
                                    "of a token source under a reference causal LM (a local transformers "
-                                   "directory); exact NLL and TV too when the source is the Markov source.")
+                                   "directory); exact NLL and TV too when the source is the Markov source. "
+                                   "Image data (--data digits, image files): FID under the feature classifier "
+                                   "of `dmmd reference train --data ...` (--reference OUT/model), one PNG grid "
+                                   "per sample file and an FID-by-steps plot beside --out.")
     _common_flags(p)
     p.add_argument("--samples", nargs="+", required=True, help="JSON sample files (key 'tokens')")
-    p.add_argument("--reference", required=True, help="a local transformers causal-LM directory")
+    p.add_argument("--reference", required=True,
+                   help="a local transformers causal-LM directory (image data: the feature classifier's)")
     p.add_argument("--checkpoint", help="take the data source from this teacher or student checkpoint")
     p.add_argument("--data", default="text", help="token source when no --checkpoint (default: text)")
     p.add_argument("--vocab-size", type=int, default=0, help="for .bin or markov data")
+    p.add_argument("--levels", type=int, default=256, help="tokens per channel value of image files (default 256)")
     p.add_argument("--num-data", type=int, default=256, help="held-out data sequences (default 256)")
     p.add_argument("--estimator", default="ustat", choices=["ustat", "pairs"], help="GM estimator")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per reference-model pass")
@@ -230,9 +236,9 @@ def _evaluate_parser(sub) -> None:
 
 
 def cmd_reference(args) -> int:
-    from dmmd.training.reference import train_reference
+    from dmmd.training.reference import reference_config, train_reference
 
-    cfg = _config_from_args(args, ReferenceConfig)
+    cfg = reference_config(_values_from_args(args, ReferenceConfig))
     print(json.dumps(train_reference(cfg, resume=not args.no_resume, progress=not args.no_progress)))
     return 0
 
@@ -241,6 +247,7 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from dmmd.data import DataConfig, make_source
+    from dmmd.data.config import is_image_data
     from dmmd.metrics.evaluate import evaluate_samples, markdown_table
     from dmmd.training.checkpoint import read_state
 
@@ -255,7 +262,7 @@ def cmd_evaluate(args) -> int:
         state = read_state(args.checkpoint)
         source = TeacherConfig.from_dict(state.get("teacher_config", state.get("config"))).source
     else:
-        source = DataConfig(data=args.data, vocab_size=args.vocab_size)
+        source = DataConfig(data=args.data, vocab_size=args.vocab_size, levels=args.levels)
     named = {}
     for path in args.samples:
         try:
@@ -265,6 +272,8 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"--samples {path}: not a sample file of dmmd sample --out ({e})") from None
     length = next(iter(named.values())).shape[1]
     source = source.replace(length=length)
+    if is_image_data(source):
+        return _evaluate_images(args, named, make_source(source))
     rows = evaluate_samples(named, make_source(source), args.reference, num_data=args.num_data,
                             estimator=args.estimator, batch_size=args.batch_size,
                             prompt_length=args.prompt_length, seed=args.seed)
@@ -275,6 +284,26 @@ def cmd_evaluate(args) -> int:
             json.dump(rows, f, indent=1)
         with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
             f.write(table + "\n")
+    return 0
+
+
+def _evaluate_images(args, named: dict, source) -> int:
+    from dmmd.metrics.evaluate import evaluate_image_samples, image_markdown_table
+
+    steps = {}
+    for path in args.samples:
+        with open(path) as f:
+            steps[path] = json.load(f).get("steps")
+    out_dir = args.out.rsplit(".", 1)[0] if args.out else None
+    rows = evaluate_image_samples(named, source, args.reference, steps=steps, out_dir=out_dir, seed=args.seed)
+    table = image_markdown_table(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(out_dir + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"wrote {args.out}, {out_dir}.md and the grids and plot in {out_dir}/")
     return 0
 
 
@@ -320,9 +349,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     ref = sub.add_parser("reference", help="reference causal LMs for the metrics")
     parsers["reference train"] = _config_parser(
         ref.add_subparsers(dest="reference_command", required=True, metavar="command"), "train", ReferenceConfig,
-        help="train a small GPT-2-configured causal LM",
+        help="train a small GPT-2-configured causal LM (image data: the FID feature classifier)",
         description="Train a GPT-2-configured causal LM on a token source and save it as a transformers "
-                    "directory (OUT/model); resumes from OUT/checkpoint.")
+                    "directory (OUT/model); resumes from OUT/checkpoint. On labelled image data (--data "
+                    "digits) train the FID feature classifier instead (an MLP; OUT/model, with its held-out "
+                    "accuracy), with " + ", ".join(f"{k} {v}" for k, v in CLASSIFIER_DEFAULTS.items())
+                    + " unless given.")
     _evaluate_parser(sub)
     _demo_parser(sub)
     for name, p in sub.choices.items():

@@ -25,7 +25,8 @@ class DataConfig(Options):
     grid_size: int = option(8, "side of the token grids (length must be its square)")
     grid_colors: int = option(4, "colours of the token grids (token 0 is the background)")
     levels: int = option(256, "tokens per channel value of image files (uint8 values quantised)")
-    length: int = option(128, "tokens per sequence (images: H * W * C)")
+    length: int = option(0, "tokens per sequence; 0: the data's own (images: H * W * C, grids: the grid's "
+                            "cells, otherwise 128)")
 
 
 BUILT_IN = ("text", "markov", "grids")
@@ -36,15 +37,23 @@ def is_image_data(cfg: DataConfig) -> bool:
     return cfg.data == "digits" or (cfg.data not in BUILT_IN and is_image_path(cfg.data))
 
 
+DEFAULT_LENGTH = 128  # sources without a length of their own: text, markov, .bin files
+
+
 def make_source(cfg: DataConfig):
-    """The token source named by ``cfg.data``; a bad name or file raises ``ValueError`` naming it."""
-    if cfg.length < 1:
-        raise ValueError(f"length must be >= 1, got {cfg.length}")
+    """The token source named by ``cfg.data``; a bad name or file raises ``ValueError`` naming it.
+    ``cfg.length == 0`` is set here to the source's own length (so a config saved after this
+    names it)."""
+    if cfg.length < 0:
+        raise ValueError(f"length must be >= 1 (or 0: the data's own), got {cfg.length}")
+    if cfg.length == 0 and not (cfg.data == "grids" or is_image_data(cfg)):
+        cfg.length = DEFAULT_LENGTH
     if cfg.data == "text":
         return ByteText(cfg.length)
     if cfg.data == "markov":
         return MarkovSource(cfg.vocab_size or 8, cfg.length, fanout=cfg.markov_fanout, seed=cfg.markov_seed)
     if cfg.data == "grids":
+        cfg.length = cfg.length or cfg.grid_size ** 2
         if cfg.length != cfg.grid_size ** 2:
             raise ValueError(f"grids of size {cfg.grid_size} need length {cfg.grid_size ** 2}, got {cfg.length}")
         return TokenGrids(cfg.grid_size, cfg.grid_colors)
@@ -61,6 +70,7 @@ def make_source(cfg: DataConfig):
 
 
 def _image_length_checked(source: ImageSource, cfg: DataConfig) -> ImageSource:
+    cfg.length = cfg.length or source.length
     if cfg.length != source.length:
         h, w, c = source.shape
         raise ValueError(f"{cfg.data}: images of {h}x{w}x{c} are {source.length} tokens: pass --length "

@@ -100,22 +100,29 @@ def dequantize(tokens: torch.Tensor, levels: int, shape: tuple[int, int, int]) -
     return ((t * 256 + 128) // levels).astype(np.uint8).reshape(-1, *shape)
 
 
-def load_digits() -> np.ndarray:
-    """scikit-learn's 8x8 digits as ``int64 [1797, 8, 8, 1]`` grey levels 0-16."""
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as ``int64 [1797, 8, 8, 1]`` grey levels 0-16, and their
+    labels ``int64 [1797]`` (0-9)."""
     datasets = require("sklearn.datasets", "the digits data")
-    return datasets.load_digits().images.astype(np.int64)[..., None]
+    digits = datasets.load_digits()
+    return digits.images.astype(np.int64)[..., None], digits.target.astype(np.int64)
 
 
 class ImageSource:
-    """Images as tokens with a held-out split (the last ``val_fraction`` of a fixed permutation)."""
+    """Images as tokens with a held-out split (the last ``val_fraction`` of a fixed permutation),
+    and their class labels where the data has them (digits)."""
 
     def __init__(self, tokens: np.ndarray, levels: int, shape: tuple[int, int, int], *, val_fraction: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, labels: np.ndarray | None = None):
         if len(tokens) < 2:
             raise ValueError(f"image data needs at least 2 images, got {len(tokens)}")
         order = np.random.default_rng(seed).permutation(len(tokens))
         n_val = max(1, int(round(len(tokens) * val_fraction)))
         self.train, self.val = torch.from_numpy(tokens[order[n_val:]]), torch.from_numpy(tokens[order[:n_val]])
+        self.labels = None
+        if labels is not None:
+            self.labels = {"train": torch.from_numpy(labels[order[n_val:]]),
+                           "val": torch.from_numpy(labels[order[:n_val]])}
         self.vocab_size, self.shape = levels, shape
         self.length = shape[0] * shape[1] * shape[2]
 
@@ -126,13 +133,17 @@ class ImageSource:
 
     @classmethod
     def digits(cls, **kw) -> ImageSource:
-        images = load_digits()
-        return cls(images.reshape(len(images), -1), 17, images.shape[1:], **kw)
+        images, labels = load_digits()
+        return cls(images.reshape(len(images), -1), 17, images.shape[1:], labels=labels, **kw)
 
     def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
         """``[batch, L]`` images drawn uniformly (with replacement) from the split."""
         pool = self.train if split == "train" else self.val
         return pool[torch.randint(0, len(pool), (batch,), generator=generator)].clone()
+
+    def split(self, split: str = "train") -> torch.Tensor:
+        """Every image of ``split`` (``"train"`` or ``"val"``) as tokens ``[N, L]``."""
+        return self.train if split == "train" else self.val
 
     def to_images(self, tokens: torch.Tensor) -> np.ndarray:
         """Tokens ``[N, L]`` as ``uint8 [N, H, W, C]`` pictures."""

