@@ -108,7 +108,8 @@ def test_image_study_writes_tables_grids_and_plot(classifier, tmp_path):
     table = (tmp_path / "study" / "table.md").read_text()
     assert "| masked D-MMD student |" in table and "no noise input" in table and "| 0.9 |" in table
     grids = sorted(os.listdir(tmp_path / "study" / "grids"))
-    assert "teacher_uniform_2.png" in grids and "student_masked_k2_no_noise.png" in grids and len(grids) == 8
+    assert "teacher_uniform_2.png" in grids and "student_masked_k2_no_noise.png" in grids and len(grids) == 11
+    assert "data.png" in grids and "side_by_side_masked_k2.png" in grids
     assert (tmp_path / "study" / "fid_by_steps.png").exists()
     with open(tmp_path / "study" / "student_masked_k2_no_noise" / "checkpoint" / "state.json") as f:
         assert json.load(f)["state"]["config"]["noise_dim"] == 0

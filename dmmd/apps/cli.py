@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                 "reference": cmd_reference, "evaluate": cmd_evaluate, "demo": cmd_demo}
     try:
         return commands[args.command](args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as e:
         if args.debug:
             raise

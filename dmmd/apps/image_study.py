@@ -125,6 +125,7 @@ class Scorer:
         self.classifier = load_classifier(result["model"])
         self.source = make_source(teacher_config(cfg, "masked").source)
         self.data = self.source.split("train")
+        save_grid(self.source.to_images(self.source.split("val")[:GRID]), os.path.join(cfg.out, "grids", "data.png"))
 
     def __call__(self, x: torch.Tensor, seed: int) -> dict:
         d = fid(x, self.data, self.classifier.features, seed=seed)
@@ -222,7 +223,30 @@ def report(cfg: ImageStudyConfig) -> dict:
                       {"config": cfg.to_dict(), **{k: {str(a): b for a, b in v.items()} for k, v in res.items()}})
     if any(res["teacher"].values()):
         plot(cfg, res, os.path.join(cfg.out, "fid_by_steps.png"))
+    for process in ("masked", "uniform"):
+        for k in res["student"][process]:
+            side_by_side(cfg, process, k)
     return res
+
+
+def side_by_side(cfg: ImageStudyConfig, process: str, k: int) -> None:
+    """``grids/side_by_side_{process}_k{k}.png``: held-out data, the teacher at ``k`` steps, the
+    student at ``k`` and the teacher at its most steps, left to right (where all four exist)."""
+    grids = os.path.join(cfg.out, "grids")
+    names = ["data", f"teacher_{process}_{k}", f"student_{process}_k{k}", f"teacher_{process}_{max(cfg.teacher_grid)}"]
+    paths = [os.path.join(grids, n + ".png") for n in names]
+    if not all(os.path.exists(p) for p in paths):
+        return
+    image = require("PIL.Image", "the side-by-side grids")
+    panels = [image.open(p).convert("RGB") for p in paths]
+    gap = 16
+    canvas = image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)),
+                       "white")
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, 0))
+        x += p.width + gap
+    canvas.save(os.path.join(grids, f"side_by_side_{process}_k{k}.png"))
 
 
 def _cell(r: dict | None) -> str:
