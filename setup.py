@@ -2,8 +2,9 @@
 torch is a CUDA build and nvcc is found (keyed on the torch build, not on a visible GPU).
 
 Knobs (environment): DMMD_FORCE_CUDA=1, DMMD_SKIP_CUDA=1, TORCH_CUDA_ARCH_LIST, MAX_JOBS,
-DEBUG=1, CUDA_HOME; DMMD_NO_EXTENSION=1 installs the Python packages only (the Makefile then
-builds the extension in place, once, with ninja). Install with `pip install --no-build-isolation .`
+DEBUG=1, CUDA_HOME, DMMD_PTXAS_VERBOSE=1 (ptxas's per-kernel resource report);
+DMMD_NO_EXTENSION=1 installs the Python packages only (the Makefile then builds the extension
+in place, once, with ninja). Install with `pip install --no-build-isolation .`
 after torch: the extension is built against that torch (its version is recorded in
 `_build_info.json`, and `dmmd_ops` refuses to load a build made for another torch).
 """
@@ -99,6 +100,8 @@ def _extension():
                 break
         # Sampling code must never see --use_fast_math.
         extra["nvcc"] = (["-O0", "-g", "-G"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr"]
+        if os.environ.get("DMMD_PTXAS_VERBOSE") == "1":  # registers, spills, smem: scripts/ptxas_report.py
+            extra["nvcc"].append("-Xptxas=-v")
         define_macros.append(("DMMD_WITH_CUDA", "1"))
         ext_cls = CUDAExtension
     else:

@@ -2,7 +2,8 @@
 # CUDA build check (CI, no GPU needed): build dmmd_ops._C with the CUDA 13.0 torch in its own
 # virtualenv and build directory, import it, and fail unless every op that csrc/cuda/
 # implements is registered for the CUDA dispatch key. Any .cu that fails to compile or link
-# fails the build, and so this script.
+# fails the build, and so this script; so does any kernel that spills or is over the register
+# budget (scripts/ptxas_report.py, which prints every kernel's resources and occupancy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,10 +28,17 @@ export MAX_JOBS=${MAX_JOBS:-2}
 echo "cuda_build_check: CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 
 start=$(date +%s)
-DMMD_FORCE_CUDA=1 "$VENV/bin/python" setup.py -q build --build-base "$BUILD" 2>&1 | grep -v -E "Warning|warn\(|^\s*$|!!|\*\*\*" || true
+# No objects kept: every file compiles, so ptxas reports every kernel (kept in $BUILD/build.log)
+rm -rf "$BUILD"/temp.*
+mkdir -p "$BUILD"
+DMMD_FORCE_CUDA=1 DMMD_PTXAS_VERBOSE=1 "$VENV/bin/python" setup.py -q build --build-base "$BUILD" \
+  > "$BUILD/build.log" 2>&1 || true
+grep -v -E "Warning|warn\(|^\s*$|!!|\*\*\*|ptxas info|bytes stack frame" "$BUILD/build.log" || true
 LIB=$(ls -d "$BUILD"/lib.* | head -n1)
 [ -f "$LIB"/dmmd_ops/_C*.so ] || { echo "cuda_build_check: the extension did not build" >&2; exit 1; }
 echo "cuda_build_check: built in $(( $(date +%s) - start ))s"
+# Resource budgets: no spills, registers within budget; prints registers and occupancy per kernel.
+python3 scripts/ptxas_report.py "$BUILD/build.log"
 
 cd "$LIB"
 PYTHONPATH="$PWD" "$OLDPWD/$VENV/bin/python" "$OLDPWD/scripts/check_cuda_registration.py" "$OLDPWD/csrc/cuda"

@@ -33,3 +33,59 @@ def test_sanitizer_probe_runs_every_op(monkeypatch):
     assert sanitizer_probe.main(["--cpu"]) == 0
     assert called == {"generator_loss", "aux_loss", "teacher_logprobs", "sample_categorical", "posterior_sample",
                       "denoise_step", "grad_gram", "philox4x32"}
+
+
+PTXAS_LOG = """\
+ptxas info    : Compiling entry function '_ZN4dmmd4cuda24generator_forward_kernelIfEEvPKT_' for 'sm_80'
+ptxas info    : Function properties for _ZN4dmmd4cuda24generator_forward_kernelIfEEvPKT_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 1088 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN4dmmd4cuda17gram_trick_kernelEPKf' for 'sm_90'
+ptxas info    : Function properties for _ZN4dmmd4cuda17gram_trick_kernelEPKf
+    {stack} bytes stack frame, {spill} bytes spill stores, {spill} bytes spill loads
+ptxas info    : Used {regs} registers, used 1 barriers, 60000 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN2at6native6kernelEv' for 'sm_80'
+ptxas info    : Used 250 registers, 0 bytes smem
+"""
+
+
+def _report(tmp_path, capsys, **kw):
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import ptxas_report
+    finally:
+        sys.path.pop(0)
+    log = tmp_path / "build.log"
+    log.write_text(PTXAS_LOG.format(**{"stack": 0, "spill": 0, "regs": 64, **kw}))
+    rc = ptxas_report.main([str(log)])
+    return rc, capsys.readouterr()
+
+
+def test_ptxas_report_tables_our_kernels_with_their_occupancy(tmp_path, capsys):
+    rc, out = _report(tmp_path, capsys)
+    assert rc == 0
+    lines = out.out.splitlines()
+    assert len(lines) == 3 and "at::native" not in out.out  # torch's kernels are not ours to budget
+    fwd = next(line for line in lines if "generator_forward_kernel<float>" in line).split()
+    # 40 registers (1280 per warp, 8 warps a block: 6 blocks by registers) bind before threads (8)
+    assert fwd[1:4] == ["sm_80", "40", "0/0"] and "6 (75%)" in " ".join(fwd) and fwd[-1] == "registers"
+    gram = next(line for line in lines if "gram_trick_kernel" in line)  # 60 kB of smem: 3 blocks of 256
+    assert "3 (37%)" in gram and gram.rstrip().endswith("shared memory")
+
+
+def test_ptxas_report_fails_on_spills_and_over_budget_registers(tmp_path, capsys):
+    rc, out = _report(tmp_path, capsys, spill=8)
+    assert rc == 1 and "gram_trick_kernel (sm_90): 8 B spill stores" in out.err
+    rc, out = _report(tmp_path, capsys, regs=200)
+    assert rc == 1 and "200 registers > budget 128" in out.err
+
+
+def test_ptxas_report_without_a_report_says_how_to_get_one(tmp_path, capsys):
+    (tmp_path / "empty.log").write_text("nothing compiled\n")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import ptxas_report
+    finally:
+        sys.path.pop(0)
+    assert ptxas_report.main([str(tmp_path / "empty.log")]) == 2
+    assert "DMMD_PTXAS_VERBOSE=1" in capsys.readouterr().err

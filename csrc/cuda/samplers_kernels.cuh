@@ -40,8 +40,12 @@ __device__ int64_t block_draw(const T* row, int64_t v, float inv_t, double top_p
   });
 }
 
+// Both samplers ask for two resident blocks per SM (at most 128 registers): without a minimum
+// ptxas aims for three on sm_80 (80 registers) and spills in the 16-bit instantiations (68 / 144
+// bytes in denoise_step); with a minimum of one it takes 140 on sm_90, one block per SM
+// (scripts/ptxas_report.py prints what each arch gets).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     sample_categorical_kernel(const T* __restrict__ logits, int64_t sl, int64_t* __restrict__ out, int64_t rows,
                               int64_t v, float inv_t, double top_p, uint64_t seed, uint64_t offset) {
   constexpr int N = vec_width<T>();
@@ -54,7 +58,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     denoise_step_kernel(const T* __restrict__ logits, int64_t sl, const int64_t* __restrict__ z_t,
                         const double* __restrict__ alpha_s, const double* __restrict__ alpha_t,
                         int64_t* __restrict__ out, int64_t rows, int64_t v, bool is_masked, int64_t mask_id,
