@@ -7,8 +7,11 @@ Trains a masked and a uniform teacher on scikit-learn's 8x8 digits (or --data), 
 with 1-64 steps, distills k = 2, 4, 8 students with `dmmd distill`'s defaults, and writes FID
 by steps (Table 1's shape), the no-noise ablation (Table 6), the distillation-temperature sweep,
 one PNG grid per sampler (OUT/grids) and OUT/fid_by_steps.png. Every stage resumes; several
-invocations with different --processes / --parts can share one OUT side by side. --report
-only gathers what has finished.
+invocations with different --processes / --parts can share one OUT side by side once the FID
+classifier is there (the README's run: `dmmd reference train --data digits --out
+OUT/classifier` first, then `--processes masked --parts main temperature` beside `--processes
+uniform --parts main` followed by `--processes masked --parts noise`, each with --threads 1).
+--report only gathers what has finished.
 """
 from __future__ import annotations
 

@@ -85,6 +85,10 @@ def test_evaluate_digits_gives_fid_rows_grids_and_a_plot(classifier, tmp_path, c
     assert sorted(os.listdir(tmp_path / "ev" / "res")) == ["data__held_out_.png", "fid_by_steps.png", "noise.png",
                                                           "real.png"]
     assert (tmp_path / "ev" / "res.md").exists()
+    # --out without an extension: the figures go to a folder beside it, not over it
+    assert main(["evaluate", "--data", "digits", "--samples", str(tmp_path / "real.json"), "--reference", classifier,
+                 "--out", str(tmp_path / "ev" / "plain")]) == 0
+    assert (tmp_path / "ev" / "plain").is_file() and (tmp_path / "ev" / "plain_figures" / "real.png").exists()
     # a sample file with a mask id left over (17 on 17-level digits) is refused, named
     with open(tmp_path / "masked.json", "w") as f:
         json.dump({"steps": 1, "tokens": torch.full((4, 64), 17).tolist()}, f)

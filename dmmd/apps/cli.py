@@ -282,7 +282,7 @@ def cmd_evaluate(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
-        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(table + "\n")
     return 0
 
@@ -294,16 +294,19 @@ def _evaluate_images(args, named: dict, source) -> int:
     for path in args.samples:
         with open(path) as f:
             steps[path] = json.load(f).get("steps")
-    out_dir = args.out.rsplit(".", 1)[0] if args.out else None
+    out_dir = None  # grids and plot: beside --out, in a folder named after it
+    if args.out:
+        stem, ext = os.path.splitext(args.out)
+        out_dir = stem if ext else args.out + "_figures"
     rows = evaluate_image_samples(named, source, args.reference, steps=steps, out_dir=out_dir, seed=args.seed)
     table = image_markdown_table(rows)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
-        with open(out_dir + ".md", "w") as f:
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
             f.write(table + "\n")
-        print(f"wrote {args.out}, {out_dir}.md and the grids and plot in {out_dir}/")
+        print(f"wrote {args.out}, {os.path.splitext(args.out)[0]}.md and the grids and plot in {out_dir}/")
     return 0
 
 
