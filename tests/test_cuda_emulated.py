@@ -2,9 +2,10 @@
 emulation (tests/csrc/cuda_emulation.h: a block's threads are fibers, warp shuffles and
 __syncthreads are barriers, a divergent barrier is an error), against the float64 reference and
 the CPU kernels: values, gradients, the radix-selection nucleus, and the draws for the same
-(seed, offset). Most tests use 64-thread blocks (fast to emulate); a few the 256 threads the GPU
-build uses. This is how CI checks the device code without a GPU; tests/test_cuda.py checks it
-on one."""
+(seed, offset); every emulated call runs under several thread schedules and must give
+bit-identical results under all of them (:class:`AllSchedules`). Most tests use 64-thread
+blocks (fast to emulate); a few the 256 threads the GPU build uses. This is how CI checks the
+device code without a GPU; tests/test_cuda.py checks it on one."""
 from __future__ import annotations
 
 import glob
@@ -43,14 +44,66 @@ def _build(threads: int):
     return getattr(torch.ops, name)
 
 
+# Thread orders between barriers (tests/csrc/cuda_emulation.h): index order, reverse, and a seeded
+# permutation drawn afresh for every barrier interval.
+SCHEDULES = (0, 1, 7)
+
+
+class AllSchedules:
+    """The emulated ops, each call run once per schedule in SCHEDULES; the results must be
+    bit-identical (a kernel that is right in one thread order only has a race), and the first
+    is returned."""
+
+    def __init__(self, ops, schedules=SCHEDULES):
+        self.ops, self.schedules = ops, schedules
+
+    def two_schedules(self) -> AllSchedules:
+        """Index order and a random order only: for the 1000-row draw tests, the slowest here."""
+        return AllSchedules(self.ops, (SCHEDULES[0], SCHEDULES[-1]))
+
+    def __getattr__(self, name):
+        op = getattr(self.ops, name)
+        if name in ("set_schedule", "last_vector_accesses"):
+            return op
+
+        def run(*args):
+            outs = []
+            try:
+                for s in self.schedules:
+                    self.ops.set_schedule(s)
+                    outs.append(op(*args))
+            finally:
+                self.ops.set_schedule(0)
+            for s, out in zip(self.schedules[1:], outs[1:], strict=True):
+                for x, y in zip(*(o if isinstance(o, tuple) else (o,) for o in (outs[0], out)), strict=True):
+                    torch.testing.assert_close(y, x, rtol=0, atol=0, equal_nan=True,
+                                               msg=lambda m, s=s: f"{name} under schedule {s}: {m}")
+            return outs[0]
+        return run
+
+
 @pytest.fixture(scope="module")
 def emu():
-    return _build(64)
+    return AllSchedules(_build(64))
 
 
 @pytest.fixture(scope="module")
 def emu256():
-    return _build(256)
+    return AllSchedules(_build(256))
+
+
+def test_an_order_dependent_kernel_is_caught_across_schedules(emu):
+    """A racy kernel (every thread writes one shared slot with no barrier between the writes;
+    thread 0 reads it after one) answers whichever thread ran last: thread 63 in index order,
+    0 in reverse. In index order alone it would pass; across schedules it fails, named."""
+    answers = []
+    for s in (0, 1):
+        emu.set_schedule(s)
+        answers.append(int(emu.ops.last_writer()))
+    emu.set_schedule(0)
+    assert answers == [63, 0]
+    with pytest.raises(AssertionError, match="last_writer under schedule 1"):
+        emu.last_writer()
 
 
 def _make(shape, dtype, gen, layout="contiguous", scale=3.0):
@@ -198,7 +251,7 @@ def _agree(x, y) -> float:
 @pytest.mark.parametrize("temperature,top_p", SETTINGS)
 def test_sample_categorical_same_draws_as_cpu(emu, dtype, temperature, top_p, gen):
     x = (torch.randn(1000, 37, generator=gen) * 2).to(dtype)
-    got = emu.sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
+    got = emu.two_schedules().sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
     want = torch.ops.dmmd.sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
     assert _agree(got, want) >= 0.999
 
@@ -217,7 +270,7 @@ def test_denoise_step_same_draws_as_cpu(emu, process, top_p, gen):
         z[: rows // 2] = mask_id
     a_s = torch.rand(rows, generator=gen, dtype=torch.float64) * 0.5 + 0.5
     a_t = a_s * torch.rand(rows, generator=gen, dtype=torch.float64)
-    got = emu.denoise_step(logits, z, a_s, a_t, process, mask_id, 0.9, top_p, 9, 3)
+    got = emu.two_schedules().denoise_step(logits, z, a_s, a_t, process, mask_id, 0.9, top_p, 9, 3)
     want = torch.ops.dmmd.denoise_step(logits, z, a_s, a_t, process, mask_id, 0.9, top_p, 9, 3)
     assert _agree(got, want) >= 0.999
     if masked:
@@ -236,7 +289,7 @@ def test_posterior_sample_same_draws_as_cpu(emu, process, x_kind, gen):
         torch.softmax(torch.randn(rows, v, generator=gen) * 2, -1)
     a_s, a_t = torch.full((rows,), 0.8, dtype=torch.float64), torch.full((rows,), 0.3, dtype=torch.float64)
     mask_id = 0 if masked else -1
-    got = emu.posterior_sample(z, x, a_s, a_t, process, mask_id, v, 77, 2**33)
+    got = emu.two_schedules().posterior_sample(z, x, a_s, a_t, process, mask_id, v, 77, 2**33)
     want = torch.ops.dmmd.posterior_sample(z, x, a_s, a_t, process, mask_id, v, 77, 2**33)
     assert _agree(got, want) >= (1.0 if x_kind == "hard" else 0.999)
 

@@ -1,6 +1,9 @@
 // Enough of CUDA to run dmmd's kernels (csrc/cuda/*_kernels.cuh) on the host, for tests on
 // machines without a GPU. A block's threads are fibers (ucontext) in one OS thread, switched
-// only at __syncthreads (and at the barriers that emulate warp shuffles), in thread order; a
+// only at __syncthreads (and at the barriers that emulate warp shuffles); between two barriers
+// they run one after another in the order `emu::schedule` picks (thread index order, reverse
+// order, or a fresh seeded permutation per interval), so code that is right only in one order
+// (a missing barrier whose reader runs after its writer here) differs between schedules. A
 // barrier that not every thread reaches, or reaches a different number of times, is an error.
 // __shared__ becomes static (one block runs at a time). Arithmetic intrinsics round like the
 // device's (__fmul_rn and friends never contract); expf may differ from CUDA's by an ulp.
@@ -11,8 +14,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -88,6 +94,10 @@ struct Block {
   std::vector<unsigned char> exchange;
 };
 
+// The order threads run in between barriers: 0 thread index order, 1 reverse, s >= 2 a
+// permutation drawn afresh for every barrier interval from a generator seeded with s.
+inline int64_t schedule = 0;
+
 inline Block* block = nullptr;
 inline bool misaligned = false;  // a 16-byte vector access off a 16-byte boundary (an error on a GPU)
 inline int64_t vector_accesses = 0, last_vector_accesses = 0;  // 16-byte accesses of a launch
@@ -126,11 +136,16 @@ inline void run_block(unsigned b, unsigned grid, unsigned threads, const std::fu
     f.ctx.uc_link = &blk.scheduler;
     makecontext(&f.ctx, trampoline, 0);
   }
+  std::vector<unsigned> order(threads);
+  std::iota(order.begin(), order.end(), 0u);
+  if (schedule == 1) std::reverse(order.begin(), order.end());
+  std::mt19937_64 rng(static_cast<uint64_t>(schedule) * 1000003u + b);
   for (;;) {
     unsigned done = 0;
     long at = -1;
     bool diverged = false;
-    for (unsigned t = 0; t < threads; ++t) {
+    if (schedule >= 2) std::shuffle(order.begin(), order.end(), rng);
+    for (unsigned t : order) {
       Fiber& f = blk.fibers[t];
       if (!f.done) {
         blk.current = t;

@@ -104,6 +104,29 @@ at::Tensor grad_gram(const at::Tensor& a_in, const at::Tensor& g_in) {
 // How many 16-byte vector loads and stores the last launch made (the fast path was taken).
 int64_t last_vector_accesses() { return emu::last_vector_accesses; }
 
+// A deliberately racy kernel for the schedule test: every thread writes the same shared slot
+// with no barrier between the writes, so thread 0 reads whichever thread ran last.
+__global__ void racy_last_writer_kernel(int64_t* out) {
+  __shared__ int64_t slot;
+  slot = threadIdx.x;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = slot;
+}
+
+at::Tensor last_writer() {
+  at::Tensor out = at::empty({1}, at::kLong);
+  int64_t* p = out.mutable_data_ptr<int64_t>();
+  DMMD_LAUNCH(racy_last_writer_kernel, 1, kThreads, kStream)(p);
+  return out;
+}
+
+// The thread order between barriers for the launches that follow (see cuda_emulation.h).
+int64_t set_schedule(int64_t s) {
+  const int64_t old = emu::schedule;
+  emu::schedule = s;
+  return old;
+}
+
 }  // namespace
 }  // namespace dmmd::cuda
 
@@ -124,4 +147,6 @@ DMMD_TORCH_LIBRARY(DMMD_EMU_LIB, m) {
   m.def("posterior_sample", &dmmd::cuda::posterior_sample);
   m.def("grad_gram", &dmmd::cuda::grad_gram);
   m.def("last_vector_accesses", &dmmd::cuda::last_vector_accesses);
+  m.def("set_schedule", &dmmd::cuda::set_schedule);
+  m.def("last_writer", &dmmd::cuda::last_writer);
 }
