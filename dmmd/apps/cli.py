@@ -263,49 +263,46 @@ def cmd_evaluate(args) -> int:
         source = TeacherConfig.from_dict(state.get("teacher_config", state.get("config"))).source
     else:
         source = DataConfig(data=args.data, vocab_size=args.vocab_size, levels=args.levels)
-    named = {}
+    named, steps = {}, {}
     for path in args.samples:
         try:
             with open(path) as f:
-                named[path] = torch.tensor(json.load(f)["tokens"], dtype=torch.long)
+                content = json.load(f)
+            named[path] = torch.tensor(content["tokens"], dtype=torch.long)
+            steps[path] = content.get("steps")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"--samples {path}: not a sample file of dmmd sample --out ({e})") from None
     length = next(iter(named.values())).shape[1]
     source = source.replace(length=length)
     if is_image_data(source):
-        return _evaluate_images(args, named, make_source(source))
+        return _evaluate_images(args, named, steps, make_source(source))
     rows = evaluate_samples(named, make_source(source), args.reference, num_data=args.num_data,
                             estimator=args.estimator, batch_size=args.batch_size,
                             prompt_length=args.prompt_length, seed=args.seed)
-    table = markdown_table(rows)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(table + "\n")
+    _print_and_write(args.out, rows, markdown_table(rows))
     return 0
 
 
-def _evaluate_images(args, named: dict, source) -> int:
+def _print_and_write(out: str | None, rows: list[dict], table: str) -> None:
+    """The table on stdout; with ``out``, the rows as JSON there and the table beside it (.md)."""
+    print(table)
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.splitext(out)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+
+
+def _evaluate_images(args, named: dict, steps: dict, source) -> int:
     from dmmd.metrics.evaluate import evaluate_image_samples, image_markdown_table
 
-    steps = {}
-    for path in args.samples:
-        with open(path) as f:
-            steps[path] = json.load(f).get("steps")
     out_dir = None  # grids and plot: beside --out, in a folder named after it
     if args.out:
         stem, ext = os.path.splitext(args.out)
         out_dir = stem if ext else args.out + "_figures"
     rows = evaluate_image_samples(named, source, args.reference, steps=steps, out_dir=out_dir, seed=args.seed)
-    table = image_markdown_table(rows)
-    print(table)
+    _print_and_write(args.out, rows, image_markdown_table(rows))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(table + "\n")
         print(f"wrote {args.out}, {os.path.splitext(args.out)[0]}.md and the grids and plot in {out_dir}/")
     return 0
 
