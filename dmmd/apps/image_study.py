@@ -27,8 +27,7 @@ from dmmd.data import make_source
 from dmmd.data.images import save_grid
 from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
-from dmmd.metrics.fid import fid
-from dmmd.models.image_classifier import load_classifier
+from dmmd.metrics.evaluate import ImageFID
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
 from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
@@ -122,13 +121,12 @@ class Scorer:
                                                    "out": os.path.join(cfg.out, "classifier")}),
                                  progress=progress)
         self.accuracy = result["val_accuracy"]
-        self.classifier = load_classifier(result["model"])
         self.source = make_source(teacher_config(cfg, "masked").source)
-        self.data = self.source.split("train")
+        self.fid = ImageFID(result["model"], self.source)
         save_grid(self.source.to_images(self.source.split("val")[:GRID]), os.path.join(cfg.out, "grids", "data.png"))
 
     def __call__(self, x: torch.Tensor, seed: int) -> dict:
-        d = fid(x, self.data, self.classifier.features, seed=seed)
+        d = self.fid(x, seed=seed)
         return {"fid": d.value, "fid_stderr": d.stderr, "samples": d.samples}
 
 

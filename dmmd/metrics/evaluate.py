@@ -58,29 +58,45 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class ImageFID:
+    """FID of token images against every training image of ``source``, under the feature
+    classifier saved in directory ``classifier``; the training images' features are computed once."""
+
+    def __init__(self, classifier: str, source):
+        from dmmd.metrics.fid import extract
+        from dmmd.models.image_classifier import load_classifier
+
+        self.model = load_classifier(classifier)
+        if self.model.length != source.length or self.model.levels != source.vocab_size:
+            raise ValueError(f"classifier {classifier!r} was trained on images of {self.model.length} tokens and "
+                             f"{self.model.levels} levels; the data has {source.length} and {source.vocab_size}")
+        self.source = source
+        self.data = extract(source.split("train"), self.model.features, 500)
+
+    def __call__(self, x: torch.Tensor, name: str = "samples", seed: int = 0):
+        """The :class:`~dmmd.metrics.exact.Distance` of images ``x`` (tokens ``[N, L]``)."""
+        from dmmd.metrics.fid import extract, fid
+
+        if x.dim() != 2 or x.shape[1] != self.source.length:
+            raise ValueError(f"samples {name!r} must be [N, {self.source.length}], got {tuple(x.shape)}")
+        if int(x.min()) < 0 or int(x.max()) >= self.source.vocab_size:
+            raise ValueError(f"samples {name!r} hold ids outside [0, {self.source.vocab_size}) (a mask left over?)")
+        return fid(extract(x, self.model.features, 500), self.data, seed=seed)
+
+
 def evaluate_image_samples(named: dict[str, torch.Tensor], source, classifier: str, *, steps: dict[str, int],
                            out_dir: str | None = None, seed: int = 0) -> list[dict]:
     """One FID row per image sample set (name -> tokens ``[N, L]``) against every training image
-    of ``source`` under the feature classifier in directory ``classifier``, plus a ``data (held
-    out)`` row (the held-out split: the FID's small-sample floor). With ``out_dir``: one PNG grid
-    per set (``out_dir/<name>.png``) and ``out_dir/fid_by_steps.png`` (``steps``: name -> the
-    sampler's step count, where known)."""
+    of ``source`` under the feature classifier in directory ``classifier`` (:class:`ImageFID`),
+    plus a ``data (held out)`` row (the held-out split: the FID's small-sample floor). With
+    ``out_dir``: one PNG grid per set (``out_dir/<name>.png``) and ``out_dir/fid_by_steps.png``
+    (``steps``: name -> the sampler's step count, where known)."""
     from dmmd.data.images import save_grid
-    from dmmd.metrics.fid import fid
-    from dmmd.models.image_classifier import load_classifier
 
-    model = load_classifier(classifier)
-    if model.length != source.length or model.levels != source.vocab_size:
-        raise ValueError(f"classifier {classifier!r} was trained on images of {model.length} tokens and "
-                         f"{model.levels} levels; the data has {source.length} and {source.vocab_size}")
-    data = source.split("train")
+    score = ImageFID(classifier, source)
     rows = []
     for name, x in {"data (held out)": source.split("val"), **named}.items():
-        if x.dim() != 2 or x.shape[1] != source.length:
-            raise ValueError(f"samples {name!r} must be [N, {source.length}], got {tuple(x.shape)}")
-        if int(x.min()) < 0 or int(x.max()) >= source.vocab_size:
-            raise ValueError(f"samples {name!r} hold ids outside [0, {source.vocab_size}) (a mask left over?)")
-        d = fid(x, data, model.features, seed=seed)
+        d = score(x, name, seed)
         rows.append({"name": name, "n": x.shape[0], "steps": steps.get(name), "fid": d.value, "fid_stderr": d.stderr})
         if out_dir:
             save_grid(source.to_images(x[:64]), os.path.join(out_dir, _file_name(name) + ".png"))
