@@ -124,7 +124,15 @@ def test_a_missing_optional_dependency_is_one_line_naming_the_extra(capsys, monk
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     err = _refused(capsys, ["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"],
                    "matplotlib", "pip install 'dmmd[demo]'")
-    assert "plot" in err and not (tmp_path / "d" / "teacher").exists()  # before any work
+    assert "plot" in err and not (tmp_path / "d").exists()  # before any work
+    monkeypatch.delitem(sys.modules, "matplotlib")
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # the digits part's data
+    _refused(capsys, ["demo", "--quick", "--out", str(tmp_path / "d"), "--no-progress"],
+             "scikit-learn", "pip install 'dmmd[images]'")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the text part's reference LM
+    _refused(capsys, ["demo", "--quick", "--data", "text", "--out", str(tmp_path / "d"), "--no-progress"],
+             "transformers", "pip install 'dmmd[metrics]'")
+    assert not (tmp_path / "d").exists()
     monkeypatch.setitem(sys.modules, "transformers", None)
     _refused(capsys, ["reference", "train", "--steps", "1", "--out", str(tmp_path / "r")],
              "transformers", "pip install 'dmmd[metrics]'")

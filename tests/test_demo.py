@@ -1,11 +1,14 @@
-"""`dmmd demo`: the quick mode end to end (the whole story, resumed), and the table's verdicts."""
+"""`dmmd demo`: the quick mode end to end (digits and words by default, the text part on its
+own; every stage resumed), the per-part settings, and the verdicts."""
 import json
 import os
 
 import pytest
 
+from dmmd.apps import demo_digits, demo_words
 from dmmd.apps.cli import main
-from dmmd.apps.demo import DemoConfig, demo_config, markdown_tables, verdicts
+from dmmd.apps.demo import DemoConfig, part_configs
+from dmmd.apps.demo_text import TextDemoConfig, markdown_tables, verdicts
 
 
 def _row(model, steps, gm, se=0.1):
@@ -13,9 +16,63 @@ def _row(model, steps, gm, se=0.1):
             "gen_ppl": 10.0, "entropy": 3.0}
 
 
-def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
+def _png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    with open(os.path.join(out, "results.json")) as f:
+        result = json.load(f)
+    assert result["quick"] and set(result["parts"]) == {"digits", "words"} and set(result["seconds"]) == {
+        "digits", "words"}
+    v = result["verdicts"]
+    assert [line.split(":")[0] for line in v] == ["digits (uniform), k=2", "digits (uniform), k=4", "words, k=4",
+                                                 "words, k=8"]
+    assert all("the teacher at" in line for line in v)
+    # digits: FID per sampler, grids side by side, the plot
+    digits = result["parts"]["digits"]
+    assert set(digits["teacher"]["uniform"]) == {"1", "2", "4", "16"}
+    assert set(digits["student"]["uniform"]) == {"2", "4"}
+    grids = os.path.join(out, "digits", "grids")
+    assert all(_png(os.path.join(grids, f"side_by_side_uniform_k{k}.png")) for k in (2, 4))
+    assert _png(os.path.join(out, "digits", "fid_by_steps.png"))
+    # words: exact metrics per sampler; held-out draws of the chain are all possible
+    rows = result["parts"]["words"]
+    assert [(r["model"], r["steps"]) for r in rows] == (
+        [("teacher", k) for k in (2, 4, 8, 32)] + [("D-MMD student", k) for k in (4, 8)] + [("data", None)])
+    assert rows[-1]["impossible"] == 0 and all(r["samples"] == 200 for r in rows)
+    assert all(0 <= r["impossible"] <= 1 and r["entropy"] > 0 for r in rows)
+    assert _png(os.path.join(out, "words", "words_by_steps.png"))
+    with open(os.path.join(out, "words", "samples", "student_4.json")) as f:
+        s = json.load(f)
+    assert len(s["tokens"]) == 200 and len(s["words"][0].split()) == 16
+    table = open(os.path.join(out, "table.md")).read()
+    assert "| D-MMD student | 4 |" in table and "Verdicts" in table and table.strip() in printed
+
+    # resume: a deleted evaluation is recomputed from the kept samples, bit for bit; deleted
+    # samples are redrawn from the kept checkpoints identically
+    os.remove(os.path.join(out, "words", "eval", "student_8.json"))
+    os.remove(os.path.join(out, "words", "samples", "teacher_8.json"))
+    os.remove(os.path.join(out, "words", "eval", "teacher_8.json"))
+    os.remove(os.path.join(out, "digits", "student_uniform_k4", "fid.json"))
+    assert main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    with open(os.path.join(out, "results.json")) as f:
+        again = json.load(f)
+    for part in (again, result):  # (a resumed student's distill_seconds is this run's: 0)
+        for row in part["parts"]["digits"]["student"]["uniform"].values():
+            row.pop("distill_seconds")
+    assert again["parts"] == result["parts"] and again["verdicts"] == v
+
+
+def test_quick_text_demo_end_to_end_and_resume(tmp_path, capsys):
+    top = str(tmp_path / "demo")
+    out = os.path.join(top, "text")
+    assert main(["demo", "--quick", "--data", "text", "--out", top, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     with open(os.path.join(out, "results.json")) as f:
         result = json.load(f)
@@ -53,9 +110,9 @@ def test_quick_demo_end_to_end_and_resume(tmp_path, capsys):
     os.remove(os.path.join(out, "eval", "student_8.json"))
     os.remove(os.path.join(out, "samples", "teacher_16.json"))
     os.remove(os.path.join(out, "eval", "teacher_16.json"))
-    assert main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--data", "text", "--out", top, "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "teacher: 150 steps" in printed
+    assert "teacher: 150 steps" in printed and "text, k=4: student GM" in printed
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)["rows"]
     assert again == rows
@@ -71,19 +128,59 @@ def test_verdicts_say_where_the_student_wins_and_loses():
     assert "ties with the teacher at 8 steps" in v[1] and "as good as" not in v[1]
     assert "loses to the teacher at 16 steps" in v[2]
     assert "better than the teacher at every step count up to 32" in v[3]
-    table = markdown_tables(rows, DemoConfig())
+    table = markdown_tables(rows, TextDemoConfig())
     assert "| teacher | 4.000 | 5.000 |" not in table  # columns are step counts in order
     assert "| teacher | 5.000 | 3.000 | 2.000 | 1.000 |" in table
     assert "| D-MMD student | 2.050 | 3.100 | 4.000 | 0.100 |" in table
 
 
 @pytest.mark.parametrize("bad, name", [({"ks": [4, 0]}, "ks"), ({"teacher_ks": []}, "teacher_ks"),
-                                       ({"num_samples": 1}, "num_samples"), ({"distill_steps": 0}, "distill_steps")])
+                                       ({"num_samples": 1}, "num_samples"), ({"distill_steps": 0}, "distill_steps"),
+                                       ({"data": ("text", "nope")}, "data"), ({"data": ()}, "data"),
+                                       ({"process": "gaussian"}, "process"), ({"vocab_size": 1}, "vocab_size")])
 def test_bad_demo_options_are_named(bad, name):
     with pytest.raises(ValueError, match=name):
-        demo_config(True, **bad).validate()
+        part_configs(DemoConfig.from_dict({"data": ("words", "text"), **bad}), quick=True)
 
 
 def test_unknown_demo_option_is_an_error():
     with pytest.raises(ValueError, match="nonsense"):
-        demo_config(False, nonsense=1)
+        DemoConfig.from_dict({"nonsense": 1})
+
+
+def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_run():
+    cfgs = part_configs(DemoConfig.from_dict({"teacher_steps": 7, "process": "masked", "ks": (3,)}), quick=True)
+    assert set(cfgs) == {"digits", "words"}
+    assert cfgs["digits"].teacher_steps == cfgs["words"].teacher_steps == 7
+    assert cfgs["digits"].processes == ("masked",) and cfgs["words"].process == "masked"
+    assert cfgs["digits"].ks == cfgs["words"].ks == (3,)
+    assert cfgs["digits"].out == os.path.join("runs/demo-quick", "digits")
+    plain = part_configs(DemoConfig(), quick=False)
+    assert plain["digits"].processes == ("uniform",) and plain["words"].process == "masked"
+    assert plain["words"].out == os.path.join("runs/demo", "words")
+    with pytest.raises(ValueError, match="reference_steps applies to --data text"):
+        part_configs(DemoConfig.from_dict({"reference_steps": 5}))
+    with pytest.raises(ValueError, match="vocab_size applies to --data words"):
+        part_configs(DemoConfig.from_dict({"data": ("digits",), "vocab_size": 16}))
+
+
+def _word_row(model, steps, impossible, se=0.01, entropy=0.7):
+    return {"model": model, "steps": steps, "name": f"{model}_{steps}", "impossible": impossible,
+            "impossible_stderr": se, "nll": 0.8, "nll_stderr": 0.01, "entropy": entropy, "samples": 1000}
+
+
+def test_word_and_digit_verdicts():
+    rows = [_word_row("teacher", k, p) for k, p in ((2, 1.0), (4, 0.9), (8, 0.5), (16, 0.2), (32, 0.1))]
+    rows += [_word_row("D-MMD student", 4, 0.21, entropy=0.6), _word_row("D-MMD student", 8, 0.51),
+             _word_row("data", None, 0.0, se=0.0)]
+    v = demo_words.verdicts(rows)
+    assert v[0].startswith("words, k=4: student 21.0% ± 1.0 impossible; beats the teacher at 4 steps (90.0% ± 1.0)")
+    assert "as good as the teacher at 16 steps" in v[0] and "entropy 0.60 nats/word (data 0.70)" in v[0]
+    assert "ties with the teacher at 8 steps" in v[1] and "as good as" not in v[1]
+    res = {"teacher": {"uniform": {1: {"fid": 40.0, "fid_stderr": 1.0}, 2: {"fid": 20.0, "fid_stderr": 1.0},
+                                   64: {"fid": 9.0, "fid_stderr": 0.5}}},
+           "student": {"uniform": {2: {"fid": 8.0, "fid_stderr": 0.5}}}}
+    cfg = demo_digits.digits_config()
+    (line,) = demo_digits.verdicts(res, cfg)
+    assert line == ("digits (uniform), k=2: student FID 8.00 ± 0.50; beats the teacher at 2 steps (20.00 ± 1.00); "
+                    "as good as the teacher at 64 steps.")

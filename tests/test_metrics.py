@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dmmd.data import MarkovSource, make_source
-from dmmd.metrics import exact_nll, gradient_moment, mmd2_ustat, per_example_gram, total_variation
+from dmmd.metrics import chain_quality, exact_nll, gradient_moment, mmd2_ustat, per_example_gram, total_variation
 from dmmd.metrics.gram import _token_losses
 
 transformers = pytest.importorskip("transformers")
@@ -31,6 +31,40 @@ def test_total_variation_is_exact_on_a_small_space():
     assert math.isinf(exact_nll(bad, src).value)
     with pytest.raises(ValueError, match="samples"):
         total_variation(torch.zeros(5, 3, dtype=torch.long), src)
+
+
+def test_chain_quality_counts_impossible_samples_exact_nll_and_diversity():
+    src = MarkovSource(6, 8, fanout=2, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    data = src.sample(20_000, gen)
+    q = chain_quality(data, src)
+    assert q["impossible"] == 0 and q["impossible_stderr"] == 0 and q["samples"] == 20_000
+    # exact draws: NLL per token is the entropy rate; the plug-in next-token entropy is the
+    # chain's conditional entropy under its (nearly stationary) state frequencies
+    assert q["nll"] == pytest.approx(src.entropy_bits_per_token * math.log(2), abs=4 * q["nll_stderr"] + 1e-3)
+    freq = torch.bincount(data[:, :-1].reshape(-1), minlength=6).double()
+    t = src.transition
+    cond = -(t * torch.where(t > 0, t.log(), torch.zeros_like(t))).sum(1)
+    assert q["entropy"] == pytest.approx(float((freq / freq.sum() * cond).sum()), abs=0.01)
+    # one impossible transition in a quarter of the samples (and a mask id in one more): counted
+    # by sample, with the binomial standard error; the possible ones keep their exact NLL
+    x = data[:400].clone()
+    for i in range(100):  # position 3 gets a successor the chain never takes after position 2
+        x[i, 3] = int((t[x[i, 2]] == 0).nonzero()[0])
+    x[100, 5] = 6
+    q = chain_quality(x, src)
+    assert q["impossible"] == pytest.approx(101 / 400)
+    assert q["impossible_stderr"] == pytest.approx(math.sqrt(101 / 400 * 299 / 400 / 400))
+    assert q["nll"] == pytest.approx(float(-src.log_prob(x[101:]).mean() / 8))
+    # a sampler repeating one sequence: likely, possible, and no diversity at all
+    one = data[:1].repeat(500, 1)
+    assert chain_quality(one, src)["impossible"] == 0 and chain_quality(one, src)["entropy"] == pytest.approx(0)
+    # uniform tokens: nearly all impossible; their allowed pairs are uniform over each word's
+    # successors (log 2 nats here), however many impossible pairs surround them
+    noise = torch.randint(0, 6, (4000, 8), generator=gen)
+    assert chain_quality(noise, src)["impossible"] > 0.95
+    assert chain_quality(noise, src)["entropy"] == pytest.approx(math.log(2), abs=0.02)
+    assert math.isnan(chain_quality(torch.full((3, 8), 6), src)["nll"])
 
 
 def _tiny_gpt2(path, seed=0, **kw):

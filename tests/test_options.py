@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from dmmd.apps.cli import main
-from dmmd.apps.demo import DemoConfig, demo_config, distill_config
+from dmmd.apps.demo import DemoConfig, part_configs
+from dmmd.apps.demo_text import TextDemoConfig, distill_config
+from dmmd.apps.demo_words import WordsDemoConfig
 from dmmd.apps.markov_study import StudyConfig, run_study
 from dmmd.training.distill import DistillConfig
 from dmmd.training.reference import ReferenceConfig
@@ -27,13 +29,15 @@ def test_each_run_keeps_its_own_defaults_for_shared_options():
     assert ReferenceConfig().run.out == "runs/reference" and DistillConfig().run.batch_size == 64
 
 
-@pytest.mark.parametrize("cls", [TeacherConfig, DistillConfig, ReferenceConfig, DemoConfig, StudyConfig])
+@pytest.mark.parametrize("cls", [TeacherConfig, DistillConfig, ReferenceConfig, DemoConfig, TextDemoConfig,
+                                 WordsDemoConfig, StudyConfig])
 def test_unknown_keys_are_refused_by_name(cls):
     with pytest.raises(ValueError, match=r"unknown \w+ keys: \['no_such_option'\]"):
         cls.from_dict({"no_such_option": 1})
 
 
-@pytest.mark.parametrize("cls", [TeacherConfig, DistillConfig, ReferenceConfig, DemoConfig, StudyConfig])
+@pytest.mark.parametrize("cls", [TeacherConfig, DistillConfig, ReferenceConfig, DemoConfig, TextDemoConfig,
+                                 WordsDemoConfig, StudyConfig])
 def test_every_option_has_its_help_beside_its_field(cls):
     for f, _ in cls.flat_fields():
         assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
@@ -49,26 +53,32 @@ def test_help_shows_each_default_once_and_booleans_as_true_false(command, capsys
         assert "--soft-target {true,false}" in text
 
 
+def _text(**settings) -> TextDemoConfig:
+    return part_configs(DemoConfig.from_dict({"data": ("text",), **settings}), quick=True)["text"]
+
+
 def test_demo_distill_keys_work_or_are_refused_by_name():
-    cfg = demo_config(True, distill={"lr_gen": 5e-5, "top_p": 0.9})
     with pytest.raises(ValueError, match="distill: 'top_p' is a demo option: use --top-p"):
-        cfg.validate()
+        _text(distill={"lr_gen": 5e-5, "top_p": 0.9})
     with pytest.raises(ValueError, match="distill: unknown key 'lr_generator'"):
-        demo_config(True, distill={"lr_generator": 1e-4}).validate()
+        _text(distill={"lr_generator": 1e-4})
     with pytest.raises(ValueError, match="lr_gen must be > 0"):  # values too, before any work
-        demo_config(True, distill={"lr_gen": -1.0}).validate()
-    cfg = demo_config(True, distill={"lr_gen": 5e-5, "noise_per": "token", "aux_per_gen": 3})
-    cfg.validate()
+        _text(distill={"lr_gen": -1.0})
+    cfg = _text(distill={"lr_gen": 5e-5, "noise_per": "token", "aux_per_gen": 3})
     student = distill_config(cfg, 4)
     assert (student.lr_gen, student.noise_per, student.aux_per_gen) == (5e-5, "token", 3)
     assert student.run.batch_size == cfg.distill_batch and student.student_steps == 4
+    assert student.noise_into == "embedding"  # merged into the text part's own distill settings
+    for part in ("digits", "words"):  # each part refuses the keys it sets itself, by name
+        with pytest.raises(ValueError, match="distill: 'steps' is set by distill_steps|'steps' is a demo option"):
+            part_configs(DemoConfig.from_dict({"data": (part,), "distill": {"steps": 5}}))
 
 
 def test_demo_command_refuses_a_colliding_distill_key_before_any_work(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--distill", '{"top_p": 0.9}',
+    assert main(["demo", "--quick", "--data", "text", "--out", str(tmp_path / "d"), "--distill", '{"top_p": 0.9}',
                  "--no-progress"]) == 2
     assert "dmmd demo: error: distill: 'top_p' is a demo option: use --top-p" in capsys.readouterr().err
-    assert not (tmp_path / "d" / "teacher").exists()
+    assert not (tmp_path / "d").exists()
 
 
 def test_study_distill_keys_work_or_are_refused_by_name(tmp_path):

@@ -1,286 +1,186 @@
-"""The main job, ``dmmd demo``: the paper's text experiment (Tables 2 and 5) in miniature, on
-the embedded text (the Python standard library's documentation, as bytes), with no downloads.
+"""The main job, ``dmmd demo``: D-MMD's effect, in numbers and pictures, on data that ships with
+the package. Few-step teachers fall apart; few-step students do not.
 
-Stages, each resumed from what an earlier run left under ``out``:
+Parts (``data``), each under ``out/{part}`` and resumed from what an earlier run left there:
 
-1. ``teacher/``: a masked-diffusion teacher (:func:`dmmd.training.teacher.train_teacher`).
-2. ``reference/``: a small GPT-2-configured reference LM for the metrics
-   (:func:`dmmd.training.reference.train_reference`).
-3. ``student_k{k}/``: a D-MMD student per ``k`` (:func:`dmmd.training.distill.distill`), distilled from
-   the teacher modified by ``temperature`` / ``top_p`` (paper section 3.3).
-4. ``samples/{name}.json``: ``num_samples`` sequences from the teacher at every step count of
-   ``teacher_ks`` (with the same temperature / top-p) and from each student at its ``k``.
-5. ``eval/{name}.json``: GM (U-statistic, with its standard error), generative perplexity and
-   unigram entropy against held-out text (:func:`dmmd.metrics.evaluate.evaluate_set`).
+- ``digits`` (:mod:`dmmd.apps.demo_digits`): images, FID by number of steps, side-by-side grids;
+- ``words`` (:mod:`dmmd.apps.demo_words`): a Markov chain over words with exact metrics (the share
+  of samples with an impossible transition, exact NLL, entropy);
+- ``text`` (:mod:`dmmd.apps.demo_text`): the embedded English text with a reference LM's
+  Gradient Moment; on two CPU cores its teacher stays too weak for steps to matter, so it is
+  not in the default run (it needs a GPU or a long run).
 
-Then ``results.json``, ``table.md`` (printed) and ``gm_vs_steps.png``.
+The per-part settings (teacher and student sizes, step counts, samples) are one set of options
+whose defaults differ by part (``None``: the part's own); a setting given must apply to a part
+that runs. Then ``out/results.json``, ``out/table.md`` (every part's table and the verdicts,
+also printed) and each part's figures.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import torch
-from tqdm.auto import tqdm
-
-from dmmd.data import ByteText, make_source
-from dmmd.diffusion.sampling import sample
+from dmmd.apps import demo_digits, demo_text, demo_words
+from dmmd.apps.image_study import ImageStudyConfig
 from dmmd.extras import require
-from dmmd.metrics.evaluate import evaluate_set
-from dmmd.models.reference_lm import load_reference
-from dmmd.options import Options, check_keys, option
+from dmmd.options import Options, field_default, option
 from dmmd.training.checkpoint import write_json_atomic
-from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
-from dmmd.training.reference import ReferenceConfig, train_reference
-from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
-# DistillConfig keys the demo sets itself from its own options (refused in --distill, by name)
-DEMO_OWNED = {"teacher": "is the demo's own teacher", "student_steps": "is set per student by --ks",
-              "temperature": "is a demo option: use --temperature", "top_p": "is a demo option: use --top-p",
-              "out": "is set under --out", "device": "is a demo option: use --device",
-              "seed": "is a demo option: use --seed", "batch_size": "is a demo option: use --distill-batch",
-              "steps": "is a demo option: use --distill-steps"}
+PARTS = ("digits", "words", "text")
+# each part's config class and its defaults (the digits part: the image study's with the demo's sizes)
+PART_CONFIGS = {"digits": (ImageStudyConfig, demo_digits.DEFAULTS), "words": (demo_words.WordsDemoConfig, {}),
+                "text": (demo_text.TextDemoConfig, {})}
+# the optional packages each part needs (checked before any work)
+NEEDS = {"digits": (("sklearn", "the digits data"), ("PIL", "the demo's image grids"),
+                    ("matplotlib", "the demo's plots")),
+         "words": (("matplotlib", "the demo's plots"),),
+         "text": (("transformers", "the demo's reference LM"), ("matplotlib", "the demo's plots"))}
+# demo setting -> the field it sets in each part's config (a part without it: the setting does not apply)
+SETTINGS = {
+    "process": {"digits": "processes", "words": "process"},
+    "teacher_width": {p: "teacher_width" for p in PARTS},
+    "teacher_depth": {p: "teacher_depth" for p in PARTS},
+    "teacher_steps": {p: "teacher_steps" for p in PARTS},
+    "teacher_batch": {p: "teacher_batch" for p in PARTS},
+    "teacher_lr": {"words": "teacher_lr", "text": "teacher_lr"},
+    "ks": {p: "ks" for p in PARTS},
+    "teacher_ks": {"digits": "teacher_grid", "words": "teacher_ks", "text": "teacher_ks"},
+    "distill_steps": {p: "distill_steps" for p in PARTS},
+    "distill_batch": {p: "distill_batch" for p in PARTS},
+    "distill": {p: "distill" for p in PARTS},
+    "num_samples": {"digits": "samples", "words": "num_samples", "text": "num_samples"},
+    "length": {"words": "length", "text": "length"},
+    "vocab_size": {"words": "vocab_size"},
+    "reference_width": {"text": "reference_width"},
+    "reference_layers": {"text": "reference_layers"},
+    "reference_steps": {"text": "reference_steps"},
+    "temperature": {"text": "temperature"},
+    "top_p": {"text": "top_p"},
+    "num_data": {"text": "num_data"},
+}
+# ``dmmd demo --quick``: tiny models and few steps, per part (the tests' smoke run)
+QUICK = {
+    "digits": dict(teacher_steps=100, distill_steps=20, samples=200, teacher_grid=(1, 2, 4, 16)),
+    "words": dict(teacher_steps=100, distill_steps=20, num_samples=200, teacher_ks=(2, 4, 8, 32)),
+    "text": dict(length=32, teacher_width=64, teacher_depth=2, teacher_steps=150, teacher_batch=16, teacher_lr=2e-3,
+                 reference_width=64, reference_layers=1, reference_steps=100, distill_steps=40, distill_batch=16,
+                 num_samples=32, num_data=32),
+}
+
+
+def part_default(part: str, name: str):
+    """The default of demo setting ``name`` in ``part`` (``process`` of digits: its one process)."""
+    cls, defaults = PART_CONFIGS[part]
+    target = SETTINGS[name][part]
+    value = defaults.get(target, next(field_default(f) for f in fields(cls) if f.name == target))
+    return value[0] if name == "process" and part == "digits" else value
+
+
+def _setting(help: str, name: str):
+    """A per-part setting: ``None`` (each part's own default, listed in its help)."""
+    defaults = ", ".join(f"{p} {part_default(p, name)}" for p in PARTS if p in SETTINGS[name])
+    return option(None, f"{help} (default: {defaults})")
 
 
 @dataclass
 class DemoConfig(Options):
-    """Everything ``dmmd demo`` runs; the defaults took 15 min 16 s on a 2-core AMD EPYC (idle)."""
+    """What ``dmmd demo`` runs: the parts, and settings that change each part's defaults."""
 
-    out: str = option("runs/demo", "output directory; every stage resumes from what is there")
+    data: tuple[str, ...] = option(("digits", "words"), "parts to run: digits (images), words (a Markov chain "
+                                                        "with exact metrics), text (the embedded English text; "
+                                                        "needs a GPU or a long run to show the effect)")
+    out: str | None = option(None, "output directory, one folder per part; every stage resumes from what is "
+                                   "there (default: runs/demo, with --quick runs/demo-quick)")
     device: str = option("cpu", "cpu or cuda")
     seed: int = option(0, "seed of every stage")
-    length: int = option(64, "bytes per sequence (teacher, students, reference LM, samples)")
-    # teacher: masked diffusion, log-linear schedule
-    teacher_width: int = option(128, "teacher transformer width")
-    teacher_depth: int = option(3, "teacher transformer blocks")
-    teacher_steps: int = option(3000, "teacher training steps")
-    teacher_batch: int = option(32, "teacher batch size")
-    teacher_lr: float = option(2e-3, "teacher peak learning rate")
-    # reference LM (GPT-2 configuration)
-    reference_width: int = option(128, "reference LM width")
-    reference_layers: int = option(2, "reference LM blocks")
-    reference_steps: int = option(600, "reference LM training steps")
-    # students
-    ks: tuple[int, ...] = option((4, 8, 16), "student step counts k (one student each)")
-    distill_steps: int = option(800, "D-MMD steps per student")
-    distill_batch: int = option(32, "D-MMD batch size")
-    temperature: float = option(1.0, "teacher temperature, in distillation and in teacher sampling")
-    top_p: float = option(1.0, "teacher top-p (soft mask in distillation, nucleus in teacher sampling)")
-    # the student settings the README's demo results were measured with (dmmd distill's defaults
-    # but the earlier masked noise and a constant learning rate)
-    distill: dict = option({"warmup": 20, "noise_init": 0.02, "noise_into": "embedding", "lr_schedule": "constant"},
-                           "further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}' (merged into "
-                           "these defaults)")
-    # evaluation
-    teacher_ks: tuple[int, ...] = option((4, 8, 16, 32, 64, 128), "step counts the teacher is evaluated at")
-    num_samples: int = option(128, "samples per sampler for the metrics")
-    num_data: int = option(128, "held-out sequences for the metrics")
-
-    def validate(self) -> None:
-        for name in ("length", "teacher_steps", "reference_steps", "distill_steps", "num_samples", "num_data"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ks", "teacher_ks"):
-            ks = getattr(self, name)
-            if not ks or any(int(k) != k or k < 1 for k in ks):
-                raise ValueError(f"{name} must be positive integers, got {ks}")
-        if self.num_samples < 2 or self.num_data < 2:
-            raise ValueError("num_samples and num_data must be >= 2 (the GM U-statistic needs pairs)")
-        distill_config(self, self.ks[0]).validate()  # --distill's keys by name, then their values
+    process: str | None = _setting("diffusion process of the teacher and students", "process")
+    teacher_width: int | None = _setting("teacher width", "teacher_width")
+    teacher_depth: int | None = _setting("teacher transformer blocks", "teacher_depth")
+    teacher_steps: int | None = _setting("teacher training steps", "teacher_steps")
+    teacher_batch: int | None = _setting("teacher batch size", "teacher_batch")
+    teacher_lr: float | None = _setting("teacher peak learning rate", "teacher_lr")
+    ks: tuple[int, ...] | None = _setting("student step counts k (one student each)", "ks")
+    teacher_ks: tuple[int, ...] | None = _setting("step counts the teacher is sampled with", "teacher_ks")
+    distill_steps: int | None = _setting("D-MMD steps per student", "distill_steps")
+    distill_batch: int | None = _setting("D-MMD batch size", "distill_batch")
+    distill: dict | None = _setting("further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}' (merged "
+                                    "into the part's; {}: dmmd distill's defaults for the process)", "distill")
+    num_samples: int | None = _setting("draws per sampler for the metrics", "num_samples")
+    length: int | None = _setting("tokens per sequence", "length")
+    vocab_size: int | None = _setting("words of the Markov chain", "vocab_size")
+    reference_width: int | None = _setting("reference LM width", "reference_width")
+    reference_layers: int | None = _setting("reference LM blocks", "reference_layers")
+    reference_steps: int | None = _setting("reference LM training steps", "reference_steps")
+    temperature: float | None = _setting("teacher temperature, in distillation and teacher sampling", "temperature")
+    top_p: float | None = _setting("teacher top-p (soft mask in distillation, nucleus in teacher sampling)", "top_p")
+    num_data: int | None = _setting("held-out sequences for the GM", "num_data")
 
 
-# ``dmmd demo --quick``: tiny models and few steps (19 s on a 2-core AMD EPYC, idle)
-QUICK = dict(out="runs/demo-quick", length=32, teacher_width=64, teacher_depth=2, teacher_steps=150, teacher_batch=16,
-             teacher_lr=2e-3, reference_width=64, reference_layers=1, reference_steps=100, distill_steps=40,
-             distill_batch=16, num_samples=32, num_data=32)
+def part_configs(cfg: DemoConfig, quick: bool = False) -> dict[str, Options]:
+    """Each part's config: its defaults (``quick``: shrunk), then the settings given; a setting
+    that applies to no part that runs, or a bad value, raises ``ValueError`` naming it."""
+    if not cfg.data or len(set(cfg.data)) != len(cfg.data) or any(p not in PARTS for p in cfg.data):
+        raise ValueError(f"data must name distinct parts among {PARTS}, got {cfg.data}")
+    given = {name: getattr(cfg, name) for name in SETTINGS if getattr(cfg, name) is not None}
+    for name in given:
+        if not any(p in SETTINGS[name] for p in cfg.data):
+            parts = " or ".join(p for p in PARTS if p in SETTINGS[name])
+            raise ValueError(f"{name} applies to --data {parts}, which is not among the parts run ({cfg.data})")
+    out = cfg.out or ("runs/demo-quick" if quick else "runs/demo")
+    configs = {}
+    for part in cfg.data:
+        cls, defaults = PART_CONFIGS[part]
+        values = {**defaults, **(QUICK[part] if quick else {}),
+                  "out": os.path.join(out, part), "device": cfg.device, "seed": cfg.seed}
+        for name, value in given.items():
+            if part in SETTINGS[name]:
+                if name == "distill":
+                    value = {**part_default(part, "distill"), **value}
+                values[SETTINGS[name][part]] = (value,) if name == "process" and part == "digits" else value
+        config = cls.from_dict(values)
+        config.validate()
+        configs[part] = config
+    return configs
 
 
-def demo_config(quick: bool = False, **overrides) -> DemoConfig:
-    """The default (or ``quick``) configuration with ``overrides`` (fields of DemoConfig)."""
-    return DemoConfig.from_dict({**(QUICK if quick else {}), **overrides})
-
-
-def teacher_config(cfg: DemoConfig) -> TeacherConfig:
-    return TeacherConfig.from_dict(dict(
-        data="text", process="masked", schedule="loglinear", length=cfg.length, width=cfg.teacher_width,
-        depth=cfg.teacher_depth, heads=4, batch_size=cfg.teacher_batch, steps=cfg.teacher_steps, lr=cfg.teacher_lr,
-        warmup=min(100, cfg.teacher_steps // 10), ema=0.999, eval_every=0, eval_batches=2, eval_steps=64,
-        save_every=max(1, cfg.teacher_steps // 10), seed=cfg.seed, out=os.path.join(cfg.out, "teacher"),
-        device=cfg.device))
-
-
-def reference_config(cfg: DemoConfig) -> ReferenceConfig:
-    return ReferenceConfig.from_dict(dict(
-        data="text", length=cfg.length, n_layer=cfg.reference_layers, n_embd=cfg.reference_width, n_head=4,
-        batch_size=32, steps=cfg.reference_steps, lr=2e-3, warmup=min(50, cfg.reference_steps // 10),
-        save_every=max(1, cfg.reference_steps // 4), seed=cfg.seed, out=os.path.join(cfg.out, "reference"),
-        device=cfg.device))
-
-
-def distill_config(cfg: DemoConfig, k: int) -> DistillConfig:
-    """The student for ``k``: the demo's settings, then ``cfg.distill`` (keys checked by name)."""
-    check_keys(cfg.distill, DistillConfig.leaf_names(), "distill", owned=DEMO_OWNED)
-    return DistillConfig.from_dict({
-        "teacher": os.path.join(cfg.out, "teacher", "checkpoint"), "student_steps": k,
-        "batch_size": cfg.distill_batch, "steps": cfg.distill_steps,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "save_every": max(1, cfg.distill_steps // 4),
-        "seed": cfg.seed, "out": os.path.join(cfg.out, f"student_k{k}"), "device": cfg.device, **cfg.distill})
-
-
-def _samplers(cfg: DemoConfig) -> list[dict]:
-    rows = [{"name": f"teacher_{k}", "model": "teacher", "steps": k} for k in cfg.teacher_ks]
-    return rows + [{"name": f"student_{k}", "model": "D-MMD student", "steps": k} for k in cfg.ks]
-
-
-def _draw(cfg: DemoConfig, spec: dict, teacher) -> torch.Tensor:
-    """``num_samples`` sequences from one sampler (teacher: with the demo's temperature / top-p);
-    ``teacher`` is the loaded ``(model, process)``."""
-    seed = cfg.seed + 1000 + spec["steps"]
-    if spec["model"] == "teacher":
-        model, process = teacher
-        fn, kw = (lambda z, t: model(z, t)), {"temperature": cfg.temperature, "top_p": cfg.top_p}
-    else:
-        model, process, _ = load_student(os.path.join(cfg.out, f"student_k{spec['steps']}", "checkpoint"),
-                                         device=cfg.device)
-        fn, kw = student_fn(model, seed), {}
-    return sample(fn, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, device=cfg.device,
-                  batch_size=256, **kw).cpu()
-
-
-def run_demo(cfg: DemoConfig, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) every stage; returns ``{"config", "rows", "seconds"}`` (also in results.json)."""
-    cfg.validate()
-    for module, purpose in (("transformers", "the demo's reference LM"), ("matplotlib", "the demo's plot")):
-        require(module, purpose)  # before any work
-    os.makedirs(cfg.out, exist_ok=True)
-    seconds = {}
-
-    def stage(name, fn):
-        log(f"== {name}")
+def run_demo(cfg: DemoConfig, *, quick: bool = False, progress: bool = True, log=print) -> dict:
+    """Run (or resume) every part; returns ``{"config", "parts", "verdicts", "seconds"}`` (also
+    ``results.json``) and writes and prints ``table.md``."""
+    configs = part_configs(cfg, quick)
+    for part in configs:  # a missing optional package, named, before any work
+        for module, purpose in NEEDS[part]:
+            require(module, purpose)
+    out = os.path.dirname(next(iter(configs.values())).out)
+    os.makedirs(out, exist_ok=True)
+    results, tables, lines, seconds = {}, [], [], {}
+    for part, pcfg in configs.items():
+        log(f"== {part}")
         t0 = time.perf_counter()
-        out = fn()
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        return out
-
-    teacher = stage("teacher", lambda: train_teacher(teacher_config(cfg), progress=progress))
-    log(f"teacher: {teacher['step']} steps, validation ELBO bound {teacher['val_bits']:.3f} bits/byte")
-    ref = stage("reference LM", lambda: train_reference(reference_config(cfg), progress=progress))
-    log(f"reference LM: validation NLL {ref['val_nll']:.3f} nats/byte")
-    for k in cfg.ks:
-        stage(f"student k={k}", lambda k=k: distill(distill_config(cfg, k), progress=progress))
-
-    def evaluate_all():
-        specs = _samplers(cfg)
-        reference = load_reference(ref["model"], device=cfg.device)
-        source = make_source(teacher_config(cfg).source)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        data = source.sample(cfg.num_data, gen, split="val").to(cfg.device)
-        held_out = source.sample(cfg.num_samples, gen, split="val")
-        teacher_model, process, _ = load_teacher(teacher["checkpoint"], device=cfg.device)
-        rows = []
-        for spec in tqdm(specs + [{"name": "data", "model": "data (held out)", "steps": None}],
-                         desc="evaluate", disable=not progress):
-            path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    rows.append(json.load(f))
-                continue
-            x = held_out if spec["model"].startswith("data") else _samples(cfg, spec, (teacher_model, process))
-            row = {**spec, **evaluate_set(reference, spec["name"], x, data, estimator="ustat")}
-            write_json_atomic(path, row)
-            rows.append(row)
-        return rows
-
-    rows = stage("evaluate", evaluate_all)
-    result = {"config": cfg.to_dict(), "rows": rows, "seconds": seconds}
-    write_json_atomic(os.path.join(cfg.out, "results.json"), result)
-    table = markdown_tables(rows, cfg)
-    with open(os.path.join(cfg.out, "table.md"), "w") as f:
+        if part == "digits":
+            res = demo_digits.run_digits(pcfg, progress=progress, log=log)
+            results[part] = {str(k): {str(a): b for a, b in v.items()} for k, v in res.items()}
+            tables.append(demo_digits.markdown_table(res, pcfg))
+            lines += demo_digits.verdicts(res, pcfg)
+        elif part == "words":
+            rows = demo_words.run_words(pcfg, progress=progress, log=log)
+            demo_words.plot(rows, os.path.join(pcfg.out, "words_by_steps.png"), pcfg)
+            results[part] = rows
+            tables.append(demo_words.markdown_table(rows, pcfg))
+            lines += demo_words.verdicts(rows)
+        else:
+            rows = demo_text.run_text(pcfg, progress=progress, log=log)["rows"]
+            results[part] = rows
+            tables.append(demo_text.markdown_tables(rows, pcfg))
+            lines += [f"text, {v}" for v in demo_text.verdicts(rows)]
+        seconds[part] = round(time.perf_counter() - t0, 1)
+    result = {"config": cfg.to_dict(), "quick": quick, "parts": results, "verdicts": lines, "seconds": seconds}
+    write_json_atomic(os.path.join(out, "results.json"), result)
+    table = "\n\n".join([*tables, "Verdicts (differences under two standard errors are ties):", "\n".join(lines)])
+    with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table + "\n")
-    plot(rows, os.path.join(cfg.out, "gm_vs_steps.png"), cfg)
     log(table)
     return result
 
 
-def _samples(cfg: DemoConfig, spec: dict, teacher) -> torch.Tensor:
-    """A sampler's sequences, drawn once and kept in ``samples/{name}.json`` (with their text)."""
-    path = os.path.join(cfg.out, "samples", f"{spec['name']}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return torch.tensor(json.load(f)["tokens"], dtype=torch.long)
-    x = _draw(cfg, spec, teacher)
-    write_json_atomic(path, {**spec, "tokens": x.tolist(), "text": [ByteText.decode(r) for r in x]})
-    return x
-
-
-def _gm(row: dict) -> str:
-    return f"{row['gm']:.3f} ± {row['gm_stderr']:.3f}"
-
-
-def verdicts(rows: list[dict]) -> list[str]:
-    """Plain sentences: does each student beat the teacher at its k, and how many steps does
-    the teacher need to be as good (differences under two standard errors count as ties)?"""
-    teacher = {r["steps"]: r for r in rows if r["model"] == "teacher"}
-    out = []
-    for r in (r for r in rows if r["model"] == "D-MMD student"):
-        k, line = r["steps"], f"k={r['steps']}: student GM {_gm(r)}"
-        if k in teacher:
-            t = teacher[k]
-            diff, se = r["gm"] - t["gm"], math.hypot(r["gm_stderr"], t["gm_stderr"])
-            word = "beats" if diff < -2 * se else "loses to" if diff > 2 * se else "ties with"
-            line += f"; {word} the teacher at {k} steps ({_gm(t)})"
-        # the fewest teacher steps whose GM is not worse than the student's by 2 standard errors
-        level = [n for n, t in sorted(teacher.items())
-                 if t["gm"] - r["gm"] <= 2 * math.hypot(r["gm_stderr"], t["gm_stderr"])]
-        if not level:
-            line += f"; better than the teacher at every step count up to {max(teacher)}"
-        elif level[0] > k:
-            line += f"; as good as the teacher at {level[0]} steps"
-        out.append(line + ".")
-    return out
-
-
-def markdown_tables(rows: list[dict], cfg: DemoConfig) -> str:
-    """Table 5's shape (a row per sampler) and Table 2's (GM by step count), then the verdicts."""
-    long = ["| model | steps | GM (± s.e.) ↓ | gen. perplexity | unigram entropy |", "|---|---|---|---|---|"]
-    for r in rows:
-        long.append(f"| {r['model']} | {r['steps'] or ''} | {_gm(r)} | {r['gen_ppl']:.2f} | {r['entropy']:.2f} |")
-    steps = sorted({r["steps"] for r in rows if r["steps"]})
-    grid = ["| model | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
-    for model in ("teacher", "D-MMD student"):
-        by = {r["steps"]: r for r in rows if r["model"] == model}
-        grid.append(f"| {model} | " + " | ".join(f"{by[s]['gm']:.3f}" if s in by else "" for s in steps) + " |")
-    mod = f"teacher temperature {cfg.temperature}, top-p {cfg.top_p}"
-    head = (f"GM against {cfg.num_data} held-out sequences of {cfg.length} bytes, {cfg.num_samples} samples "
-            f"per sampler, reference LM trained here; {mod}.")
-    return "\n".join([head, "", *long, "", "GM by denoising steps:", "", *grid, "", *verdicts(rows)])
-
-
-def plot(rows: list[dict], path: str, cfg: DemoConfig) -> None:
-    """Steps vs GM: the teacher's curve and the students' points, with standard errors."""
-    matplotlib = require("matplotlib", "the demo's plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, style in (("teacher", dict(fmt="o-", color="tab:blue")),
-                         ("D-MMD student", dict(fmt="s", color="tab:red", markersize=8))):
-        rs = sorted((r for r in rows if r["model"] == model), key=lambda r: r["steps"])
-        ax.errorbar([r["steps"] for r in rs], [r["gm"] for r in rs], yerr=[r["gm_stderr"] for r in rs],
-                    capsize=3, label=model, **style)
-    data = [r for r in rows if r["steps"] is None]
-    if data:
-        ax.axhline(data[0]["gm"], color="gray", ls="--", lw=1, label="held-out data")
-    ax.set_xscale("log", base=2)
-    ticks = sorted({r["steps"] for r in rows if r["steps"]})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("denoising steps (NFE)")
-    ax.set_ylabel("Gradient Moment (lower is better)")
-    ax.set_title(f"D-MMD on embedded text (T={cfg.temperature}, top-p={cfg.top_p})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+__all__ = ["PARTS", "QUICK", "DemoConfig", "part_configs", "run_demo"]

@@ -36,10 +36,10 @@ from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
 PARTS = ("main", "noise", "temperature")
 # DistillConfig keys the study sets itself (refused in ``distill``, by name)
-STUDY_OWNED = {"teacher": "is the study's own teacher", "student_steps": "is set per student by ks",
-               "batch_size": "is a study option: distill_batch", "steps": "is a study option: distill_steps",
-               "seed": "is a study option: seed", "out": "is set under the study's out",
-               "device": "is a study option: device"}
+STUDY_OWNED = {"teacher": "is the study's own teacher", "student_steps": "is set per student by ks (--ks)",
+               "batch_size": "is set by distill_batch (--distill-batch)",
+               "steps": "is set by distill_steps (--distill-steps)", "seed": "is set by seed (--seed)",
+               "out": "is set under out (--out)", "device": "is set by device (--device)"}
 GRID = 64  # draws shown in each sampler's PNG grid
 
 
@@ -229,21 +229,27 @@ def report(cfg: ImageStudyConfig) -> dict:
 
 def side_by_side(cfg: ImageStudyConfig, process: str, k: int) -> None:
     """``grids/side_by_side_{process}_k{k}.png``: held-out data, the teacher at ``k`` steps, the
-    student at ``k`` and the teacher at its most steps, left to right (where all four exist)."""
+    student at ``k`` and the teacher at its most steps, left to right, each under its title
+    (where all four grids exist)."""
     grids = os.path.join(cfg.out, "grids")
-    names = ["data", f"teacher_{process}_{k}", f"student_{process}_k{k}", f"teacher_{process}_{max(cfg.teacher_grid)}"]
+    many = max(cfg.teacher_grid)
+    names = ["data", f"teacher_{process}_{k}", f"student_{process}_k{k}", f"teacher_{process}_{many}"]
+    titles = ["data (held out)", f"teacher, {k} steps", f"D-MMD student, {k} steps", f"teacher, {many} steps"]
     paths = [os.path.join(grids, n + ".png") for n in names]
     if not all(os.path.exists(p) for p in paths):
         return
     image = require("PIL.Image", "the side-by-side grids")
+    draw = require("PIL.ImageDraw", "the side-by-side grids")
     panels = [image.open(p).convert("RGB") for p in paths]
-    gap = 16
-    canvas = image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), max(p.height for p in panels)),
-                       "white")
+    gap, top = 16, 24
+    canvas = image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1),
+                               top + max(p.height for p in panels)), "white")
+    pen = draw.Draw(canvas)
     x = 0
-    for p in panels:
-        canvas.paste(p, (x, 0))
-        x += p.width + gap
+    for panel, title in zip(panels, titles, strict=True):
+        canvas.paste(panel, (x, top))
+        pen.text((x + 4, 6), title, fill="black")
+        x += panel.width + gap
     canvas.save(os.path.join(grids, f"side_by_side_{process}_k{k}.png"))
 
 

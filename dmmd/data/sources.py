@@ -5,7 +5,8 @@ explicit ``torch.Generator``, so a training step's batch depends only on its see
   (``pydoc_data.topics``), as UTF-8 bytes (V = 256), split into train / validation.
 - :class:`TokenFile`: nanoGPT-style ``.bin`` files of ``uint16`` / ``uint32`` ids (memory-mapped).
 - :class:`MarkovSource`: a random sparse Markov chain whose distribution is known exactly:
-  ``log_prob`` of any sequence, and for small ``V ** L`` the full distribution.
+  ``log_prob`` of any sequence, and for small ``V ** L`` the full distribution; up to 64
+  tokens render as English words (:meth:`MarkovSource.to_words`).
 - :class:`TokenGrids`: small 2-D images as tokens (coloured rectangles and lines on a
   background), flattened row-major.
 """
@@ -82,6 +83,15 @@ class TokenFile(WindowSource):
         return x
 
 
+# What MarkovSource tokens look like as text: 64 short words, so that a sample reads like a
+# sentence at a glance (the chain's transitions, not grammar, decide which word follows which).
+WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "and", "then", "saw", "big",
+         "small", "red", "blue", "bird", "sang", "in", "house", "old", "man", "woman", "ate", "bread", "fish",
+         "slept", "by", "river", "green", "hill", "child", "played", "with", "ball", "boat", "sailed", "to",
+         "sea", "sun", "rose", "over", "town", "rain", "fell", "at", "night", "wind", "blew", "through", "door",
+         "she", "he", "walked", "home", "it", "was", "cold", "warm", "day", "long", "road", "far")
+
+
 @dataclass
 class MarkovSource:
     """A stationary-start Markov chain over ``vocab_size`` tokens with ``fanout`` successors per
@@ -121,6 +131,14 @@ class MarkovSource:
         lp = torch.log(self.initial[xc[..., 0]])
         lp = lp + torch.log(self.transition[xc[..., :-1], xc[..., 1:]]).sum(-1)
         return torch.where(ok.all(-1), lp, torch.full_like(lp, -math.inf))
+
+    def to_words(self, x: torch.Tensor) -> list[str]:
+        """Sequences ``[N, L]`` as lines of words (:data:`WORDS`; a token outside the vocabulary,
+        e.g. a mask id, as ``_``); ``vocab_size`` must be at most 64."""
+        if self.vocab_size > len(WORDS):
+            raise ValueError(f"to_words renders at most {len(WORDS)} tokens, the source has {self.vocab_size}")
+        return [" ".join(WORDS[i] if 0 <= i < self.vocab_size else "_" for i in row.tolist())
+                for row in x.reshape(-1, x.shape[-1])]
 
     def all_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence and its probability, for ``V ** L <= 2e6``: ``([N, L], [N])``."""

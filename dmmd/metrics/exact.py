@@ -1,6 +1,7 @@
 """Exact distances on small synthetic spaces: with a source that knows ``log p(x)`` and can
 enumerate its sequences (:class:`dmmd.data.sources.MarkovSource`), the total variation between a
-sampler's empirical distribution and the data distribution, and the exact NLL of samples.
+sampler's empirical distribution and the data distribution, the exact NLL of samples, and
+what a reader of a Markov chain's samples sees (:func:`chain_quality`).
 """
 from __future__ import annotations
 
@@ -71,3 +72,39 @@ def exact_nll(samples: torch.Tensor, source) -> Distance:
     if torch.isinf(nll).any():
         return Distance(math.inf, math.nan, n)
     return Distance(float(nll.mean()), float(nll.std()) / math.sqrt(n) if n > 1 else math.nan, n)
+
+
+def chain_quality(samples: torch.Tensor, source) -> dict:
+    """What a reader of samples from a Markov chain (``source.transition [V, V]``,
+    ``source.log_prob``) sees, exactly:
+
+    - ``impossible``: the share of samples holding a transition the chain never makes (or a
+      token outside the vocabulary), with its binomial standard error ``impossible_stderr``;
+    - ``nll``: the exact NLL in nats per token of the possible samples (``nan`` if none), with
+      ``nll_stderr``: how typical they are under the data distribution;
+    - ``entropy``: diversity, the plug-in entropy (nats) of the next token given the previous
+      one over the samples' transitions that the chain makes (impossible ones are counted by
+      ``impossible`` and left out here, so they cannot pass for diversity). A sampler that
+      repeats a few likely sequences has a low NLL and a low entropy; compare with the data's
+      value at the same sample size, since the plug-in estimate is biased low.
+    """
+    x = samples.cpu().long()
+    n, length = x.shape
+    v = source.vocab_size
+    lp = source.log_prob(x)
+    possible = torch.isfinite(lp)
+    p_bad = float((~possible).double().mean())
+    nll = -lp[possible] / length
+    a, b = x[:, :-1].reshape(-1), x[:, 1:].reshape(-1)
+    inside = (a >= 0) & (a < v) & (b >= 0) & (b < v)
+    a, b = a[inside], b[inside]
+    allowed = source.transition[a, b] > 0
+    counts = torch.zeros(v * v, dtype=torch.float64)
+    counts.index_add_(0, (a * v + b)[allowed], torch.ones(int(allowed.sum()), dtype=torch.float64))
+    joint = counts.view(v, v) / counts.sum().clamp_min(1)
+    cond = joint / joint.sum(1, keepdim=True).clamp_min(1e-300)
+    seen = joint > 0
+    return {"impossible": p_bad, "impossible_stderr": math.sqrt(p_bad * (1 - p_bad) / n),
+            "nll": float(nll.mean()) if len(nll) else math.nan,
+            "nll_stderr": float(nll.std()) / math.sqrt(len(nll)) if len(nll) > 1 else math.nan,
+            "entropy": float(-(joint[seen] * cond[seen].log()).sum()), "samples": n}

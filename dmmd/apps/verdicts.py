@@ -1,0 +1,33 @@
+"""The demo's verdict sentences: does a k-step student beat its teacher at k steps, and how many
+steps does the teacher need to be as good? One rule for every metric (lower is better):
+differences under two standard errors (of the difference) are ties."""
+from __future__ import annotations
+
+import math
+
+Estimate = tuple[float, float]  # (value, standard error)
+
+
+def _worse(a: Estimate, b: Estimate) -> float:
+    """How far ``a`` is above ``b``, in standard errors of the difference (inf when exact and above)."""
+    diff, se = a[0] - b[0], math.hypot(a[1], b[1])
+    return diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
+
+
+def against_teacher(k: int, student: Estimate, teacher: dict[int, Estimate], fmt) -> str:
+    """``"; beats the teacher at k steps (..); as good as the teacher at N steps"`` (the parts
+    that apply), ``teacher`` mapping step counts to estimates and ``fmt`` writing one."""
+    line = ""
+    if k in teacher:
+        z = _worse(student, teacher[k])
+        word = "beats" if z < -2 else "loses to" if z > 2 else "ties with"
+        line += f"; {word} the teacher at {k} steps ({fmt(teacher[k])})"
+    level = [n for n, t in sorted(teacher.items()) if _worse(t, student) <= 2]
+    if not level:
+        line += f"; better than the teacher at every step count up to {max(teacher)}"
+    elif k not in teacher or level[0] > k:
+        line += f"; as good as the teacher at {level[0]} steps"
+    return line
+
+
+__all__ = ["against_teacher"]
