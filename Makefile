@@ -51,9 +51,9 @@ bench-quick: build
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q bench --benchmark-json=runs/bench-quick.json
 	$(PY) bench/report.py runs/bench-quick.json --wide
 
-# The main job (README): `dmmd demo` on the embedded text: teacher, reference LM, D-MMD students
-# for k in {4, 8, 16}, the GM table and plot under runs/demo (15 min 16 s on a 2-core AMD EPYC,
-# idle; re-running resumes). DEMO_FLAGS=--quick for the 19-second version.
+# The main job (README): `dmmd demo`: teachers and few-step D-MMD students on digits and on a
+# Markov chain over words, tables, verdicts and plots under runs/demo (re-running resumes).
+# DEMO_FLAGS=--quick for the smoke-test version; DEMO_FLAGS="--data text" for the embedded text.
 demo: build
 	$(PY) -m dmmd demo $(DEMO_FLAGS)
 

@@ -156,7 +156,8 @@ def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_r
     assert cfgs["digits"].ks == cfgs["words"].ks == (3,)
     assert cfgs["digits"].out == os.path.join("runs/demo-quick", "digits")
     plain = part_configs(DemoConfig(), quick=False)
-    assert plain["digits"].processes == ("uniform",) and plain["words"].process == "masked"
+    assert plain["digits"].processes == ("uniform",) and plain["words"].process == "uniform"
+    assert not plain["words"].self_loops
     assert plain["words"].out == os.path.join("runs/demo", "words")
     with pytest.raises(ValueError, match="reference_steps applies to --data text"):
         part_configs(DemoConfig.from_dict({"reference_steps": 5}))
@@ -175,8 +176,11 @@ def test_word_and_digit_verdicts():
              _word_row("data", None, 0.0, se=0.0)]
     v = demo_words.verdicts(rows)
     assert v[0].startswith("words, k=4: student 21.0% ± 1.0 impossible; beats the teacher at 4 steps (90.0% ± 1.0)")
-    assert "as good as the teacher at 16 steps" in v[0] and "entropy 0.60 nats/word (data 0.70)" in v[0]
+    assert "as good as the teacher at 16 steps" in v[0] and "diversity 0.60 nats/word (data 0.70)." in v[0]
     assert "ties with the teacher at 8 steps" in v[1] and "as good as" not in v[1]
+    assert v[1].endswith("diversity 0.70 nats/word (data 0.70).")
+    collapsed = demo_words.verdicts([*rows[:5], _word_row("D-MMD student", 4, 0.0, entropy=0.5), rows[-1]])
+    assert collapsed[0].endswith("diversity 0.50 nats/word (data 0.70: less diverse than the data).")
     res = {"teacher": {"uniform": {1: {"fid": 40.0, "fid_stderr": 1.0}, 2: {"fid": 20.0, "fid_stderr": 1.0},
                                    64: {"fid": 9.0, "fid_stderr": 0.5}}},
            "student": {"uniform": {2: {"fid": 8.0, "fid_stderr": 0.5}}}}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmmd.data import MarkovSource, TokenFile, make_source
+from dmmd.data import DataConfig, MarkovSource, TokenFile, make_source
 from dmmd.diffusion.sampling import sample
 from dmmd.training.checkpoint import load_tensors, read_state, save_checkpoint
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
@@ -153,3 +153,20 @@ def test_markov_source_probabilities_are_exact():
     idx = (x * torch.tensor([27, 9, 3, 1])).sum(-1)
     freq = torch.bincount(idx, minlength=81).double() / len(x)
     assert float((freq - p).abs().max()) < 0.02
+
+
+def test_markov_source_without_self_loops_and_as_words():
+    src = MarkovSource(32, 16, fanout=3, seed=0, self_loops=False)
+    t = src.transition
+    assert (t.diagonal() == 0).all() and ((t > 0).sum(1) == 3).all()
+    torch.testing.assert_close(t.sum(1), torch.ones(32, dtype=torch.float64))
+    assert torch.equal(MarkovSource(32, 16, fanout=3, seed=0, self_loops=False).transition, t)  # deterministic
+    assert not torch.equal(MarkovSource(32, 16, fanout=3, seed=0).transition, t)
+    x = src.sample(500, torch.Generator().manual_seed(0))
+    assert (x[:, 1:] != x[:, :-1]).all() and torch.isfinite(src.log_prob(x)).all()
+    lines = src.to_words(torch.cat([x[:2], torch.full((1, 16), 32)]))
+    assert len(lines) == 3 and len(lines[0].split()) == 16 and lines[2] == " ".join(["_"] * 16)
+    with pytest.raises(ValueError, match="at most 64"):
+        MarkovSource(65, 4).to_words(x[:1])
+    cfg = DataConfig(data="markov", vocab_size=32, length=16, markov_self_loops=False)
+    assert torch.equal(make_source(cfg).transition, t)

@@ -105,7 +105,8 @@ class DemoConfig(Options):
     distill_steps: int | None = _setting("D-MMD steps per student", "distill_steps")
     distill_batch: int | None = _setting("D-MMD batch size", "distill_batch")
     distill: dict | None = _setting("further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}' (merged "
-                                    "into the part's; {}: dmmd distill's defaults for the process)", "distill")
+                                    "into the part's own: {} for digits and words is dmmd distill's defaults for "
+                                    "the process; text pins the settings of its README results)", "distill")
     num_samples: int | None = _setting("draws per sampler for the metrics", "num_samples")
     length: int | None = _setting("tokens per sequence", "length")
     vocab_size: int | None = _setting("words of the Markov chain", "vocab_size")

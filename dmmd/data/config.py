@@ -22,6 +22,7 @@ class DataConfig(Options):
     bin_dtype: str = option("uint16", "uint16 or uint32 ids in the .bin file")
     markov_fanout: int = option(3, "successors per state of the markov source")
     markov_seed: int = option(0, "seed that builds the markov source")
+    markov_self_loops: bool = option(True, "whether a token of the markov source may follow itself")
     grid_size: int = option(8, "side of the token grids (length must be its square)")
     grid_colors: int = option(4, "colours of the token grids (token 0 is the background)")
     levels: int = option(256, "tokens per channel value of image files (uint8 values quantised)")
@@ -51,7 +52,8 @@ def make_source(cfg: DataConfig):
     if cfg.data == "text":
         return ByteText(cfg.length)
     if cfg.data == "markov":
-        return MarkovSource(cfg.vocab_size or 8, cfg.length, fanout=cfg.markov_fanout, seed=cfg.markov_seed)
+        return MarkovSource(cfg.vocab_size or 8, cfg.length, fanout=cfg.markov_fanout, seed=cfg.markov_seed,
+                            self_loops=cfg.markov_self_loops)
     if cfg.data == "grids":
         cfg.length = cfg.length or cfg.grid_size ** 2
         if cfg.length != cfg.grid_size ** 2:

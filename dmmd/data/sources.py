@@ -96,20 +96,28 @@ WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "
 class MarkovSource:
     """A stationary-start Markov chain over ``vocab_size`` tokens with ``fanout`` successors per
     state (Dirichlet(``concentration``) weights): strongly correlated across positions, with
-    exact probabilities. Built deterministically from ``seed``."""
+    exact probabilities. Built deterministically from ``seed``; ``self_loops=False`` draws each
+    state's successors from the other states (no token follows itself: no "a a a a" runs)."""
 
     vocab_size: int
     length: int
     fanout: int = 3
     concentration: float = 0.5
     seed: int = 0
+    self_loops: bool = True
 
     def __post_init__(self):
         rng = np.random.default_rng(self.seed)
         v = self.vocab_size
+        if not self.self_loops and v < 2:
+            raise ValueError("a Markov source without self-loops needs vocab_size >= 2")
         trans = np.zeros((v, v))
         for i in range(v):
-            succ = rng.choice(v, size=min(self.fanout, v), replace=False)
+            if self.self_loops:
+                succ = rng.choice(v, size=min(self.fanout, v), replace=False)
+            else:
+                others = np.delete(np.arange(v), i)
+                succ = rng.choice(others, size=min(self.fanout, v - 1), replace=False)
             trans[i, succ] = rng.dirichlet(np.full(len(succ), self.concentration))
         self.transition = torch.from_numpy(trans)
         self.initial = torch.from_numpy(rng.dirichlet(np.full(v, 1.0)))
