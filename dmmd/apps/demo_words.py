@@ -104,30 +104,24 @@ def samplers(cfg: WordsDemoConfig) -> list[dict]:
     return rows + [{"name": "data", "model": "data", "steps": None}]
 
 
-def run_words(cfg: WordsDemoConfig, *, progress: bool = True, log=print, stage=None) -> list[dict]:
-    """Run (or resume) every stage; returns one row per sampler (also in ``eval/``).
-    ``stage(name, fn)`` runs and times each stage (default: just runs it)."""
+def run_words(cfg: WordsDemoConfig, *, progress: bool = True, log=print) -> list[dict]:
+    """Run (or resume) every stage; returns one row per sampler (also in ``eval/``)."""
     cfg.validate()
-    stage = stage or (lambda name, fn: fn())
-    teacher = stage("words: teacher", lambda: train_teacher(teacher_config(cfg), progress=progress))
+    teacher = train_teacher(teacher_config(cfg), progress=progress)
     log(f"words teacher: {teacher['step']} steps")
     for k in cfg.ks:
-        stage(f"words: student k={k}", lambda k=k: distill(distill_config(cfg, k), progress=progress))
+        distill(distill_config(cfg, k), progress=progress)
     source = make_source(teacher_config(cfg).source)
-
-    def evaluate():
-        model, process, _ = load_teacher(teacher["checkpoint"], device=cfg.device)
-        rows = []
-        for spec in tqdm(samplers(cfg), desc="words: evaluate", disable=not progress):
-            path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
-            if not os.path.exists(path):
-                x = _samples(cfg, spec, (model, process), source)
-                write_json_atomic(path, {**spec, **chain_quality(x, source)})
-            with open(path) as f:
-                rows.append(json.load(f))
-        return rows
-
-    return stage("words: evaluate", evaluate)
+    model, process, _ = load_teacher(teacher["checkpoint"], device=cfg.device)
+    rows = []
+    for spec in tqdm(samplers(cfg), desc="words: evaluate", disable=not progress):
+        path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
+        if not os.path.exists(path):
+            x = _samples(cfg, spec, (model, process), source)
+            write_json_atomic(path, {**spec, **chain_quality(x, source)})
+        with open(path) as f:
+            rows.append(json.load(f))
+    return rows
 
 
 def _samples(cfg: WordsDemoConfig, spec: dict, teacher, source) -> torch.Tensor:
