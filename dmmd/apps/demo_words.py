@@ -116,11 +116,12 @@ def run_words(cfg: WordsDemoConfig, *, progress: bool = True, log=print) -> list
     rows = []
     for spec in tqdm(samplers(cfg), desc="words: evaluate", disable=not progress):
         path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
-        if not os.path.exists(path):
-            x = _samples(cfg, spec, (model, process), source)
-            write_json_atomic(path, {**spec, **chain_quality(x, source)})
-        with open(path) as f:
-            rows.append(json.load(f))
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+            continue
+        rows.append({**spec, **chain_quality(_samples(cfg, spec, (model, process), source), source)})
+        write_json_atomic(path, rows[-1])
     return rows
 
 
