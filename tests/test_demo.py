@@ -143,6 +143,18 @@ def test_bad_demo_options_are_named(bad, name):
         part_configs(DemoConfig.from_dict({"data": ("words", "text"), **bad}), quick=True)
 
 
+@pytest.mark.parametrize("data", ["digits", "words", "text"])
+@pytest.mark.parametrize("bad, name", [({"teacher_width": 0}, "width"), ({"teacher_steps": 0}, "steps"),
+                                       ({"distill": {"lr_gen": -1.0}}, "lr_gen")])
+def test_every_part_refuses_bad_teacher_and_student_options_before_any_part_runs(data, bad, name):
+    # a bad value for the second part must not wait until the first part has run for minutes
+    with pytest.raises(ValueError, match=name):
+        part_configs(DemoConfig.from_dict({"data": (data,), **bad}))
+    if data != "digits":
+        with pytest.raises(ValueError, match="lr must be"):
+            part_configs(DemoConfig.from_dict({"data": (data,), "teacher_lr": -1.0}))
+
+
 def test_unknown_demo_option_is_an_error():
     with pytest.raises(ValueError, match="nonsense"):
         DemoConfig.from_dict({"nonsense": 1})

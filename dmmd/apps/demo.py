@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, fields
 
 from dmmd.apps import demo_digits, demo_text, demo_words
-from dmmd.apps.image_study import ImageStudyConfig
+from dmmd.apps.image_study import ImageStudyConfig, results_json
 from dmmd.extras import require
 from dmmd.options import Options, field_default, option
 from dmmd.training.checkpoint import write_json_atomic
@@ -160,7 +160,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, progress: bool = True, log
         t0 = time.perf_counter()
         if part == "digits":
             res = demo_digits.run_digits(pcfg, progress=progress, log=log)
-            results[part] = {str(k): {str(a): b for a, b in v.items()} for k, v in res.items()}
+            results[part] = results_json(res)
             tables.append(demo_digits.markdown_table(res, pcfg))
             lines += demo_digits.verdicts(res, pcfg)
         elif part == "words":

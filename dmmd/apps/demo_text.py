@@ -92,6 +92,8 @@ class TextDemoConfig(Options):
                 raise ValueError(f"{name} must be positive integers, got {ks}")
         if self.num_samples < 2 or self.num_data < 2:
             raise ValueError("num_samples and num_data must be >= 2 (the GM U-statistic needs pairs)")
+        teacher_config(self).validate()  # the teacher's and reference LM's options, named, before any work
+        reference_config(self).validate()
         distill_config(self, self.ks[0]).validate()  # --distill's keys by name, then their values
 
 

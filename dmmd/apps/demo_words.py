@@ -12,7 +12,7 @@ word is visible. Stages, each resumed from what an earlier run left under ``out`
 4. ``eval/{name}.json``: :func:`dmmd.metrics.exact.chain_quality` of each: the share of samples
    with an impossible transition, their exact NLL per token and their entropy (diversity).
 
-:func:`report` turns the rows into a table, verdict lines and ``words_by_steps.png``.
+:func:`markdown_table`, :func:`verdicts` and :func:`plot` (``words_by_steps.png``) present the rows.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class WordsDemoConfig(Options):
             ks = getattr(self, name)
             if not ks or any(int(k) != k or k < 1 for k in ks):
                 raise ValueError(f"{name} must be positive integers, got {ks}")
-        teacher_config(self).source  # noqa: B018 (the data options, checked by name)
+        teacher_config(self).validate()
         for k in self.ks:
             distill_config(self, k).validate(self.process)
 

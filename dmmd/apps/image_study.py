@@ -81,6 +81,10 @@ class ImageStudyConfig(Options):
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2, got {self.samples}")
         check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=STUDY_OWNED)
+        for process in self.processes:  # each teacher's and student's options, named, before any work
+            teacher_config(self, process).validate()
+            for name, k, changes in students(self, process):
+                distill_config(self, process, name, k, changes).validate(process)
 
 
 def teacher_config(cfg: ImageStudyConfig, process: str) -> TeacherConfig:
@@ -165,9 +169,6 @@ def _cached(path: str, compute) -> dict:
 def run_image_study(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> dict:
     """Run (or resume) the chosen parts, then :func:`report`."""
     cfg.validate()
-    for process in cfg.processes:  # a bad distill dict, named, before any work
-        for name, k, changes in students(cfg, process):
-            distill_config(cfg, process, name, k, changes).validate(process)
     scorer = Scorer(cfg, progress=progress)
     log(f"FID classifier: held-out accuracy {scorer.accuracy:.3f}")
     for process in cfg.processes:
@@ -217,14 +218,18 @@ def report(cfg: ImageStudyConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "table.md"), "w") as f:
         f.write(tables + "\n")
-    write_json_atomic(os.path.join(cfg.out, "results.json"),
-                      {"config": cfg.to_dict(), **{k: {str(a): b for a, b in v.items()} for k, v in res.items()}})
+    write_json_atomic(os.path.join(cfg.out, "results.json"), {"config": cfg.to_dict(), **results_json(res)})
     if any(res["teacher"].values()):
         plot(cfg, res, os.path.join(cfg.out, "fid_by_steps.png"))
     for process in ("masked", "uniform"):
         for k in res["student"][process]:
             side_by_side(cfg, process, k)
     return res
+
+
+def results_json(res: dict) -> dict:
+    """:func:`report`'s results with string keys, as ``results.json`` holds them."""
+    return {k: {str(a): b for a, b in v.items()} for k, v in res.items()}
 
 
 def side_by_side(cfg: ImageStudyConfig, process: str, k: int) -> None:
@@ -309,4 +314,4 @@ def plot(cfg: ImageStudyConfig, res: dict, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["ImageStudyConfig", "report", "run_image_study", "students", "teacher_config"]
+__all__ = ["ImageStudyConfig", "report", "results_json", "run_image_study", "students", "teacher_config"]
