@@ -83,6 +83,17 @@ def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor
     return block.unsqueeze(0) <= block.unsqueeze(1)
 
 
+def carry_over(logits: torch.Tensor, z_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Masked diffusion's output rule: never the mask class; an unmasked position is its own
+    token (one finite logit)."""
+    logits = logits.clone()
+    logits[..., mask_id] = float("-inf")
+    unmasked = (z_t != mask_id).unsqueeze(-1)
+    own = F.one_hot(z_t, logits.shape[-1]).bool()
+    carried = torch.where(own, torch.zeros_like(logits), torch.full_like(logits, float("-inf")))
+    return torch.where(unmasked, carried, logits)
+
+
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: int):
         super().__init__()
@@ -165,18 +176,8 @@ class Denoiser(nn.Module):
         if logits.dtype != torch.float64:  # float64 models (test oracles) stay float64
             logits = logits.float()
         if cfg.process == "masked":
-            logits = self._carry_over(logits, z_t)
+            logits = carry_over(logits, z_t, cfg.mask_id)
         return logits
-
-    def _carry_over(self, logits: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
-        """Masked diffusion: never the mask class; an unmasked position is its own token."""
-        mask_id = self.config.mask_id
-        logits = logits.clone()
-        logits[..., mask_id] = float("-inf")
-        unmasked = (z_t != mask_id).unsqueeze(-1)
-        own = F.one_hot(z_t, self.config.num_classes).bool()
-        carried = torch.where(own, torch.zeros_like(logits), torch.full_like(logits, float("-inf")))
-        return torch.where(unmasked, carried, logits)
 
     def positions(self) -> torch.Tensor:
         """``[L, width]`` position embeddings (raster order, channels last for images)."""

@@ -1,0 +1,277 @@
+"""Any model as a denoiser: the protocol the distiller, the run loop and the sampler work with.
+
+A teacher is any ``nn.Module`` (or callable) mapping ``(z_t [B, L] int64, t [B] float)`` to
+logits ``[B, L, V]``, or ``z_t`` alone for a model without a time input (most transformers
+masked LMs; masked diffusion tells the time by the masks). :func:`as_denoiser` wraps one into
+:class:`ExternalDenoiser`, which speaks the same language as dmmd's own
+:class:`~dmmd.models.denoiser.Denoiser`: ``(z_t, t, noise=None) -> float32 logits``, with
+
+- classes that must never be drawn (the mask class, padding of the vocabulary to a multiple of
+  64) at ``-inf`` (the ops' rule for impossible classes), and for masked diffusion an unmasked
+  position carrying its own token;
+- the generator's Gaussian noise entering through learned projections added to the outputs of
+  submodules the user names (default: the input embeddings; naming every block's output is
+  what ``noise_into="blocks"`` does for dmmd's denoiser), installed from outside by
+  :meth:`ExternalDenoiser.install_noise` (forward hooks that act during the call), so the
+  user's model class is never edited. The projections are parameters of the wrapper, saved
+  with the student.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from dmmd.models.denoiser import NOISE_PER, carry_over
+
+
+@dataclass
+class ExternalConfig:
+    """What dmmd knows about a wrapped model (saved with its checkpoints as JSON)."""
+
+    num_classes: int                 # V, the model's output classes (with the mask and any padding)
+    process: str = "masked"
+    mask_id: int | None = None       # masked: the mask class (default V - 1)
+    time_input: bool = True          # whether the model takes t
+    never: list[int] = field(default_factory=list)  # classes never drawn (logit -inf), besides the mask
+    noise_dim: int = 0
+    noise_per: str = "sequence"
+    noise_module: str = ""           # submodules (comma-separated) the noise is added to ("": input embeddings)
+    length: int | None = None        # the most tokens the model takes (None: not known)
+    # what dmmd's own denoiser has and a wrapped model does not
+    image_shape = None
+    block_size = None
+
+    def __post_init__(self):
+        if self.process not in ("masked", "uniform"):
+            raise ValueError(f"process must be 'masked' or 'uniform', got {self.process!r}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.process == "masked":
+            if self.mask_id is None:
+                self.mask_id = self.num_classes - 1
+            if not 0 <= self.mask_id < self.num_classes:
+                raise ValueError(f"mask_id {self.mask_id} is outside the model's vocabulary of "
+                                 f"{self.num_classes} classes")
+        elif self.mask_id is not None:
+            raise ValueError("mask_id is only meaningful for masked diffusion")
+        self.never = sorted({int(c) for c in self.never} - {self.mask_id})
+        bad = [c for c in self.never if not 0 <= c < self.num_classes]
+        if bad:
+            raise ValueError(f"never: classes {bad[:5]} are outside the model's vocabulary of {self.num_classes}")
+        if self.process == "uniform" and self.never:
+            raise ValueError("uniform diffusion draws every class of the model (its prior is uniform over them): "
+                             "classes that are never drawn need masked diffusion")
+        if self.noise_per not in NOISE_PER or self.noise_per == "pyramid":
+            raise ValueError(f"noise_per must be 'token' or 'sequence' for a wrapped model, got {self.noise_per!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def takes_time(model: Callable) -> bool:
+    """Whether ``model``'s call takes a second positional argument (the time)."""
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2
+
+
+class _Callable(nn.Module):
+    """A plain callable as a module (its parameters, if any, are not dmmd's to train)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+class ExternalDenoiser(nn.Module):
+    """A user's model under dmmd's denoiser protocol; see the module docstring."""
+
+    def __init__(self, model: nn.Module | Callable, config: ExternalConfig):
+        super().__init__()
+        self.model = model if isinstance(model, nn.Module) else _Callable(model)
+        self.config = config
+        self.noise_proj: nn.ModuleList | None = None  # one projection per target module
+        self._noise: torch.Tensor | None = None  # the current call's noise, read by the hook
+        if config.noise_dim > 0:
+            self._build_noise()
+
+    @classmethod
+    def from_config(cls, model: nn.Module | Callable, config: dict) -> ExternalDenoiser:
+        """``model`` (freshly built, weights to be loaded) under the saved ``config`` dict, its
+        noise input rebuilt (with zero projections)."""
+        values = dict(config)
+        dim, per = values.pop("noise_dim"), values.pop("noise_per")
+        wrapped = cls(model, ExternalConfig(**values))
+        if dim > 0:
+            wrapped.install_noise(dim, per)
+        return wrapped
+
+    # ---------------------------------------------------------------- noise
+
+    def noise_targets(self) -> list[nn.Module]:
+        """The submodules whose outputs the noise projections are added to: those named in
+        ``noise_module`` (comma-separated dotted names), by default the input embeddings."""
+        names = [n.strip() for n in self.config.noise_module.split(",") if n.strip()]
+        if names:
+            found = []
+            for name in names:
+                try:
+                    found.append(self.model.get_submodule(name))
+                except AttributeError:
+                    raise ValueError(f"noise_module: the model has no submodule {name!r}") from None
+            return found
+        get = getattr(self.model, "get_input_embeddings", None)
+        embed = get() if callable(get) else None
+        if embed is None:
+            embed = next((m for m in self.model.modules() if isinstance(m, nn.Embedding)), None)
+        if embed is None:
+            raise ValueError("noise_module: the model has no input embeddings (nn.Embedding); name the submodule "
+                             "whose output the generator's noise should be added to")
+        return [embed]
+
+    @torch.no_grad()
+    def _output_widths(self, targets: list[nn.Module]) -> list[int]:
+        """The last dimension of each target's output, from one probe call of the model."""
+        widths: dict[int, int] = {}
+
+        def grab(i):
+            def hook(module, inputs, output):
+                first = output[0] if isinstance(output, tuple) else output
+                widths[i] = int(first.shape[-1])
+            return hook
+
+        handles = [m.register_forward_hook(grab(i)) for i, m in enumerate(targets)]
+        ref = next(self.model.parameters(), None)
+        device = ref.device if ref is not None else "cpu"
+        fill = self.config.mask_id if self.config.mask_id is not None else 0
+        z = torch.full((1, 2 if self.config.length is None else min(2, self.config.length)), fill, device=device)
+        try:
+            self.model(z, torch.full((1,), 0.5, device=device)) if self.config.time_input else self.model(z)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [i for i in range(len(targets)) if i not in widths]
+        if missing:
+            raise ValueError(f"noise_module: {type(targets[missing[0]]).__name__} is not called in the model's "
+                             f"forward; name a submodule that is")
+        return [widths[i] for i in range(len(targets))]
+
+    def install_noise(self, dim: int, per: str = "sequence", init: float = 0.0,
+                      generator: torch.Generator | None = None, module: str | None = None) -> None:
+        """Give the model a Gaussian noise input ``[B, L, dim]``: one projection ``dim -> width``
+        per named submodule (``module``, comma-separated; default: the input embeddings), added
+        to its output; zero or ``N(0, init^2)`` at first (zero leaves the model as it was)."""
+        if self.noise_proj is not None:
+            raise ValueError("this model already has a noise input")
+        if dim < 1:
+            raise ValueError(f"noise_dim must be >= 1, got {dim}")
+        self.config.noise_dim, self.config.noise_per = dim, per
+        if module is not None:
+            self.config.noise_module = module
+        self.config.__post_init__()
+        self._build_noise()
+        if init > 0:
+            with torch.no_grad():
+                for proj in self.noise_proj:
+                    w = proj.weight
+                    w.copy_(init * torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w.dtype))
+
+    def _build_noise(self) -> None:
+        cfg = self.config
+        targets = self.noise_targets()
+        widths = self._output_widths(targets)
+        ref = next(self.model.parameters(), None)
+        self.noise_proj = nn.ModuleList(nn.Linear(cfg.noise_dim, w, bias=False) for w in widths)
+        for proj in self.noise_proj:
+            nn.init.zeros_(proj.weight)
+        if ref is not None:
+            self.noise_proj.to(device=ref.device, dtype=ref.dtype)
+        for i, target in enumerate(targets):
+            target.register_forward_hook(functools.partial(self._add_noise, i))
+
+    def _add_noise(self, i, module, inputs, output):
+        if self._noise is None:
+            return output
+        first = output[0] if isinstance(output, tuple) else output
+        added = first + self.noise_proj[i](self._noise.to(first.dtype))
+        return (added, *output[1:]) if isinstance(output, tuple) else added
+
+    def noise_projections(self) -> list[nn.Linear]:
+        return [] if self.noise_proj is None else list(self.noise_proj)
+
+    # ---------------------------------------------------------------- the call
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``z_t [B, L]`` int64, ``t [B]`` -> float32 logits ``[B, L, V]``."""
+        cfg = self.config
+        if cfg.length is not None and z_t.shape[1] > cfg.length:
+            raise ValueError(f"z_t has {z_t.shape[1]} tokens; the model takes at most {cfg.length}")
+        self._noise = noise if self.noise_proj is not None else None
+        try:
+            out = self.model(z_t, t) if cfg.time_input else self.model(z_t)
+        finally:
+            self._noise = None
+        logits = _logits_of(out)
+        want = (*z_t.shape, cfg.num_classes)
+        if tuple(logits.shape) != want:
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected [B, L, V] = "
+                             f"{list(want)} (B, L of z_t and the model's {cfg.num_classes} classes)")
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        if cfg.never:
+            logits = logits.index_fill(-1, torch.tensor(cfg.never, device=logits.device), float("-inf"))
+        if cfg.process == "masked":
+            logits = carry_over(logits, z_t, cfg.mask_id)
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _logits_of(out) -> torch.Tensor:
+    """The logits in what a model returned: a tensor, a transformers output or a tuple."""
+    if torch.is_tensor(out):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        return out[0]
+    raise ValueError(f"the model returned {type(out).__name__}; expected logits [B, L, V] (a tensor, or an "
+                     f"output with .logits)")
+
+
+def as_denoiser(model: nn.Module | Callable, *, num_classes: int, process: str = "masked",
+                mask_id: int | None = None, time_input: bool | None = None, never=(),
+                noise_module: str = "", length: int | None = None) -> ExternalDenoiser:
+    """Wrap ``model`` for dmmd (see the module docstring).
+
+    Args:
+        model: ``(z_t, t) -> logits``, or ``z_t -> logits`` (``time_input=False``); the output
+            may be a tensor, a transformers output (``.logits``) or a tuple led by the logits.
+        num_classes: V, the model's output classes (masked: the mask included).
+        mask_id: masked diffusion's mask class (default ``V - 1``).
+        time_input: whether the model takes ``t`` (default: whether its call has two required
+            positional arguments).
+        never: classes that are never drawn besides the mask (padding of the vocabulary).
+        noise_module: where a generator's noise enters (default: the input embeddings).
+        length: the most tokens the model takes, if it has such a limit.
+    """
+    if time_input is None:
+        time_input = takes_time(model)
+    return ExternalDenoiser(model, ExternalConfig(num_classes=num_classes, process=process, mask_id=mask_id,
+                                                  time_input=time_input, never=list(never),
+                                                  noise_module=noise_module, length=length))
