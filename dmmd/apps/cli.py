@@ -1,7 +1,8 @@
 """dmmd: distill discrete diffusion models into few-step generators (D-MMD).
 
     dmmd train-teacher [--config run.json] [--flag value ...]   train (or resume) a teacher
-    dmmd distill --teacher DIR --student-steps K [...]         distill a k-step D-MMD student
+    dmmd distill --teacher DIR --student-steps K [...]         distill a k-step D-MMD student (DIR: a
+                                                               checkpoint or a transformers masked LM)
     dmmd sample --checkpoint DIR --steps K [...]               sample from a teacher or a student
     dmmd reference train [--flag value ...]                    train a small reference causal LM
     dmmd evaluate --samples S.json [...] --reference DIR       GM, generative perplexity, entropy
@@ -109,7 +110,8 @@ def _sample_parser(sub) -> None:
                        description="k-step ancestral sampling (docs/design.md) from a checkpoint.")
     _common_flags(p)
     p.add_argument("--checkpoint", required=True,
-                   help="a teacher or student checkpoint directory (e.g. runs/teacher/checkpoint)")
+                   help="a teacher or student: a checkpoint directory (e.g. runs/teacher/checkpoint) or a "
+                        "transformers directory dmmd wrote (e.g. runs/student/student)")
     p.add_argument("--steps", type=int, default=16, help="denoising steps k (default: 16)")
     p.add_argument("--num", type=int, default=4, help="sequences to draw (default: 4)")
     p.add_argument("--length", type=int, default=None, help="tokens per sequence (default: the model's)")
@@ -145,7 +147,6 @@ def cmd_distill(args) -> int:
 
 def _check_sample_args(args) -> None:
     """Refuse bad sampling options (and an unreadable checkpoint) before loading anything."""
-    from dmmd.training.checkpoint import read_state
 
     for name in ("steps", "num"):
         if getattr(args, name) < 1:
@@ -158,7 +159,27 @@ def _check_sample_args(args) -> None:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    read_state(args.checkpoint)  # a missing or damaged checkpoint, named
+    data_of(args.checkpoint)  # a missing or damaged checkpoint, named
+
+
+def data_of(path: str):
+    """The data config a teacher or student at ``path`` (a dmmd checkpoint or a transformers
+    directory) was trained on; ``None`` when it does not say."""
+    from dmmd.data import DataConfig
+    from dmmd.training.checkpoint import read_state
+    from dmmd.training.masked_lm import is_masked_lm_dir, read_meta
+
+    if is_masked_lm_dir(path):
+        state = read_meta(path)
+    else:
+        state = read_state(path)
+    if state.get("source"):
+        return DataConfig.from_dict(state["source"])
+    if state.get("teacher_config"):
+        return TeacherConfig.from_dict(state["teacher_config"]).source
+    if state.get("kind") != "student" and state.get("config"):
+        return TeacherConfig.from_dict(state["config"]).source
+    return None
 
 
 def cmd_sample(args) -> int:
@@ -168,24 +189,29 @@ def cmd_sample(args) -> int:
     from dmmd.training.teacher import load_teacher
 
     _check_sample_args(args)
+    source_cfg = data_of(args.checkpoint)
+    if source_cfg is None and args.length is None:
+        raise ValueError(f"--length: {args.checkpoint} does not say what data it was trained on; give the length")
     if is_student(args.checkpoint):
-        model, process, state = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
-        model_fn, teacher_config = student_fn(model, args.seed), state["teacher_config"]
+        model, process, _ = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+        model_fn = student_fn(model, args.seed)
     else:
-        model, process, state = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
-        model_fn, teacher_config = (lambda z, t: model(z, t)), state["config"]
-    source_cfg = TeacherConfig.from_dict(teacher_config).source
-    data = source_cfg.data
+        model, process, _ = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+        model_fn = lambda z, t: model(z, t)  # noqa: E731
+    data = None if source_cfg is None else source_cfg.data
     pictures = None
     from dmmd.data.config import is_image_data
 
-    if args.png or is_image_data(source_cfg):
+    if args.png or (source_cfg is not None and is_image_data(source_cfg)):
         from dmmd.data import make_source
 
+        if source_cfg is None:
+            raise ValueError(f"--png: {args.checkpoint} does not say what data it was trained on")
         pictures = make_source(source_cfg)
         if not hasattr(pictures, "to_images"):
             raise ValueError(f"--png: the checkpoint's data ({data}) is not image data")
-    length = args.length or model.config.length
+    length = args.length or (source_cfg.length if source_cfg is not None and source_cfg.length else
+                             model.config.length)
     block = args.block_size if args.block_size is not None else model.config.block_size
     x = sample(model_fn, process, args.num, length, args.steps, seed=args.seed,
                temperature=args.temperature, top_p=args.top_p, block_size=block, device=args.device,
@@ -249,7 +275,6 @@ def cmd_evaluate(args) -> int:
     from dmmd.data import DataConfig, make_source
     from dmmd.data.config import is_image_data
     from dmmd.metrics.evaluate import evaluate_samples, markdown_table
-    from dmmd.training.checkpoint import read_state
 
     for path in args.samples:
         if not os.path.isfile(path):
@@ -259,8 +284,9 @@ def cmd_evaluate(args) -> int:
     if args.num_data < 2:
         raise ValueError(f"--num-data must be >= 2 (the GM needs pairs), got {args.num_data}")
     if args.checkpoint:
-        state = read_state(args.checkpoint)
-        source = TeacherConfig.from_dict(state.get("teacher_config", state.get("config"))).source
+        source = data_of(args.checkpoint)
+        if source is None:
+            raise ValueError(f"--checkpoint {args.checkpoint} does not say what data it was trained on; give --data")
     else:
         source = DataConfig(data=args.data, vocab_size=args.vocab_size, levels=args.levels)
     named, steps = {}, {}
@@ -344,7 +370,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                                     "OUT/checkpoint when it exists."),
         "distill": _config_parser(sub, "distill", DistillConfig, help="distill a k-step D-MMD student",
                                   description="D-MMD (paper Algorithm 1): a k-step student generator from a "
-                                              "teacher checkpoint; resumes from OUT/checkpoint when it exists."),
+                                              "teacher checkpoint; resumes from OUT/checkpoint when it exists. "
+                                              "A transformers masked-LM directory as --teacher distils on "
+                                              "--data / --length (default: the data dmmd trained it on) and "
+                                              "also writes the student as a transformers directory, "
+                                              "OUT/student."),
     }
     _sample_parser(sub)
     ref = sub.add_parser("reference", help="reference causal LMs for the metrics")

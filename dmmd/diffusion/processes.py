@@ -64,6 +64,11 @@ class DiffusionProcess:
     # ------------------------------------------------------------------ schedule
 
     @property
+    def schedule_name(self) -> str:
+        """The schedule's name (what checkpoints save)."""
+        return self._sched.name
+
+    @property
     def data_classes(self) -> int:
         """How many classes clean data uses (the mask is not one of them)."""
         return self.num_classes - 1 if self.kind == "masked" else self.num_classes

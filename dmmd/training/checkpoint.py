@@ -128,15 +128,23 @@ def save_checkpoint(path: str, *, models: dict[str, torch.nn.Module | dict[str, 
         make_readable(tmp)
         os.chmod(tmp, 0o755)
         _fsync_dir(tmp)
-        old = _old_path(path)
-        if os.path.exists(path):  # os.replace cannot replace a non-empty directory: move it aside
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(tmp: str, path: str) -> None:
+    """Put the complete directory ``tmp`` at ``path`` (beside it, on the same file system):
+    an existing ``path`` is moved to ``.NAME.old`` first (``os.replace`` cannot replace a
+    non-empty directory) and removed after; each rename fsynced in the parent."""
+    parent = os.path.dirname(os.path.abspath(path))
+    old = _old_path(path)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_meta(path: str) -> dict:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 import dmmd_ops
-from dmmd.data import make_source
+from dmmd.data import DataConfig, make_source
 from dmmd.diffusion.processes import DiffusionProcess
 from dmmd.diffusion.randomness import (
     Stream,
@@ -41,10 +42,12 @@ from dmmd.diffusion.randomness import (
     student_noise_generator,
 )
 from dmmd.models.denoiser import NOISE_INTO, NOISE_PER, Denoiser, DenoiserConfig
+from dmmd.models.external import ExternalDenoiser
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_constant, warmup_cosine
-from dmmd.training.teacher import TeacherConfig, load_teacher
+from dmmd.training.masked_lm import is_masked_lm_dir, load_masked_lm, read_meta, save_masked_lm
+from dmmd.training.teacher import TeacherConfig, load_teacher, model_state, rebuild_model
 
 WEIGHTS = ("constant", "elbo")
 FORMS = ("xhat", "posterior")
@@ -70,7 +73,11 @@ def _per_process(name: str) -> str:
 class DistillConfig(Options):
     """Everything a distillation run needs; saved in its checkpoints."""
 
-    teacher: str = option("runs/teacher/checkpoint", "the teacher's checkpoint directory (from train-teacher)")
+    teacher: str = option("runs/teacher/checkpoint", "the teacher: a checkpoint directory from train-teacher, or a "
+                                                     "transformers masked-LM directory (save_pretrained)")
+    mask_id: int | None = option(None, "a transformers teacher: its mask token id (default: the mask token of the "
+                                       "tokenizer saved with it)")
+    source: DataConfig = nested(DataConfig, data="")
     student_steps: int = option(4, "k, the student's sampling steps")
     teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
     aux_per_gen: int = option(2, "auxiliary-model steps after each generator step")
@@ -101,6 +108,8 @@ class DistillConfig(Options):
     noise_into: str | None = option(None, "where the noise's projections enter: the input embedding, or also "
                                           "the residual stream before every block (blocks)"
                                     + _per_process("noise_into"))
+    noise_module: str = option("", "a transformers (or your own) teacher: the submodule, by dotted name, whose "
+                                   "output the noise projection is added to (default: its input embeddings)")
     form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
@@ -140,6 +149,8 @@ class DistillConfig(Options):
             raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
         if self.noise_init is not None and self.noise_init < 0:
             raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
+        if self.mask_id is not None and self.mask_id < 0:
+            raise ValueError(f"mask_id must be >= 0, got {self.mask_id}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
         if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
@@ -229,11 +240,25 @@ def draw_noise(batch: int, length: int, dim: int, per: str, generator: torch.Gen
     raise ValueError(f"noise_per must be one of {NOISE_PER}, got {per!r}")
 
 
-def build_generator(teacher: Denoiser, noise_dim: int, noise_init: float = 0.0, seed: int = 0,
-                    noise_per: str = "token", noise_into: str = "embedding") -> Denoiser:
+def build_generator(teacher: Denoiser | ExternalDenoiser, noise_dim: int, noise_init: float = 0.0, seed: int = 0,
+                    noise_per: str = "token", noise_into: str = "embedding", noise_module: str = ""
+                    ) -> Denoiser | ExternalDenoiser:
     """The teacher's architecture and weights plus a noise input whose projection starts at
     zero (the generator is then exactly the teacher) or at ``N(0, noise_init^2)``: a zero
-    projection gets only zero-mean gradients at first, a small random one breaks the symmetry."""
+    projection gets only zero-mean gradients at first, a small random one breaks the symmetry.
+    A wrapped model (:class:`~dmmd.models.external.ExternalDenoiser`) gets its projection
+    installed from outside, added to ``noise_module``'s output (default: its input embeddings)."""
+    if isinstance(teacher, ExternalDenoiser):
+        if noise_into != "embedding":
+            raise ValueError(f"noise_into={noise_into!r} is for dmmd's own denoiser; a wrapped model's noise enters "
+                             f"at one submodule (noise_module)")
+        gen = copy.deepcopy(teacher)
+        if noise_dim > 0:
+            gen.install_noise(noise_dim, noise_per, noise_init, noise_projection_generator(seed),
+                              module=noise_module or None)
+        return gen
+    if noise_module:
+        raise ValueError("noise_module is for a transformers or your own teacher; dmmd's denoiser takes noise_into")
     cfg = DenoiserConfig(**{**teacher.config.to_dict(), "noise_dim": noise_dim, "noise_per": noise_per,
                             "noise_into": noise_into})
     ref = next(teacher.parameters())
@@ -267,8 +292,14 @@ class Distiller:
     losses is the single-process loss.
     """
 
-    def __init__(self, teacher: Denoiser, process: DiffusionProcess, cfg: DistillConfig):
+    def __init__(self, teacher: Denoiser | ExternalDenoiser, process: DiffusionProcess, cfg: DistillConfig):
         image = teacher.config.image_shape is not None
+        if isinstance(teacher, ExternalDenoiser) and cfg.noise_into is None:
+            cfg = cfg.replace(noise_into="embedding")  # a wrapped model's noise enters at one module
+        if teacher.config.num_classes != process.num_classes or \
+                getattr(teacher.config, "mask_id", None) != process.mask_id:
+            raise ValueError(f"the teacher ({teacher.config.num_classes} classes, mask {teacher.config.mask_id}) and "
+                             f"the process ({process.num_classes} classes, mask {process.mask_id}) do not match")
         cfg = cfg.for_process(process.kind, image)
         if cfg.noise_per == "pyramid" and not image:
             raise ValueError("noise_per='pyramid' needs an image teacher (trained on image data)")
@@ -276,7 +307,7 @@ class Distiller:
         self.teacher = teacher.eval().requires_grad_(False)
         self.noise_dim = cfg.noise_dim
         self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.run.seed, cfg.noise_per,
-                                         cfg.noise_into)
+                                         cfg.noise_into, cfg.noise_module)
         self.generator.train().requires_grad_(True)
         self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
@@ -403,7 +434,7 @@ class Distiller:
             return float(h.double().mean())
 
 
-def student_fn(model: Denoiser, seed: int):
+def student_fn(model: Denoiser | ExternalDenoiser, seed: int):
     """A generator as the sampler's ``model_fn(z_t, t)``: each call draws fresh Gaussian noise from
     a ``torch.Generator`` seeded with ``seed`` (so sampling stays reproducible)."""
     gen = student_noise_generator(seed)
@@ -448,27 +479,95 @@ class CollapseMonitor:
         return collapsed
 
 
-def load_distill_teacher(cfg: DistillConfig, device: torch.device):
-    """The teacher, its process, its token source and its config, from ``cfg.teacher``."""
-    teacher, process, state = load_teacher(cfg.teacher, use_ema=not cfg.teacher_raw_weights, device=str(device))
+@dataclass
+class DistillTeacher:
+    """A teacher ready to distil: the model, its process, the data and what describes them."""
+
+    model: Denoiser | ExternalDenoiser
+    process: DiffusionProcess
+    source: object                        # what draws the clean data (``.sample(batch, generator)``)
+    data: DataConfig | None = None        # the source's config (None: a source given in Python)
+    teacher_config: dict | None = None    # a dmmd teacher's TeacherConfig
+    tokenizer: object = None              # a transformers teacher's, saved with the student
+
+
+def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> DistillTeacher:
+    """The teacher ``cfg.teacher`` names (a dmmd checkpoint or a transformers masked-LM
+    directory), its process and the data to distil on; every mismatch a ``ValueError`` naming it."""
+    if is_masked_lm_dir(cfg.teacher):
+        if cfg.teacher_raw_weights:
+            raise ValueError(f"teacher_raw_weights: the transformers directory {cfg.teacher} holds one set of weights")
+        model, tokenizer, meta = load_masked_lm(cfg.teacher, mask_id=cfg.mask_id, device=str(device))
+        if cfg.source.data:
+            data = DataConfig.from_dict(cfg.source.to_dict())
+        elif meta.get("source"):  # the data dmmd trained it on, with the data options given
+            data = DataConfig.from_dict({**meta["source"], **{name: getattr(cfg.source, name)
+                                                              for name in _data_options_set(cfg)}})
+        else:
+            raise ValueError(f"data: give the data to distil the transformers teacher {cfg.teacher} on (--data, "
+                             f"--length; a .bin of its tokenizer's ids with --vocab-size)")
+        source = make_source(data)
+        mc = model.config
+        if source.vocab_size > mc.num_classes:
+            raise ValueError(f"data: its {source.vocab_size} token ids do not fit the teacher's {mc.num_classes} "
+                             f"classes")
+        if mc.length is not None and data.length > mc.length:
+            raise ValueError(f"length: the teacher takes at most {mc.length} tokens, got {data.length}")
+        process = DiffusionProcess("masked", mc.num_classes, meta.get("schedule", "loglinear"), mask_id=mc.mask_id)
+        return DistillTeacher(model, process, source, data, None, tokenizer)
+    changed = _data_options_set(cfg)
+    if changed:
+        raise ValueError(f"{changed[0]}: the dmmd teacher checkpoint {cfg.teacher} distils on the data it was "
+                         f"trained on (data options are for a transformers teacher)")
+    model, process, state = load_teacher(cfg.teacher, use_ema=not cfg.teacher_raw_weights, mask_id=cfg.mask_id,
+                                         device=str(device))
     tcfg = TeacherConfig.from_dict(state["config"])
-    return teacher, process, make_source(tcfg.source), tcfg
+    return DistillTeacher(model, process, make_source(tcfg.source), tcfg.source, tcfg.to_dict())
+
+
+def _data_options_set(cfg: DistillConfig) -> list[str]:
+    """The data options ``cfg`` sets (those that differ from their defaults)."""
+    return [f.name for f, default in DataConfig.flat_fields(DistillConfig().source)
+            if getattr(cfg.source, f.name) != default]
 
 
 def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
-    """Distill (or resume) a student; returns ``{"step", "checkpoint", "seconds", "metrics"}``.
+    """Distill (or resume) a student of the teacher ``cfg.teacher``; returns ``{"step",
+    "checkpoint", "seconds", "metrics"}`` (and ``"student"``: the transformers directory of a
+    transformers teacher's student).
 
     Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
-    ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``.
+    ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``; for a
+    transformers teacher also ``OUT/student/`` (the EMA generator, ``save_pretrained``, with
+    its tokenizer and noise weights) at the end of the run.
     """
-    # every option, and the teacher's checkpoint and process, checked before any work; unset
-    # per-process options take the teacher's process's defaults (and are saved resolved)
-    teacher_model = DenoiserConfig(**read_state(cfg.teacher)["model"])
-    cfg = cfg.for_process(teacher_model.process, teacher_model.image_shape is not None)
+    cfg.validate()
+    return distill_teacher(load_distill_teacher(cfg), cfg, resume=resume, progress=progress, stop_at=stop_at)
+
+
+def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess, source, cfg: DistillConfig, *,
+                  resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Distill a teacher given in Python: ``model`` (dmmd's denoiser, or any model wrapped by
+    :func:`dmmd.models.external.as_denoiser`), its ``process`` and ``source`` (``.sample(batch,
+    generator) -> [batch, L]`` clean token ids); ``cfg.teacher`` is not read. Same outputs as
+    :func:`distill`; :func:`load_student` with ``model=`` your module class's instance loads the
+    student back."""
+    cfg.validate()
+    return distill_teacher(DistillTeacher(model, process, source), cfg, resume=resume, progress=progress,
+                           stop_at=stop_at)
+
+
+def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool = True, progress: bool = True,
+                    stop_at: int | None = None) -> dict:
+    """Algorithm 1 under the run loop, for a loaded teacher (see :func:`distill`)."""
+    # unset per-process options take the teacher's process's defaults (and are saved resolved)
+    process, source = teacher.process, teacher.source
     run = cfg.run
+    d = Distiller(teacher.model, process, cfg)  # every option checked against the teacher before any work
+    cfg = d.cfg
     ctx = run_context(run)
-    teacher, process, source, tcfg = load_distill_teacher(cfg, ctx.device)
-    d = Distiller(teacher, process, cfg)
+    for m in (d.teacher, d.generator, d.aux, d.ema):
+        m.to(ctx.device)
     per_rank = run.batch_size // ctx.world
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
@@ -493,7 +592,7 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
         return {"gen": f"{record['gen_loss']:.4f}", "H": f"{record['gen_entropy']:.3f}"}
 
     loop = RunLoop(run, ctx, trained, name=f"distill k={cfg.student_steps}", postfix=postfix,
-                   state=lambda done: student_state(d, cfg, tcfg))
+                   state=lambda done: student_state(d, cfg, teacher))
     if resume:
         loop.resume()
     nets = loop.wrap_ddp()
@@ -512,27 +611,55 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
             stats["collapse_warning"] = True
         return Update(loss, model, stats)
 
-    return loop.run(step, progress=progress, stop_at=stop_at)
+    result = loop.run(step, progress=progress, stop_at=stop_at)
+    if teacher.tokenizer is not None or is_masked_lm(d.ema):
+        if ctx.rank == 0:  # the student as its teacher came: a transformers directory
+            result["student"] = os.path.join(run.out, "student")
+            save_masked_lm(d.ema, result["student"], tokenizer=teacher.tokenizer,
+                           meta={"kind": "student", "process": "masked", "schedule": process.schedule_name,
+                                 "source": None if teacher.data is None else teacher.data.to_dict(),
+                                 "student_steps": cfg.student_steps, "step": result["step"]})
+    return result
 
 
-def student_state(d: Distiller, cfg: DistillConfig, tcfg: TeacherConfig) -> dict:
+def is_masked_lm(model) -> bool:
+    """Whether ``model`` wraps a transformers model (saved with ``save_pretrained``)."""
+    return isinstance(model, ExternalDenoiser) and hasattr(model.model, "save_pretrained")
+
+
+def student_state(d: Distiller, cfg: DistillConfig, teacher: DistillTeacher) -> dict:
     """The JSON state saved with a student: what :func:`load_student` needs to rebuild it."""
-    return {"kind": "student", "config": cfg.to_dict(), "teacher_config": tcfg.to_dict(),
-            "model": d.generator.config.to_dict(), "schedule": tcfg.schedule}
+    return {"kind": "student", "config": cfg.to_dict(), "teacher_config": teacher.teacher_config,
+            "source": None if teacher.data is None else teacher.data.to_dict(),
+            "schedule": d.process.schedule_name, **model_state(d.generator)}
 
 
 def is_student(path: str) -> bool:
+    if is_masked_lm_dir(path):
+        return read_meta(path).get("kind") == "student"
     return read_state(path).get("kind") == "student"
 
 
-def load_student(path: str, *, use_ema: bool = True, device: str = "cpu"
-                 ) -> tuple[Denoiser, DiffusionProcess, dict]:
-    """A distilled generator (EMA weights by default), its process and its state."""
+def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model: torch.nn.Module | None = None
+                 ) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
+    """A distilled generator (EMA weights by default), its process and its state, from a run's
+    checkpoint or a transformers student directory (``OUT/student``). A student of your own
+    module (:func:`distill_model`) needs ``model``: an instance of that module's class, whose
+    weights are replaced by the student's."""
+    if is_masked_lm_dir(path):
+        student, _, meta = load_masked_lm(path, device=device)
+        if meta.get("kind") != "student":
+            raise ValueError(f"{path} is not a D-MMD student (see dmmd distill)")
+        if not use_ema:
+            raise ValueError(f"{path} holds the student's EMA weights only; the raw generator is in its run's "
+                             f"checkpoint")
+        mc = student.config
+        return student, DiffusionProcess("masked", mc.num_classes, meta["schedule"], mask_id=mc.mask_id), meta
     state = read_state(path)
     if state.get("kind") != "student":
         raise ValueError(f"{path} is not a D-MMD student checkpoint (see dmmd distill)")
-    mcfg = DenoiserConfig(**state["model"])
-    model = Denoiser(mcfg)
-    model.load_state_dict(load_tensors(path, "ema" if use_ema else "generator"))
-    process = DiffusionProcess(mcfg.process, mcfg.num_classes, state["schedule"], mask_id=mcfg.mask_id)
-    return model.to(device).eval(), process, state
+    student = rebuild_model(state, module=model)
+    student.load_state_dict(load_tensors(path, "ema" if use_ema else "generator"))
+    mc = student.config
+    process = DiffusionProcess(mc.process, mc.num_classes, state["schedule"], mask_id=mc.mask_id)
+    return student.to(device).eval(), process, state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,19 @@ from dmmd.diffusion.processes import PROCESSES, DiffusionProcess
 from dmmd.diffusion.randomness import Stream, step_generator, validation_generator
 from dmmd.diffusion.schedules import get_schedule
 from dmmd.models.denoiser import Denoiser, DenoiserConfig
+from dmmd.models.external import ExternalDenoiser
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
+from dmmd.training.masked_lm import (
+    build_masked_lm,
+    is_masked_lm_dir,
+    load_masked_lm,
+    masked_lm_state,
+    rebuild_masked_lm,
+    save_masked_lm,
+    source_tokenizer,
+)
 
 
 @dataclass
@@ -30,6 +41,10 @@ class TeacherConfig(Options):
     source: DataConfig = nested(DataConfig)
     process: str = option("masked", "'masked' or 'uniform' diffusion")
     schedule: str = option("loglinear", "noise schedule: linear, cosine or loglinear")
+    model_config: str = option("", "a transformers masked-LM config JSON (model_type bert, roberta, modernbert, "
+                                   "...): train that model, which takes no time input, as a masked-diffusion "
+                                   "teacher instead of dmmd's denoiser (width, depth and heads are then the "
+                                   "JSON's); OUT/model is then also a transformers directory")
     width: int = option(256, "transformer width")
     depth: int = option(4, "transformer blocks")
     heads: int = option(4, "attention heads")
@@ -57,6 +72,15 @@ class TeacherConfig(Options):
             raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.model_config:
+            if self.process != "masked":
+                raise ValueError("model_config: a transformers masked LM takes no time input, so it is a "
+                                 "masked-diffusion teacher only (process masked)")
+            if self.block_size is not None:
+                raise ValueError("block_size is dmmd's denoiser's block-causal attention; a model_config "
+                                 "model has none")
+            if not os.path.isfile(self.model_config):
+                raise ValueError(f"model_config {self.model_config}: no such file")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
@@ -70,10 +94,16 @@ class TeacherConfig(Options):
 
 
 def build(cfg: TeacherConfig, vocab_size: int, image_shape: tuple[int, int, int] | None = None
-          ) -> tuple[DiffusionProcess, Denoiser]:
+          ) -> tuple[DiffusionProcess, Denoiser | ExternalDenoiser]:
     """The process and a freshly initialised denoiser for ``cfg`` over a source of ``vocab_size``
-    tokens (seeded by ``cfg.run.seed``); ``image_shape`` (H, W, C) for pixel tokens."""
+    tokens (seeded by ``cfg.run.seed``); ``image_shape`` (H, W, C) for pixel tokens. With a
+    ``model_config``, the transformers masked LM it describes (mask ``V``, padding ``V + 1``)."""
     v = vocab_size
+    if cfg.model_config:
+        torch.manual_seed(cfg.run.seed)
+        model, _ = build_masked_lm(cfg.model_config, v, cfg.source.length)
+        mc = model.config
+        return DiffusionProcess("masked", mc.num_classes, cfg.schedule, mask_id=mc.mask_id), model
     num_classes = v + 1 if cfg.process == "masked" else v
     process = DiffusionProcess(cfg.process, num_classes, cfg.schedule)
     torch.manual_seed(cfg.run.seed)
@@ -93,7 +123,7 @@ def batch_for_step(source, process: DiffusionProcess, cfg: TeacherConfig, step: 
 
 
 @torch.no_grad()
-def validate(model: Denoiser, process: DiffusionProcess, source, cfg: TeacherConfig) -> float:
+def validate(model: Denoiser | ExternalDenoiser, process: DiffusionProcess, source, cfg: TeacherConfig) -> float:
     """The ELBO bound in bits per token on ``eval_batches`` fixed validation batches."""
     model.eval()
     device = next(model.parameters()).device
@@ -140,7 +170,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
         return shown
 
     loop = RunLoop(run, ctx, trained, name="teacher", evaluate=evaluate, postfix=postfix,
-                   state=lambda done: {"config": cfg.to_dict(), "model": model.config.to_dict()})
+                   state=lambda done: {"config": cfg.to_dict(), **model_state(model)})
     if resume:
         loop.resume()
     net = loop.wrap_ddp()["model"]
@@ -156,17 +186,61 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     start = loop.start
     result = loop.run(step, progress=progress, stop_at=stop_at)
     tokens = (result["step"] - start) * run.batch_size * cfg.source.length
-    return {"step": result["step"], "val_bits": loop.metrics.get("val_bits_per_token", math.nan),
-            "tokens_per_s": tokens / max(result["seconds"], 1e-9), "checkpoint": result["checkpoint"],
-            "seconds": result["seconds"]}
+    out = {"step": result["step"], "val_bits": loop.metrics.get("val_bits_per_token", math.nan),
+           "tokens_per_s": tokens / max(result["seconds"], 1e-9), "checkpoint": result["checkpoint"],
+           "seconds": result["seconds"]}
+    if isinstance(model, ExternalDenoiser) and ctx.rank == 0:  # the EMA teacher as a transformers directory
+        out["model"] = os.path.join(run.out, "model")
+        save_masked_lm(ema, out["model"], tokenizer=source_tokenizer(source.vocab_size),
+                       meta={"kind": "teacher", "process": "masked", "schedule": cfg.schedule,
+                             "source": cfg.source.to_dict(), "step": result["step"]})
+    return out
 
 
-def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu") -> tuple[Denoiser, DiffusionProcess, dict]:
-    """A trained denoiser (EMA weights by default), its process and its state, from a checkpoint."""
+def model_state(model: Denoiser | ExternalDenoiser) -> dict:
+    """What a checkpoint saves to rebuild ``model``'s architecture (:func:`rebuild_model`): a
+    ``model_kind`` (``denoiser``, ``masked_lm`` or ``module``: a wrapped model of the user's
+    own, whose class only the user has) and the configs."""
+    if isinstance(model, ExternalDenoiser):
+        if hasattr(model.model, "save_pretrained"):
+            return {"model_kind": "masked_lm", "model": masked_lm_state(model)}
+        return {"model_kind": "module", "model": model.config.to_dict()}
+    return {"model_kind": "denoiser", "model": model.config.to_dict()}
+
+
+def rebuild_model(state: dict, module: torch.nn.Module | None = None) -> Denoiser | ExternalDenoiser:
+    """An untrained model of the architecture a checkpoint's ``state`` records; a model of the
+    user's own needs ``module``, an instance of its class (a copy is wrapped)."""
+    kind = state.get("model_kind", "denoiser")
+    if kind == "module":
+        if module is None:
+            raise ValueError("this checkpoint holds a model of your own class: pass an instance of it (model=...)")
+        return ExternalDenoiser.from_config(copy.deepcopy(module), state["model"])
+    if module is not None:
+        raise ValueError(f"model=: this checkpoint holds a {kind} model, which dmmd rebuilds itself")
+    if kind == "masked_lm":
+        return rebuild_masked_lm(state["model"])
+    return Denoiser(DenoiserConfig(**state["model"]))
+
+
+def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_id: int | None = None
+                 ) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
+    """A trained teacher (EMA weights by default), its process and its state, from a dmmd
+    checkpoint or a transformers masked-LM directory (``mask_id``: its mask token, when no
+    tokenizer saved there names it; the schedule is the one dmmd saved there, else loglinear).
+    The state's ``source`` is the teacher's data config (``None`` when not known)."""
+    if is_masked_lm_dir(path):
+        model, _, meta = load_masked_lm(path, mask_id=mask_id, device=device)
+        mc = model.config
+        schedule = meta.get("schedule", "loglinear")
+        process = DiffusionProcess("masked", mc.num_classes, schedule, mask_id=mc.mask_id)
+        return model, process, {"source": meta.get("source"), "schedule": schedule}
+    if mask_id is not None:
+        raise ValueError(f"mask_id is for a transformers teacher; the dmmd checkpoint {path} has its own")
     state = read_state(path)
-    mcfg = DenoiserConfig(**state["model"])
-    model = Denoiser(mcfg)
+    model = rebuild_model(state)
     model.load_state_dict(load_tensors(path, "ema" if use_ema else "model"))
     cfg = TeacherConfig.from_dict(state["config"])
-    process = DiffusionProcess(mcfg.process, mcfg.num_classes, cfg.schedule, mask_id=mcfg.mask_id)
-    return model.to(device).eval(), process, state
+    mc = model.config
+    process = DiffusionProcess(mc.process, mc.num_classes, cfg.schedule, mask_id=mc.mask_id)
+    return model.to(device).eval(), process, {**state, "source": cfg.source.to_dict(), "schedule": cfg.schedule}

@@ -1,0 +1,242 @@
+"""transformers masked LMs (BERT, RoBERTa, ModernBERT, ...) as masked-diffusion teachers and
+D-MMD students.
+
+A directory ``save_pretrained`` wrote (``config.json``, the weights, optionally a tokenizer)
+loads with :func:`load_masked_lm` as an :class:`~dmmd.models.external.ExternalDenoiser` without
+a time input; the mask id comes from the caller or from the tokenizer's mask token; the
+classes past the tokenizer's vocabulary (padding of the output layer) are never drawn. dmmd
+writes a ``dmmd.json`` beside what it saves (:func:`save_masked_lm`): the process, schedule,
+data and, for a student, its noise input, so that :func:`load_masked_lm` rebuilds a student in
+one call (its noise projection from ``noise.safetensors``).
+
+:func:`build_masked_lm` makes a fresh one from a transformers config JSON for
+``dmmd train-teacher --model-config``, with a tokenizer for our sources' token ids.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+from dmmd.extras import require
+from dmmd.models.external import ExternalConfig, ExternalDenoiser
+from dmmd.training.checkpoint import make_readable, replace_directory, write_json_atomic
+
+META = "dmmd.json"
+NOISE = "noise.safetensors"
+MASK_TOKEN = "[MASK]"
+PAD_TOKEN = "[PAD]"
+
+
+def _transformers():
+    return require("transformers", "a transformers masked LM")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' own progress bars off while it loads or saves (dmmd's bars say what runs)."""
+    logging = _transformers().utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def is_masked_lm_dir(path: str) -> bool:
+    """Whether ``path`` is a transformers model directory (not a dmmd checkpoint)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "state.json"))
+
+
+def read_meta(path: str) -> dict:
+    """The ``dmmd.json`` dmmd saved in a transformers directory (``{}`` when there is none)."""
+    file = os.path.join(path, META)
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is unreadable ({e})") from None
+
+
+def _tokenizer(path: str):
+    """The tokenizer saved in ``path``, or ``None`` when there is none."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                               "vocab.txt", "vocab.json")):
+        return None
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: its tokenizer does not load ({e})") from None
+
+
+def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
+                   ) -> tuple[ExternalDenoiser, object, dict]:
+    """The masked LM in the transformers directory ``path`` as a denoiser without a time input,
+    its tokenizer (``None`` when none is saved there) and dmmd's ``dmmd.json`` (``{}`` if none).
+
+    Raises ``ValueError`` naming what is wrong: no such directory, no masked LM in it, a mask id
+    outside the vocabulary or none to be found, a tokenizer larger than the model's output."""
+    if not os.path.isdir(path):
+        raise ValueError(f"teacher {path!r}: no such directory")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"teacher {path}: holds no transformers model (no config.json) and no dmmd checkpoint")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"teacher {path}: its config.json does not load ({e})") from None
+    try:
+        with _quiet():
+            model = transformers.AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ValueError(f"teacher {path}: holds a {config.model_type} model, which is not a masked LM "
+                             f"(AutoModelForMaskedLM has no class for it)") from None
+        raise ValueError(f"teacher {path}: the masked LM does not load ({e})") from None
+    except OSError as e:
+        raise ValueError(f"teacher {path}: the masked LM's weights do not load ({e})") from None
+    tokenizer = _tokenizer(path)
+    meta = read_meta(path)
+    num_classes = model.get_output_embeddings().out_features
+    never: list[int] = list(meta.get("never", []))
+    if tokenizer is not None:
+        if len(tokenizer) > num_classes:
+            raise ValueError(f"teacher {path}: its tokenizer has {len(tokenizer)} tokens but the model outputs "
+                             f"{num_classes} classes; the tokenizer does not belong to the model")
+        never += range(len(tokenizer), num_classes)  # padding of the output layer
+    if mask_id is None:
+        mask_id = meta.get("mask_id", getattr(tokenizer, "mask_token_id", None))
+        if mask_id is None:
+            raise ValueError(f"teacher {path}: no tokenizer with a mask token there; pass the mask id (--mask-id)")
+    if not 0 <= mask_id < num_classes:
+        raise ValueError(f"mask_id {mask_id} is outside the vocabulary of {path} ({num_classes} classes)")
+    noise = meta.get("noise", {})
+    denoiser = ExternalDenoiser(model, ExternalConfig(
+        num_classes=num_classes, process="masked", mask_id=mask_id, time_input=False, never=never,
+        noise_module=noise.get("module", ""), length=_max_length(config)))
+    if noise.get("dim", 0) > 0:
+        safetensors = require("safetensors.torch", "a student's noise weights")
+        denoiser.install_noise(noise["dim"], noise["per"])
+        weights = os.path.join(path, NOISE)
+        try:
+            denoiser.noise_proj.load_state_dict(safetensors.load_file(weights))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{weights}: the student's noise weights do not load ({e})") from None
+    return denoiser.to(device).eval(), tokenizer, meta
+
+
+def save_masked_lm(denoiser: ExternalDenoiser, path: str, *, meta: dict, tokenizer=None) -> None:
+    """Write ``denoiser``'s masked LM to ``path`` as a transformers directory
+    (``save_pretrained``), its tokenizer, its noise projection (``noise.safetensors``) and
+    ``meta`` with the noise settings as ``dmmd.json``; all or nothing (a temporary directory
+    renamed into place)."""
+    from safetensors.torch import save_file
+
+    cfg = denoiser.config
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-model-", dir=parent)
+    try:
+        with _quiet():
+            denoiser.model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        noise = {}
+        if denoiser.noise_proj is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in denoiser.noise_proj.state_dict().items()},
+                      os.path.join(tmp, NOISE))
+            noise = {"dim": cfg.noise_dim, "per": cfg.noise_per, "module": cfg.noise_module}
+        write_json_atomic(os.path.join(tmp, META), {**meta, "mask_id": cfg.mask_id, "never": cfg.never,
+                                                     "noise": noise})
+        make_readable(tmp)
+        os.chmod(tmp, 0o755)
+        replace_directory(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def source_tokenizer(vocab_size: int):
+    """A word-level tokenizer for a source's ids ``0 .. V-1`` (written as the numbers), then
+    ``[MASK]`` (id ``V``) and ``[PAD]`` (id ``V + 1``): what a teacher trained on our sources
+    saves, so its directory names its own mask token."""
+    transformers = _transformers()
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {str(i): i for i in range(vocab_size)} | {MASK_TOKEN: vocab_size, PAD_TOKEN: vocab_size + 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, mask_token=MASK_TOKEN, pad_token=PAD_TOKEN,
+                                                unk_token=PAD_TOKEN)
+
+
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
+
+
+def build_masked_lm(config_file: str, vocab_size: int, length: int) -> tuple[ExternalDenoiser, object]:
+    """A freshly initialised masked LM (draws from the global torch RNG: seed it first) from the
+    transformers config JSON ``config_file`` (its ``model_type`` names the architecture), for a
+    source of ``vocab_size`` tokens: ids ``0 .. V-1`` are the data, ``V`` the mask, ``V + 1``
+    padding (every special token id of the config points there; never drawn), classes past it
+    too. The config's ``vocab_size``, if given, must leave room for them; without it the model
+    has exactly ``V + 2`` classes. Returns the denoiser and its tokenizer."""
+    transformers = _transformers()
+    try:
+        with open(config_file) as f:
+            values = json.load(f)
+    except OSError as e:
+        raise ValueError(f"model_config {config_file}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model_config {config_file}: not valid JSON ({e})") from None
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise ValueError(f"model_config {config_file}: a transformers config needs a model_type (e.g. \"bert\")")
+    need = vocab_size + 2
+    values.setdefault("vocab_size", need)
+    if values["vocab_size"] < need:
+        raise ValueError(f"model_config {config_file}: vocab_size {values['vocab_size']} leaves no room for the "
+                         f"data's {vocab_size} tokens, the mask and padding (at least {need})")
+    pad = vocab_size + 1
+    for name in SPECIAL_IDS:
+        if name == "pad_token_id" or not 0 <= (values.get(name) or 0) < values["vocab_size"]:
+            values[name] = pad
+    try:
+        config = transformers.AutoConfig.for_model(**values)
+        model = transformers.AutoModelForMaskedLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"model_config {config_file}: not a masked LM configuration ({e})") from None
+    denoiser = ExternalDenoiser(model, ExternalConfig(
+        num_classes=values["vocab_size"], process="masked", mask_id=vocab_size, time_input=False,
+        never=list(range(pad, values["vocab_size"]))))
+    limit = _max_length(model.config)
+    if limit is not None and limit < length:
+        raise ValueError(f"model_config {config_file}: max_position_embeddings allows {limit} tokens, "
+                         f"the data's length is {length}")
+    denoiser.config.length = limit
+    return denoiser, source_tokenizer(vocab_size)
+
+
+def _max_length(config) -> int | None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= config.pad_token_id + 1  # RoBERTa's positions start after its padding index
+    return limit
+
+
+def masked_lm_state(denoiser: ExternalDenoiser) -> dict:
+    """What a dmmd checkpoint saves to rebuild a masked LM's architecture (:func:`rebuild_masked_lm`)."""
+    return {"external": denoiser.config.to_dict(), "transformers_config": denoiser.model.config.to_dict()}
+
+
+def rebuild_masked_lm(state: dict) -> ExternalDenoiser:
+    """An untrained denoiser of the architecture :func:`masked_lm_state` recorded (load the
+    checkpoint's weights into it)."""
+    transformers = _transformers()
+    config = transformers.AutoConfig.for_model(**state["transformers_config"])
+    model = transformers.AutoModelForMaskedLM.from_config(config)
+    return ExternalDenoiser.from_config(model, state["external"])
