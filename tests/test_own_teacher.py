@@ -1,0 +1,353 @@
+"""Bring your own teacher: a transformers masked LM (a tiny ``BertForMaskedLM`` whose config is
+made here, trained by ``dmmd train-teacher --model-config`` on the embedded text) and a plain
+module without a time input, distilled through the same distiller: one step's gradients equal
+eq. 11 / eq. 12 written by hand, the noise projection installed from outside changes outputs
+only when non-zero, save / load / sample round-trip identically, 2-process DDP (gloo) equals one
+process, bad input is refused by name."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dmmd.data import MarkovSource
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.diffusion.sampling import sample
+from dmmd.models import ExternalDenoiser, as_denoiser
+from dmmd.training.checkpoint import load_tensors
+from dmmd.training.distill import (
+    DistillConfig,
+    Distiller,
+    distill,
+    distill_model,
+    draw_batch,
+    is_student,
+    load_distill_teacher,
+    load_student,
+    loss_weight,
+    student_fn,
+)
+from dmmd.training.masked_lm import load_masked_lm
+from dmmd.training.teacher import TeacherConfig, train_teacher
+from tests.test_distill import _grads, _perturb, _teacher_logprobs, _xlogy
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0}
+
+
+def _dmmd(*args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "dmmd", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def bert_teacher(tmp_path_factory):
+    """A tiny BertForMaskedLM trained for 60 steps as a masked-diffusion teacher on the embedded
+    text: its run directory (OUT/model is the transformers directory)."""
+    out = tmp_path_factory.mktemp("bert_teacher")
+    config = out / "bert.json"
+    config.write_text(json.dumps(BERT))
+    cfg = TeacherConfig.from_dict(dict(model_config=str(config), data="text", length=16, batch_size=16, steps=60,
+                                       lr=3e-3, warmup=5, eval_every=0, save_every=60, out=str(out / "run")))
+    result = train_teacher(cfg, progress=False)
+    assert result["model"] == str(out / "run" / "model")
+    return out / "run"
+
+
+def test_bert_teacher_trains_as_masked_diffusion(bert_teacher):
+    log = [json.loads(line) for line in open(bert_teacher / "log.jsonl")]
+    first, last = (sum(r["loss"] for r in part) / len(part) for part in (log[:10], log[-10:]))
+    assert last < 0.8 * first  # it learns
+    model, tokenizer, meta = load_masked_lm(str(bert_teacher / "model"))
+    assert isinstance(model.model, transformers.BertForMaskedLM)
+    assert tokenizer.mask_token_id == 256 == model.config.mask_id  # 256 bytes, then the mask, then padding
+    assert model.config.num_classes == 258 and model.config.never == [257]
+    assert meta["kind"] == "teacher" and meta["source"]["data"] == "text" and meta["source"]["length"] == 16
+    z = torch.full((2, 16), 256)
+    z[:, 3] = 65
+    logits = model(z, torch.rand(2))
+    assert logits.shape == (2, 16, 258) and logits.dtype == torch.float32
+    assert torch.isneginf(logits[..., 256]).all() and torch.isneginf(logits[..., 257]).all()  # never drawn
+    assert (logits[:, 3].argmax(-1) == 65).all() and torch.isfinite(logits[:, 3]).sum() == 2  # carried over
+    # the dmmd checkpoint of the same run rebuilds the same model
+    from dmmd.training.teacher import load_teacher
+
+    same, process, _ = load_teacher(str(bert_teacher / "checkpoint"))
+    torch.testing.assert_close(same(z, torch.rand(2)), logits, rtol=0, atol=0)
+    assert process.kind == "masked" and process.mask_id == 256
+
+
+def _bert_distiller(bert_teacher, **kw):
+    cfg = DistillConfig.from_dict(dict(teacher=str(bert_teacher / "model"), batch_size=6, student_steps=2,
+                                       draw_block=3, seed=3, **kw))
+    teacher = load_distill_teacher(cfg)
+    teacher.model.double()
+    d = Distiller(teacher.model, teacher.process, cfg)
+    _perturb(d.generator, 0.2, 1)
+    _perturb(d.aux, 0.2, 2)
+    return d, teacher
+
+
+@pytest.mark.parametrize("kw", [{}, {"soft_target": False, "top_p": 0.8, "temperature": 0.7, "noise_per": "token"}])
+def test_bert_one_step_gradients_equal_eq11_and_eq12(bert_teacher, kw):
+    d, teacher = _bert_distiller(bert_teacher, **kw)
+    process, cfg, step = teacher.process, d.cfg, 4
+    assert d.noise_dim == 32 and d.generator.noise_proj is not None  # masked: noise on by default
+    batch = draw_batch(teacher.source, process, cfg, d.noise_dim, step)
+    w_seq = loss_weight(process, cfg.weight, batch.s)
+
+    loss, _ = d.generator_loss(batch, step)
+    loss.backward()
+    got = _grads(d.generator)
+    d.generator.zero_grad()
+    with torch.no_grad():
+        _, x, z_s = d.generate(batch, step)
+    u = d.generator(batch.z_t, batch.t.float(), batch.noise)
+    with torch.no_grad():
+        a = d.teacher(z_s, batch.s.float())
+        b = d.aux(z_s, batch.s.float())
+    rows = z_s == process.mask_id
+    p = torch.softmax(u[rows], -1)
+    lt = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta)
+    la = torch.log_softmax(b[rows], -1)
+    w = w_seq.unsqueeze(-1).expand_as(z_s)[rows]
+    hand = (w * -(_xlogy(p, lt) - _xlogy(p, la)).sum(-1)).sum() / z_s.numel()
+    torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
+    hand.backward()
+    want = _grads(d.generator)
+    assert float(d.generator.noise_proj[0].weight.grad.abs().sum()) > 0  # the noise projection learns
+    for g, h in zip(got, want, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12)
+
+    d.aux.zero_grad()
+    loss, _ = d.aux_loss(batch, step)
+    loss.backward()
+    got = _grads(d.aux)
+    d.aux.zero_grad()
+    b = d.aux(z_s, batch.s.float())
+    with torch.no_grad():
+        u = d.generator(batch.z_t, batch.t.float(), batch.noise)
+    target = torch.softmax(u[rows], -1) if cfg.soft_target else \
+        torch.nn.functional.one_hot(x[rows], process.num_classes).double()
+    q = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta).exp()
+    hand = (w * -(_xlogy(target, torch.log_softmax(b[rows], -1)) + _xlogy(q, torch.log_softmax(b[rows], -1)))
+            .sum(-1)).sum() / z_s.numel()
+    torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
+    hand.backward()
+    assert sum(float(g.abs().sum()) for g in got) > 1e-6
+    for g, h in zip(got, _grads(d.aux), strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12)
+
+
+def test_noise_projection_changes_outputs_only_when_nonzero(bert_teacher):
+    teacher, _, _ = load_masked_lm(str(bert_teacher / "model"))
+    gen = load_masked_lm(str(bert_teacher / "model"))[0]
+    gen.install_noise(8, "token", module="bert.embeddings,bert.encoder.layer.0")
+    assert len(gen.noise_projections()) == 2
+    z = torch.full((3, 16), 256)
+    z[:, ::3] = 70
+    t = torch.rand(3)
+    noise = torch.randn(3, 16, 8)
+    base = teacher(z, t)
+    torch.testing.assert_close(gen(z, t, noise), base, rtol=0, atol=0)  # zero projections: the teacher
+    with torch.no_grad():
+        gen.noise_proj[1].weight.normal_()
+    assert not torch.equal(gen(z, t, noise), base)
+    torch.testing.assert_close(gen(z, t, None), base, rtol=0, atol=0)
+    torch.testing.assert_close(gen(z, t, torch.zeros_like(noise)), base, rtol=0, atol=0)
+    torch.testing.assert_close(teacher(z, t), base, rtol=0, atol=0)  # the teacher is untouched
+
+
+def test_bert_distill_save_load_sample_round_trip(bert_teacher, tmp_path):
+    out = tmp_path / "student"
+    result = _dmmd("distill", "--teacher", str(bert_teacher / "model"), "--student-steps", "2", "--steps", "4",
+                   "--batch-size", "8", "--save-every", "4", "--out", str(out), "--no-progress", check=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["student"] == str(out / "student")
+    assert is_student(str(out / "student")) and is_student(str(out / "checkpoint"))
+    assert {"config.json", "model.safetensors", "noise.safetensors", "dmmd.json", "tokenizer.json"} <= \
+        set(os.listdir(out / "student"))
+    # one call loads the transformers directory; it is the checkpoint's EMA generator
+    from_dir, process, meta = load_student(str(out / "student"))
+    from_ckpt, process2, _ = load_student(str(out / "checkpoint"))
+    assert isinstance(from_dir.model, transformers.BertForMaskedLM) and meta["student_steps"] == 2
+    ema = load_tensors(str(out / "checkpoint"), "ema")
+    for k, v in from_dir.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    assert not all(torch.equal(v, load_tensors(str(bert_teacher / "checkpoint"), "ema")[k])
+                   for k, v in from_dir.state_dict().items() if not k.startswith("noise_proj"))  # it trained
+    a = sample(student_fn(from_dir, 5), process, 6, 16, 2, seed=9)
+    b = sample(student_fn(from_ckpt, 5), process2, 6, 16, 2, seed=9)
+    assert torch.equal(a, b)
+    cli = _dmmd("sample", "--checkpoint", str(out / "student"), "--steps", "2", "--num", "6", "--seed", "5",
+                "--out", str(tmp_path / "s.json"), check=True)
+    assert cli.returncode == 0
+    drawn = torch.tensor(json.load(open(tmp_path / "s.json"))["tokens"])
+    assert drawn.shape == (6, 16) and drawn.max() < 256  # bytes only: never the mask or padding
+    assert torch.equal(drawn, sample(student_fn(from_dir, 5), process, 6, 16, 2, seed=5))
+
+
+def test_bert_two_process_ddp_equals_one_process(bert_teacher, tmp_path):
+    args = ["--teacher", str(bert_teacher / "model"), "--student-steps", "2", "--batch-size", "8", "--draw-block",
+            "4", "--steps", "2", "--warmup", "1", "--save-every", "2", "--seed", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    one, two = tmp_path / "one", tmp_path / "two"
+    _dmmd("distill", "--out", str(one), *args, check=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dmmd", "distill", "--out", str(two), *args], env=env, cwd=ROOT, capture_output=True,
+                         text=True)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    logs = [[json.loads(line) for line in open(d / "log.jsonl")] for d in (one, two)]
+    for r1, r2, key in zip(*logs, ("gen_grad_norm", "aux_grad_norm"), strict=True):
+        assert r1[key] > 0
+        assert r2[key] == pytest.approx(r1[key], rel=1e-4), key
+    for name in ("generator", "aux"):
+        a, b = load_tensors(str(one / "checkpoint"), name), load_tensors(str(two / "checkpoint"), name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a module of the user's own
+
+V, L = 4, 6
+
+
+class TimeFreeNet(nn.Module):
+    """A user's masked LM: token ids in, logits out, no time input."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(V + 1, width)
+        self.pos = nn.Parameter(0.02 * torch.randn(L, width))
+        layer = nn.TransformerEncoderLayer(width, 2, 4 * width, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, V + 1)
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids) + self.pos[: ids.shape[1]]))
+
+
+def _train_by_hand(teacher, process, source, steps, seed=0):
+    """The user's own teacher training (any masked-diffusion objective would do)."""
+    opt = torch.optim.AdamW(teacher.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = source.sample(256, g)
+        t = torch.rand(256, dtype=torch.float64, generator=g).clamp_min(1e-3)
+        z = process.diffuse(x, t, g)
+        loss = process.teacher_loss(teacher(z, t.float()), x, z, t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return teacher.eval()
+
+
+def test_own_module_without_time_input_beats_its_own_teacher(tmp_path):
+    from dmmd.metrics import total_variation
+
+    torch.manual_seed(0)
+    source = MarkovSource(V, L, fanout=2)
+    process = DiffusionProcess("masked", V + 1, "linear")
+    teacher = as_denoiser(TimeFreeNet(), num_classes=V + 1)
+    assert not teacher.config.time_input  # told from forward(ids)
+    _train_by_hand(teacher, process, source, 600)
+    cfg = DistillConfig.from_dict(dict(student_steps=2, steps=1000, batch_size=256, save_every=1000, lr_gen=1e-3,
+                                       out=str(tmp_path / "student")))
+    result = distill_model(teacher, process, source, cfg, progress=False)
+    student, process2, state = load_student(result["checkpoint"], model=TimeFreeNet())
+    assert isinstance(student, ExternalDenoiser) and state["model_kind"] == "module"
+    with torch.no_grad():
+        tv_teacher = total_variation(sample(teacher, process, 20_000, L, 2, seed=1), source)
+        tv_student = total_variation(sample(student_fn(student, 2), process2, 20_000, L, 2, seed=1), source)
+    print(f"TV at 2 steps: teacher {tv_teacher}, student {tv_student}")
+    assert tv_teacher.value > 0.2
+    assert tv_student.value < 0.75 * tv_teacher.value
+
+
+# ---------------------------------------------------------------- bad input, named
+
+def test_wrong_logits_shape_and_mask_outside_the_vocabulary_are_refused():
+    net = TimeFreeNet()
+    bad = as_denoiser(lambda ids: net(ids)[..., :V], num_classes=V + 1)
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 6, 4\); expected \[B, L, V\] = \[2, 6, 5\]"):
+        bad(torch.zeros(2, L, dtype=torch.long), torch.rand(2))
+    with pytest.raises(ValueError, match="mask_id 5 is outside the model's vocabulary of 5"):
+        as_denoiser(net, num_classes=V + 1, mask_id=V + 1)
+    with pytest.raises(ValueError, match="noise_module: the model has no submodule 'nope'"):
+        as_denoiser(net, num_classes=V + 1).install_noise(4, module="nope")
+    with pytest.raises(ValueError, match="uniform diffusion draws every class"):
+        as_denoiser(net, num_classes=V + 1, process="uniform", never=[4])
+    process = DiffusionProcess("masked", V + 2, "linear")
+    with pytest.raises(ValueError, match="the teacher .5 classes, mask 4. and the process .6 classes, mask 5."):
+        Distiller(as_denoiser(net, num_classes=V + 1), process, DistillConfig())
+    with pytest.raises(ValueError, match="noise_into='blocks' is for dmmd's own denoiser"):
+        Distiller(as_denoiser(net, num_classes=V + 1), DiffusionProcess("masked", V + 1, "linear"),
+                  DistillConfig(noise_into="blocks"))
+
+
+def test_bad_transformers_directories_are_refused_by_name(bert_teacher, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no transformers model"):
+        load_masked_lm(str(empty))
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_positions=8, n_layer=1, n_embd=8,
+                                                         n_head=2, bos_token_id=0,
+                                                         eos_token_id=0)).save_pretrained(gpt2)
+    with pytest.raises(ValueError, match="holds a gpt2 model, which is not a masked LM"):
+        load_masked_lm(str(gpt2))
+    with pytest.raises(ValueError, match="mask_id 999 is outside the vocabulary"):
+        load_masked_lm(str(bert_teacher / "model"), mask_id=999)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(bert_teacher / "model", mismatched)
+    from dmmd.training.masked_lm import source_tokenizer
+
+    source_tokenizer(300).save_pretrained(mismatched)  # 302 tokens for a model of 258 classes
+    with pytest.raises(ValueError, match="its tokenizer has 302 tokens but the model outputs 258 classes"):
+        load_masked_lm(str(mismatched))
+    no_mask = tmp_path / "no_mask"
+    shutil.copytree(bert_teacher / "model", no_mask)
+    for name in ("tokenizer.json", "tokenizer_config.json", "dmmd.json"):
+        os.remove(no_mask / name)
+    with pytest.raises(ValueError, match="pass the mask id"):
+        load_masked_lm(str(no_mask))
+    with pytest.raises(ValueError, match="data: give the data to distil"):
+        distill(DistillConfig.from_dict(dict(teacher=str(no_mask), mask_id=256, out=str(tmp_path / "x"))))
+    # on the command line: one line naming it, before any work
+    for args, message in [
+        (["--teacher", str(gpt2)], "not a masked LM"),
+        (["--teacher", str(bert_teacher / "model"), "--mask-id", "999"], "mask_id 999 is outside"),
+        (["--teacher", str(bert_teacher / "model"), "--data", "markov", "--vocab-size", "300"],
+         "data: its 300 token ids do not fit the teacher's 258 classes"),
+        (["--teacher", str(bert_teacher / "model"), "--length", "64"], "length: the teacher takes at most 32"),
+        (["--teacher", str(bert_teacher / "checkpoint"), "--data", "markov"], "data: the dmmd teacher checkpoint"),
+        (["--teacher", str(bert_teacher / "model"), "--noise-module", "nope"], "no submodule 'nope'"),
+    ]:
+        r = _dmmd("distill", *args, "--out", str(tmp_path / "never"), "--no-progress")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "never" / "checkpoint").exists()
+
+
+def test_train_teacher_model_config_is_checked(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    for values, message in [({"hidden_size": 8}, "needs a model_type"),
+                            ({**BERT, "vocab_size": 100}, "vocab_size 100 leaves no room"),
+                            ({**BERT, "max_position_embeddings": 8}, "allows 8 tokens, the data's length is 16"),
+                            ({**BERT, "model_type": "gpt2"}, "not a masked LM configuration")]:
+        cfg_file.write_text(json.dumps(values))
+        r = _dmmd("train-teacher", "--model-config", str(cfg_file), "--data", "text", "--length", "16",
+                  "--out", str(tmp_path / "t"), "--no-progress")
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    r = _dmmd("train-teacher", "--model-config", str(cfg_file), "--process", "uniform", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "masked-diffusion teacher only" in r.stderr
