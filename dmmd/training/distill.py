@@ -552,6 +552,9 @@ def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess,
     generator) -> [batch, L]`` clean token ids); ``cfg.teacher`` is not read. Same outputs as
     :func:`distill`; :func:`load_student` with ``model=`` your module class's instance loads the
     student back."""
+    if not isinstance(model, Denoiser | ExternalDenoiser):
+        raise ValueError(f"model: a {type(model).__name__} is not a denoiser yet; wrap it first: "
+                         f"dmmd.models.as_denoiser(model, num_classes=...)")
     cfg.validate()
     return distill_teacher(DistillTeacher(model, process, source), cfg, resume=resume, progress=progress,
                            stop_at=stop_at)

@@ -176,6 +176,8 @@ def source_tokenizer(vocab_size: int):
                                                 unk_token=PAD_TOKEN)
 
 
+# architectures whose position ids start after the padding id (RoBERTa's convention)
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id")
 
 
@@ -202,6 +204,12 @@ def build_masked_lm(config_file: str, vocab_size: int, length: int) -> tuple[Ext
         raise ValueError(f"model_config {config_file}: vocab_size {values['vocab_size']} leaves no room for the "
                          f"data's {vocab_size} tokens, the mask and padding (at least {need})")
     pad = vocab_size + 1
+    if values["model_type"] in POSITIONS_AFTER_PADDING:
+        values.setdefault("max_position_embeddings", pad + 1 + length)
+        if values["max_position_embeddings"] < pad + 1 + length:
+            raise ValueError(f"model_config {config_file}: {values['model_type']} numbers positions after its padding "
+                             f"id ({pad} here), so max_position_embeddings must be at least {pad + 1 + length} for "
+                             f"length {length}, got {values['max_position_embeddings']}")
     for name in SPECIAL_IDS:
         if name == "pad_token_id" or not 0 <= (values.get(name) or 0) < values["vocab_size"]:
             values[name] = pad
@@ -223,7 +231,7 @@ def build_masked_lm(config_file: str, vocab_size: int, length: int) -> tuple[Ext
 
 def _max_length(config) -> int | None:
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+    if limit is not None and getattr(config, "model_type", "") in POSITIONS_AFTER_PADDING:
         limit -= config.pad_token_id + 1  # RoBERTa's positions start after its padding index
     return limit
 
