@@ -6,6 +6,7 @@ the extension has one, and otherwise the pure-PyTorch reference in
 """
 from dmmd_ops import reference
 from dmmd_ops._ext import EXTENSION_LOADED, has_kernel
+from dmmd_ops.linear import linear_aux_loss, linear_generator_loss
 from dmmd_ops.ops import (
     aux_loss,
     denoise_step,
@@ -24,6 +25,8 @@ __all__ = [
     "generator_loss",
     "grad_gram",
     "has_kernel",
+    "linear_aux_loss",
+    "linear_generator_loss",
     "philox4x32",
     "posterior_sample",
     "reference",
