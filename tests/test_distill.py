@@ -108,9 +108,13 @@ CASES = [("masked", {}), ("masked", {"soft_target": False, "temperature": 0.7, "
          ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0})]
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("kind,kw", CASES)
-def test_one_step_gradients_equal_eq11_and_eq12_in_float64(kind, kw):
-    d, process, cfg, batch = _setup(kind, **kw)
+def test_one_step_gradients_equal_eq11_and_eq12_in_float64(kind, kw, fused):
+    """Both ways to the losses: whole logits, and the fused linear losses on the models' final
+    hidden states and output heads (chunked)."""
+    d, process, cfg, batch = _setup(kind, fused_losses=fused, **kw)
+    assert d.fused == fused
     assert_step_matches_eq11_eq12(d, process, batch, step=4)
 
 
@@ -390,11 +394,24 @@ def test_two_process_ddp_equals_one_process(tiny_teacher, tmp_path):
         assert any(not torch.equal(trained[k], init[k]) for k in init), name
 
 
-def assert_ddp_equals_one_process(teacher: str, tmp_path):
-    """Two distillation steps of ``teacher`` by one process and by 2-process DDP (torchrun,
-    gloo) log the same gradient norms and end with the same weights; returns both run dirs."""
+def test_fused_losses_by_default_from_16384_classes_and_refused_where_they_cannot_work():
+    cfg = DistillConfig.from_dict(dict(batch_size=4))
+    for v, fused in ((300, False), (16384, True)):
+        teacher = Denoiser(DenoiserConfig(num_classes=v, length=4, process="uniform", width=8, depth=1, heads=2))
+        assert Distiller(teacher, DiffusionProcess("uniform", v, "linear"), cfg).fused == fused
+    teacher = Denoiser(DenoiserConfig(num_classes=20, length=4, process="uniform", width=8, depth=1, heads=2))
+    process = DiffusionProcess("uniform", 20, "linear")
+    assert not Distiller(teacher, process, cfg.replace(fused_losses=False)).fused
+    with pytest.raises(ValueError, match="fused_losses: the posterior form"):
+        Distiller(teacher, process, cfg.replace(fused_losses=True, form="posterior"))
+
+
+def assert_ddp_equals_one_process(teacher: str, tmp_path, *extra: str):
+    """Two distillation steps of ``teacher`` (with the ``extra`` flags) by one process and by
+    2-process DDP (torchrun, gloo) log the same gradient norms and end with the same weights;
+    returns both run dirs."""
     args = ["--teacher", teacher, "--student-steps", "2", "--batch-size", "8", "--draw-block", "4", "--steps", "2",
-            "--warmup", "1", "--save-every", "2", "--seed", "2", "--no-progress"]
+            "--warmup", "1", "--save-every", "2", "--seed", "2", "--no-progress", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "dmmd", "distill", "--out", str(one), *args], check=True, env=env,

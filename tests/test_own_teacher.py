@@ -115,9 +115,13 @@ def _bert_distiller(bert_teacher, **kw):
     return d, teacher
 
 
-@pytest.mark.parametrize("kw", [{}, {"soft_target": False, "top_p": 0.8, "temperature": 0.7, "noise_per": "token"}])
+@pytest.mark.parametrize("kw", [{}, {"soft_target": False, "top_p": 0.8, "temperature": 0.7, "noise_per": "token"},
+                                {"fused_losses": True}, {"fused_losses": True, "soft_target": False, "top_p": 0.8}])
 def test_bert_one_step_gradients_equal_eq11_and_eq12(bert_teacher, kw):
+    """Whole logits, or (fused_losses) the fused linear losses on BERT's hidden states and its
+    output embeddings."""
     d, teacher = _bert_distiller(bert_teacher, **kw)
+    assert d.fused == kw.get("fused_losses", False)
     assert d.noise_dim == 32 and d.generator.noise_proj is not None  # masked: noise on by default
     batch = draw_batch(teacher.source, teacher.process, d.cfg, d.noise_dim, 4)
     assert_step_matches_eq11_eq12(d, teacher.process, batch, step=4)
@@ -175,8 +179,9 @@ def test_bert_distill_save_load_sample_round_trip(bert_teacher, tmp_path):
     assert torch.equal(drawn, sample(student_fn(from_dir, 5), process, 6, 16, 2, seed=5))
 
 
-def test_bert_two_process_ddp_equals_one_process(bert_teacher, tmp_path):
-    assert_ddp_equals_one_process(str(bert_teacher / "model"), tmp_path)
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_bert_two_process_ddp_equals_one_process(bert_teacher, tmp_path, fused):
+    assert_ddp_equals_one_process(str(bert_teacher / "model"), tmp_path, "--fused-losses", fused)
 
 
 # ---------------------------------------------------------------- a module of the user's own
@@ -236,6 +241,23 @@ def test_own_module_without_time_input_beats_its_own_teacher(tmp_path):
     assert tv_student.value < 0.75 * tv_teacher.value
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_own_module_one_step_gradients_equal_eq11_and_eq12(fused):
+    torch.manual_seed(1)
+    net = TimeFreeNet(width=16).double()
+    _perturb(net, 0.3, 4)
+    teacher = as_denoiser(net, num_classes=V + 1, head="head")
+    process = DiffusionProcess("masked", V + 1, "linear")
+    cfg = DistillConfig.from_dict(dict(batch_size=6, student_steps=2, draw_block=3, seed=3, fused_losses=fused,
+                                       noise_module="body.layers.0"))
+    d = Distiller(teacher, process, cfg)
+    assert d.fused == fused and len(d.generator.noise_projections()) == 1
+    _perturb(d.generator, 0.2, 1)
+    _perturb(d.aux, 0.2, 2)
+    batch = draw_batch(MarkovSource(V, L, fanout=2), process, d.cfg, d.noise_dim, 4)
+    assert_step_matches_eq11_eq12(d, process, batch, step=4)
+
+
 # ---------------------------------------------------------------- bad input, named
 
 def test_wrong_logits_shape_and_mask_outside_the_vocabulary_are_refused():
@@ -254,6 +276,11 @@ def test_wrong_logits_shape_and_mask_outside_the_vocabulary_are_refused():
         Distiller(as_denoiser(net, num_classes=V + 1), process, DistillConfig())
     with pytest.raises(ValueError, match="model: a TimeFreeNet is not a denoiser yet; wrap it first"):
         distill_model(net, DiffusionProcess("masked", V + 1, "linear"), MarkovSource(V, L), DistillConfig())
+    with pytest.raises(ValueError, match="fused_losses: the teacher exposes no output layer"):
+        Distiller(as_denoiser(net, num_classes=V + 1), DiffusionProcess("masked", V + 1, "linear"),
+                  DistillConfig(fused_losses=True))
+    with pytest.raises(ValueError, match="head: 'body' is not an nn.Linear to the model's 5 classes"):
+        as_denoiser(net, num_classes=V + 1, head="body").output_head()
     with pytest.raises(ValueError, match="noise_into='blocks' is for dmmd's own denoiser"):
         Distiller(as_denoiser(net, num_classes=V + 1), DiffusionProcess("masked", V + 1, "linear"),
                   DistillConfig(noise_into="blocks"))

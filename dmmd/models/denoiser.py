@@ -154,9 +154,12 @@ class Denoiser(nn.Module):
         else:
             self.attn_mask = None
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
+                features: bool = False) -> torch.Tensor:
         """``z_t [B, L]`` int64, ``t [B]`` in [0, 1], optional ``noise [B, L, noise_dim]``
-        -> float32 logits ``[B, L, V]`` (float64 for a float64 model)."""
+        -> float32 logits ``[B, L, V]`` (float64 for a float64 model); with ``features`` the
+        final hidden states ``[B, L, width]`` that :meth:`output_head` maps to the logits
+        (for the fused linear losses)."""
         cfg = self.config
         b, n = z_t.shape
         if n > cfg.length:
@@ -172,12 +175,26 @@ class Denoiser(nn.Module):
                 h = h + self.block_noise[i](noise)
             h = block(h, c, mask)
         shift, scale = self.ada_out(c).unsqueeze(1).chunk(2, dim=-1)
-        logits = self.head(self.norm_out(h) * (1 + scale) + shift)
+        h = self.norm_out(h) * (1 + scale) + shift
+        if features:
+            return h
+        logits = self.head(h)
         if logits.dtype != torch.float64:  # float64 models (test oracles) stay float64
             logits = logits.float()
         if cfg.process == "masked":
             logits = carry_over(logits, z_t, cfg.mask_id)
         return logits
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight [V, width], bias [V])`` with ``logits = features @ weight.T + bias`` where
+        the model has a choice (masked diffusion: a masked position; the mask class's bias is
+        ``-inf``, as its logit)."""
+        bias = self.head.bias
+        if self.config.process == "masked":
+            never = torch.zeros_like(bias, dtype=torch.bool)
+            never[self.config.mask_id] = True
+            bias = bias.masked_fill(never, float("-inf"))
+        return self.head.weight, bias
 
     def positions(self) -> torch.Tensor:
         """``[L, width]`` position embeddings (raster order, channels last for images)."""

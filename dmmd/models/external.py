@@ -41,6 +41,7 @@ class ExternalConfig:
     noise_dim: int = 0
     noise_per: str = "sequence"
     noise_module: str = ""           # submodules (comma-separated) the noise is added to ("": input embeddings)
+    head: str = ""                   # the output layer (an nn.Linear): "" its output embeddings, if it has them
     length: int | None = None        # the most tokens the model takes (None: not known)
     # what dmmd's own denoiser has and a wrapped model does not
     image_shape = None
@@ -215,16 +216,27 @@ class ExternalDenoiser(nn.Module):
 
     # ---------------------------------------------------------------- the call
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """``z_t [B, L]`` int64, ``t [B]`` -> float32 logits ``[B, L, V]``."""
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
+                features: bool = False) -> torch.Tensor:
+        """``z_t [B, L]`` int64, ``t [B]`` -> float32 logits ``[B, L, V]``; with ``features``
+        the hidden states ``[B, L, d]`` its output layer (:meth:`output_head`) takes."""
         cfg = self.config
         if cfg.length is not None and z_t.shape[1] > cfg.length:
             raise ValueError(f"z_t has {z_t.shape[1]} tokens; the model takes at most {cfg.length}")
+        head = self.head_layer() if features else None
+        if features and head is None:
+            raise ValueError("this model exposes no output layer (name it: as_denoiser(..., head=...))")
         self._noise = noise if self.noise_proj is not None else None
+        if head is not None:  # the output layer passes its input through for this call
+            head.forward = _identity
         try:
             out = self.model(z_t, t) if cfg.time_input else self.model(z_t)
         finally:
             self._noise = None
+            if head is not None:
+                del head.forward
+        if features:
+            return _logits_of(out)
         logits = _logits_of(out)
         want = (*z_t.shape, cfg.num_classes)
         if tuple(logits.shape) != want:
@@ -238,8 +250,43 @@ class ExternalDenoiser(nn.Module):
             logits = carry_over(logits, z_t, cfg.mask_id)
         return logits
 
+    def head_layer(self) -> nn.Linear | None:
+        """The model's output layer: ``head`` by name, else its output embeddings (transformers
+        models), if that is an ``nn.Linear`` to the model's classes; else ``None``."""
+        if self.config.head:
+            try:
+                layer = self.model.get_submodule(self.config.head)
+            except AttributeError:
+                raise ValueError(f"head: the model has no submodule {self.config.head!r}") from None
+        else:
+            get = getattr(self.model, "get_output_embeddings", None)
+            layer = get() if callable(get) else None
+        if isinstance(layer, nn.Linear) and layer.out_features == self.config.num_classes:
+            return layer
+        if self.config.head:
+            raise ValueError(f"head: {self.config.head!r} is not an nn.Linear to the model's "
+                             f"{self.config.num_classes} classes")
+        return None
+
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight [V, d], bias [V])`` of the output layer, never-drawn classes and the mask
+        at ``-inf`` in the bias (what the logits are where the model has a choice)."""
+        layer = self.head_layer()
+        if layer is None:
+            raise ValueError("this model exposes no output layer (name it: as_denoiser(..., head=...))")
+        bias = layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+        never = torch.zeros(bias.shape, dtype=torch.bool, device=bias.device)
+        never[self.config.never] = True
+        if self.config.process == "masked":
+            never[self.config.mask_id] = True
+        return layer.weight, bias.masked_fill(never, float("-inf"))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _logits_of(out) -> torch.Tensor:
@@ -256,7 +303,7 @@ def _logits_of(out) -> torch.Tensor:
 
 def as_denoiser(model: nn.Module | Callable, *, num_classes: int, process: str = "masked",
                 mask_id: int | None = None, time_input: bool | None = None, never=(),
-                noise_module: str = "", length: int | None = None) -> ExternalDenoiser:
+                noise_module: str = "", head: str = "", length: int | None = None) -> ExternalDenoiser:
     """Wrap ``model`` for dmmd (see the module docstring).
 
     Args:
@@ -268,10 +315,12 @@ def as_denoiser(model: nn.Module | Callable, *, num_classes: int, process: str =
             positional arguments).
         never: classes that are never drawn besides the mask (padding of the vocabulary).
         noise_module: where a generator's noise enters (default: the input embeddings).
+        head: the output layer (an ``nn.Linear`` to the classes), by dotted name, for the fused
+            linear losses (default: the output embeddings of a transformers model).
         length: the most tokens the model takes, if it has such a limit.
     """
     if time_input is None:
         time_input = takes_time(model)
     return ExternalDenoiser(model, ExternalConfig(num_classes=num_classes, process=process, mask_id=mask_id,
                                                   time_input=time_input, never=list(never),
-                                                  noise_module=noise_module, length=length))
+                                                  noise_module=noise_module, head=head, length=length))

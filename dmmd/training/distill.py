@@ -41,7 +41,7 @@ from dmmd.diffusion.randomness import (
     step_generator,
     student_noise_generator,
 )
-from dmmd.models.denoiser import NOISE_INTO, NOISE_PER, Denoiser, DenoiserConfig
+from dmmd.models.denoiser import NOISE_INTO, NOISE_PER, Denoiser, DenoiserConfig, carry_over
 from dmmd.models.external import ExternalDenoiser
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
@@ -62,6 +62,10 @@ PROCESS_DEFAULTS = {
                 "noise_into": "embedding"},
 }
 LR_SCHEDULES = ("constant", "cosine")
+# From this many classes on, the distiller takes the fused linear losses by default (their
+# chunking saves the [rows, V] logits; below it the whole logits are small and one matmul each
+# is simpler).
+FUSED_MIN_CLASSES = 16384
 
 
 def _per_process(name: str) -> str:
@@ -110,6 +114,11 @@ class DistillConfig(Options):
                                     + _per_process("noise_into"))
     noise_module: str = option("", "a transformers (or your own) teacher: the submodule, by dotted name, whose "
                                    "output the noise projection is added to (default: its input embeddings)")
+    fused_losses: bool | None = option(None, "eq. 11/12 through the fused linear losses (dmmd_ops.linear_*): the "
+                                             "logits made chunk by chunk from the models' final hidden states and "
+                                             "output layers, never [rows, V] at once (default: on when V >= "
+                                             f"{FUSED_MIN_CLASSES} and the models expose their output layer; not with "
+                                             "form='posterior')")
     form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
@@ -314,6 +323,7 @@ class Distiller:
         # What the losses call with gradient: the modules, or their DDP wrappers (the run loop's).
         self.gen_net: torch.nn.Module = self.generator
         self.aux_net: torch.nn.Module = self.aux
+        self.fused = self._fused_losses(cfg, teacher)
         # Rows per Philox stream: a divisor of the batch, so every process holds whole blocks.
         self.draw_block = math.gcd(cfg.draw_block, cfg.run.batch_size)
         k = cfg.student_steps
@@ -330,32 +340,76 @@ class Distiller:
         Draws use Philox ``(seed, offset)`` with one offset per (step, block of ``draw_block``
         global rows), so they do not depend on how the batch is split across processes.
         """
+        return self._generate(batch, step)[:3]
+
+    def _generate(self, batch: DistillBatch, step: int):
+        """:meth:`generate` and the generator's mean output entropy."""
         fn = self.gen_net if torch.is_grad_enabled() else self.generator
         logits = fn(batch.z_t, batch.t.float(), batch.noise)
+        return logits, *self._draw(batch, step, lambda rows: logits[rows].detach())
+
+    def generate_features(self, batch: DistillBatch, step: int):
+        """:meth:`generate` for the fused losses: the generator's final hidden states at ``z_t``
+        instead of its logits (those made block by block for the draws), ``x``, ``z_s`` and the
+        generator's mean output entropy."""
+        fn = self.gen_net if torch.is_grad_enabled() else self.generator
+        h = fn(batch.z_t, batch.t.float(), batch.noise, features=True)
+        return h, *self._draw(batch, step, lambda rows: self._head_logits(self.generator, h[rows].detach(),
+                                                                          batch.z_t[rows]))
+
+    def _draw(self, batch: DistillBatch, step: int, block_logits):
+        """``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)`` block by block (``block_logits(rows)``: the
+        generator's logits of those rows), with the generator's mean output entropy.
+
+        Draws use Philox ``(seed, offset)`` with one offset per (step, block of ``draw_block``
+        global rows), so they do not depend on how the batch is split across processes."""
         a_s = self.process.alpha(batch.s).unsqueeze(-1).expand(batch.z_t.shape)
         a_t = self.process.alpha(batch.t).unsqueeze(-1).expand(batch.z_t.shape)
         blk = self.draw_block
-        x, z_s = [], []
+        x, z_s, entropy = [], [], _Mean()
         with torch.no_grad():
             for lo in range(0, batch.z_t.shape[0], blk):
                 rows = slice(lo, lo + blk)
+                logits = block_logits(rows)
                 x_offset, z_offset = distill_draw_offsets(step, self.cfg.run.batch_size // blk,
                                                           int(batch.rows[lo]) // blk)
-                xb = dmmd_ops.sample_categorical(logits[rows].detach(), seed=self.cfg.run.seed, offset=x_offset)
+                xb = dmmd_ops.sample_categorical(logits, seed=self.cfg.run.seed, offset=x_offset)
                 z_s.append(dmmd_ops.posterior_sample(
                     batch.z_t[rows], xb, a_s[rows], a_t[rows], process=self.process.kind,
                     mask_id=self.process.mask_id, num_classes=self.process.num_classes, seed=self.cfg.run.seed,
                     offset=z_offset))
                 x.append(xb)
-        return logits, torch.cat(x), torch.cat(z_s)
+                entropy.add(self._entropies(logits, batch.z_t[rows]))
+        return torch.cat(x), torch.cat(z_s), entropy.value()
+
+    def _head_logits(self, model, h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """``model``'s logits from its final hidden states ``h`` (what its forward returns)."""
+        weight, bias = model.output_head()
+        logits = h @ weight.T + bias
+        if logits.dtype != torch.float64:  # as the models' forward: float32 logits (float64 oracles stay)
+            logits = logits.float()
+        return carry_over(logits, z_t, self.process.mask_id) if self.process.kind == "masked" else logits
+
+    @staticmethod
+    def _fused_losses(cfg: DistillConfig, teacher) -> bool:
+        """Whether the losses go through the fused linear ops (see ``fused_losses``)."""
+        exposes = isinstance(teacher, Denoiser) or teacher.head_layer() is not None
+        if cfg.fused_losses:
+            if cfg.form == "posterior":
+                raise ValueError("fused_losses: the posterior form (Appendix D) needs whole probability rows")
+            if not exposes:
+                raise ValueError("fused_losses: the teacher exposes no output layer (as_denoiser(..., head=...))")
+            return True
+        if cfg.fused_losses is None:
+            return exposes and cfg.form == "xhat" and teacher.config.num_classes >= FUSED_MIN_CLASSES
+        return False
 
     def _at_z_s(self, batch: DistillBatch, z_s: torch.Tensor):
         """What both losses need at ``z_s``: the teacher's logits, ``w(s)`` per token and the
         positions that carry signal."""
         with torch.no_grad():
             t_logits = self.teacher(z_s, batch.s.float())
-        w = loss_weight(self.process, self.cfg.weight, batch.s).unsqueeze(-1).expand_as(z_s)
-        return t_logits, w, self._rows(z_s)
+        return t_logits, *self._weights(batch, z_s)
 
     def _rows(self, z_s: torch.Tensor) -> torch.Tensor:
         """Positions whose loss can be non-zero: masked ``z_s`` (then ``z_t`` is masked too);
@@ -381,8 +435,10 @@ class Distiller:
 
     def generator_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 11 (or eq. 24), gradient to the generator only. Returns ``(loss, stats)``."""
+        if self.fused:
+            return self._generator_loss_fused(batch, step)
         c = self.cfg
-        logits, x, z_s = self.generate(batch, step)
+        logits, x, z_s, entropy = self._generate(batch, step)
         t_logits, w, keep = self._at_z_s(batch, z_s)
         with torch.no_grad():
             a_logits = self.aux(z_s, batch.s.float())
@@ -396,13 +452,15 @@ class Distiller:
             loss = dmmd_ops.generator_loss(logits[keep], t_logits[keep], a_logits[keep], weight=w[keep],
                                            temperature=c.temperature, top_p=c.top_p, delta=c.delta)
         loss = loss / z_s.numel()
-        return loss, {"gen_loss": float(loss.detach()), "gen_entropy": self._entropy(logits, batch.z_t)}
+        return loss, {"gen_loss": float(loss.detach()), "gen_entropy": entropy}
 
     def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""
+        if self.fused:
+            return self._aux_loss_fused(batch, step)
         c, proc = self.cfg, self.process
         with torch.no_grad():
-            logits, x, z_s = self.generate(batch, step)
+            logits, x, z_s, entropy = self._generate(batch, step)
         t_logits, w, keep = self._at_z_s(batch, z_s)
         a_logits = self.aux_net(z_s, batch.s.float())
         if c.form == "posterior":
@@ -418,20 +476,77 @@ class Distiller:
             loss = dmmd_ops.aux_loss(a_logits[keep], target[keep], t_logits[keep], weight=w[keep],
                                      temperature=c.temperature, top_p=c.top_p, delta=c.delta)
         loss = loss / z_s.numel()
-        return loss, {"aux_loss": float(loss.detach()), "gen_entropy": self._entropy(logits, batch.z_t)}
+        return loss, {"aux_loss": float(loss.detach()), "gen_entropy": entropy}
 
-    def _entropy(self, logits: torch.Tensor, z_t: torch.Tensor) -> float:
-        """The generator's mean output entropy (nats) where it has a choice (masked ``z_t``
+    def _entropies(self, logits: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """The generator's output entropies (nats, float64) where it has a choice (masked ``z_t``
         positions; every position for uniform), paper Table 6."""
+        rows = logits.detach()
+        if self.process.kind == "masked":
+            rows = rows[z_t == self.process.mask_id]
+        logp = torch.log_softmax(rows.float(), -1)
+        return -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1).double()
+
+    # ---------------------------------------------------------------- the fused losses
+
+    def _heads(self, *models) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [m.output_head() for m in models]
+
+    def _generator_loss_fused(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
+        """Eq. 11 through :func:`dmmd_ops.linear_generator_loss` (no ``[rows, V]`` logits)."""
+        c = self.cfg
+        h, x, z_s, entropy = self.generate_features(batch, step)
+        w, keep = self._weights(batch, z_s)
         with torch.no_grad():
-            rows = logits.detach()
-            if self.process.kind == "masked":
-                rows = rows[z_t == self.process.mask_id]
-            if rows.numel() == 0:
-                return float("nan")
-            logp = torch.log_softmax(rows.float(), -1)
-            h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1)
-            return float(h.double().mean())
+            ht = self.teacher(z_s, batch.s.float(), features=True)
+            ha = self.aux(z_s, batch.s.float(), features=True)
+            (wt, bt), (wa, ba) = ((p.detach(), q.detach()) for p, q in self._heads(self.teacher, self.aux))
+        ws, bs = self.generator.output_head()
+        loss = dmmd_ops.linear_generator_loss(h[keep], ws, ht[keep], wt, ha[keep], wa, b_student=bs, b_teacher=bt,
+                                              b_aux=ba, weight=w[keep], temperature=c.temperature, top_p=c.top_p,
+                                              delta=c.delta)
+        loss = loss / z_s.numel()
+        return loss, {"gen_loss": float(loss.detach()), "gen_entropy": entropy}
+
+    def _aux_loss_fused(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
+        """Eq. 12 through :func:`dmmd_ops.linear_aux_loss` (soft targets: only the kept rows'
+        probabilities are made)."""
+        c = self.cfg
+        with torch.no_grad():
+            h, x, z_s, entropy = self.generate_features(batch, step)
+        w, keep = self._weights(batch, z_s)
+        with torch.no_grad():
+            ht = self.teacher(z_s, batch.s.float(), features=True)
+            (wt, bt), = self._heads(self.teacher)
+            if c.soft_target:  # the kept rows' probabilities only
+                target = torch.softmax(self._head_logits(self.generator, h[keep], batch.z_t[keep]), -1)
+            else:
+                target = x[keep]
+        ha = self.aux_net(z_s, batch.s.float(), features=True)
+        wa, ba = self.aux.output_head()
+        loss = dmmd_ops.linear_aux_loss(ha[keep], wa, target, ht[keep], wt, b_aux=ba, b_teacher=bt, weight=w[keep],
+                                        temperature=c.temperature, top_p=c.top_p, delta=c.delta)
+        loss = loss / z_s.numel()
+        return loss, {"aux_loss": float(loss.detach()), "gen_entropy": entropy}
+
+    def _weights(self, batch: DistillBatch, z_s: torch.Tensor):
+        """``w(s)`` per token and the positions that carry signal."""
+        w = loss_weight(self.process, self.cfg.weight, batch.s).unsqueeze(-1).expand_as(z_s)
+        return w, self._rows(z_s)
+
+
+class _Mean:
+    """A running mean of float64 values (``nan`` when empty)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, values: torch.Tensor) -> None:
+        self.total += float(values.sum())
+        self.count += values.numel()
+
+    def value(self) -> float:
+        return self.total / self.count if self.count else float("nan")
 
 
 def student_fn(model: Denoiser | ExternalDenoiser, seed: int):
