@@ -5,7 +5,8 @@ Each group (one op, size, dtype, setting) gets a row per implementation with its
 time and its speed-up over the baseline implementation measured in the same run; with
 ``--wide``, one row per group with the eager, compile and dmmd medians and dmmd's speed-up
 over each (the README's table); with ``--gpu``, that table plus dmmd's achieved bandwidth and
-its share of the card's copy bandwidth (bench/bench_gpu.py records both).
+its share of the card's copy bandwidth (bench/bench_gpu.py records both). Groups that measured
+the fused linear losses also get a table of time and peak memory, fused against unfused.
 """
 from __future__ import annotations
 
@@ -89,6 +90,30 @@ def gpu_table(data: dict) -> str:
     return header + "\n\n" + "\n".join(lines)
 
 
+def fused_table(data: dict) -> str:
+    """The fused linear losses against the unfused path (and Liger's fused cross-entropy where it
+    ran): median time and peak step memory, with the fused op's ratios to the unfused path."""
+    groups: dict[str, dict[str, dict]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench["group"] or bench["name"]][impl_name(bench)] = bench
+    lines = ["| case | unfused (ms) | fused (ms) | time fused / unfused | unfused peak (MiB) | fused peak (MiB) "
+             "| memory fused / unfused | Liger fused CE (ms, MiB) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for group in sorted(groups):
+        t = groups[group]
+        if not {"unfused", "fused"} <= t.keys():
+            continue
+        (tu, tf), (mu, mf) = ([b["stats"]["median"] for b in (t["unfused"], t["fused"])],
+                              [b.get("extra_info", {}).get("peak_step_bytes") for b in (t["unfused"], t["fused"])])
+        mem = (f"{mu / 2**20:.0f} | {mf / 2**20:.0f} | {mf / mu:.1%}" if mu and mf else "n/a | n/a | n/a")
+        liger = t.get("liger_ce")
+        liger_s = "not run"
+        if liger:
+            peak = liger.get("extra_info", {}).get("peak_step_bytes")
+            liger_s = f"{liger['stats']['median'] * 1e3:.0f}, " + (f"{peak / 2**20:.0f}" if peak else "n/a")
+        lines.append(f"| {group} | {fmt_ms(tu)} | {fmt_ms(tf)} | {tf / tu:.2f}x | {mem} | {liger_s} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def table(data: dict, baseline: str = "eager") -> str:
     groups = medians(data)
     lines = ["| case | impl | median (ms) | speed-up vs " + baseline + " |", "|---|---|---:|---:|"]
@@ -131,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for data in runs:
             print(table(data, args.baseline))
+    for data in runs:  # the fused linear losses, wherever they were measured
+        fused = fused_table(data)
+        if fused:
+            print("\n" + fused)
     return 0
 
 

@@ -1,0 +1,98 @@
+"""Fused linear + D-MMD losses against the unfused path (full logits by matmul, then the same
+ops), forward + backward, side by side in one run: time (pytest-benchmark) and peak memory
+(``extra_info``: the peak resident memory a fresh process adds for one step, above what its
+inputs take; measured in a subprocess per path so neither inherits the other's freed pages).
+
+Sizes: rows = 8192, d = 512, V = 50257, fp32 (the issue's CPU shape); DMMD_BENCH_QUICK=1 uses
+rows = 512, d = 64, V = 8192.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dmmd_ops
+from bench.conftest import QUICK, run
+
+ROWS, D, V = (512, 64, 8192) if QUICK else (8192, 512, 50257)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_inputs(rows: int, d: int, v: int, seed: int = 0):
+    """Hidden states and heads of student, teacher and auxiliary model (the student's trainable)."""
+    g = torch.Generator().manual_seed(seed)
+    models = []
+    for _ in range(3):
+        h = torch.randn(rows, d, generator=g)
+        w = torch.randn(v, d, generator=g) / d ** 0.5 * 2
+        b = torch.randn(v, generator=g) * 0.1
+        models.append((h, w, b))
+    (hs, ws, bs) = models[0]
+    for t in (hs, ws, bs):
+        t.requires_grad_(True)
+    return models
+
+
+def unfused_step(models, top_p: float = 0.9):
+    """What a competent PyTorch user writes: full logits, the unfused op, backward."""
+    (hs, ws, bs), (ht, wt, bt), (ha, wa, ba) = models
+    u = torch.addmm(bs, hs, ws.T)
+    with torch.no_grad():
+        a, b = torch.addmm(bt, ht, wt.T), torch.addmm(ba, ha, wa.T)
+    dmmd_ops.generator_loss(u, a, b, top_p=top_p).backward()
+
+
+def fused_step(models, top_p: float = 0.9):
+    (hs, ws, bs), (ht, wt, bt), (ha, wa, ba) = models
+    dmmd_ops.linear_generator_loss(hs, ws, ht, wt, ha, wa, b_student=bs, b_teacher=bt, b_aux=ba,
+                                   top_p=top_p).backward()
+
+
+STEPS = {"unfused": unfused_step, "fused": fused_step}
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_step_bytes(impl: str, rows: int, d: int, v: int) -> int:
+    """In this process: the peak resident memory one step adds above its inputs (VmHWM reset)."""
+    models = make_inputs(rows, d, v)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    base = _status("VmRSS")
+    STEPS[impl](models)
+    return _status("VmHWM") - base
+
+
+def measure_in_subprocess(impl: str) -> int:
+    code = (f"import json, bench.bench_linear_losses as b; "
+            f"print(json.dumps(b.peak_step_bytes({impl!r}, {ROWS}, {D}, {V})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("impl", list(STEPS))
+def test_linear_generator_loss_fwd_bwd(benchmark, impl):
+    benchmark.group = f"linear_generator_loss fwd+bwd rows={ROWS} d={D} V={V} fp32 top_p=0.9"
+    models = make_inputs(ROWS, D, V)
+
+    def step():
+        for t in models[0]:
+            t.grad = None
+        STEPS[impl](models)
+
+    run(benchmark, step, impl)
+    assert all(t.grad is not None for t in models[0])
+    if not os.environ.get("DMMD_BENCH_NO_MEMORY"):
+        benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(impl)
