@@ -1,5 +1,6 @@
-"""Fused linear + D-MMD losses against the unfused path (full logits by matmul, then the same
-ops), forward + backward, side by side in one run: time (pytest-benchmark) and peak memory
+"""Fused linear + D-MMD losses (eq. 11 for the generator, eq. 12 with hard targets for the
+auxiliary model) against the unfused path (full logits by F.linear, then the same ops), forward +
+backward, side by side in one run: time (pytest-benchmark) and peak memory
 (``extra_info``: the peak resident memory a fresh process adds for one step, above what its
 inputs take; measured in a subprocess per path so neither inherits the other's freed pages).
 
@@ -15,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dmmd_ops
 from bench.conftest import QUICK, run
@@ -41,9 +43,9 @@ def make_inputs(rows: int, d: int, v: int, seed: int = 0):
 def unfused_step(models, top_p: float = 0.9):
     """What a competent PyTorch user writes: full logits, the unfused op, backward."""
     (hs, ws, bs), (ht, wt, bt), (ha, wa, ba) = models
-    u = torch.addmm(bs, hs, ws.T)
+    u = F.linear(hs, ws, bs)
     with torch.no_grad():
-        a, b = torch.addmm(bt, ht, wt.T), torch.addmm(ba, ha, wa.T)
+        a, b = F.linear(ht, wt, bt), F.linear(ha, wa, ba)
     dmmd_ops.generator_loss(u, a, b, top_p=top_p).backward()
 
 
@@ -53,7 +55,25 @@ def fused_step(models, top_p: float = 0.9):
                                    top_p=top_p).backward()
 
 
+def unfused_aux_step(models, top_p: float = 0.9):
+    """The auxiliary model's eq. 12 on hard targets, unfused (the auxiliary model is trained)."""
+    (ha, wa, ba), (ht, wt, bt), _ = models
+    with torch.no_grad():
+        a = F.linear(ht, wt, bt)
+    dmmd_ops.aux_loss(F.linear(ha, wa, ba), _targets(ha), a, top_p=top_p).backward()
+
+
+def fused_aux_step(models, top_p: float = 0.9):
+    (ha, wa, ba), (ht, wt, bt), _ = models
+    dmmd_ops.linear_aux_loss(ha, wa, _targets(ha), ht, wt, b_aux=ba, b_teacher=bt, top_p=top_p).backward()
+
+
+def _targets(h: torch.Tensor) -> torch.Tensor:
+    return torch.arange(h.shape[0]) * 7919 % V  # fixed hard targets spread over the classes
+
+
 STEPS = {"unfused": unfused_step, "fused": fused_step}
+AUX_STEPS = {"unfused": unfused_aux_step, "fused": fused_aux_step}
 
 
 def _status(field: str) -> int:
@@ -64,35 +84,39 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def peak_step_bytes(impl: str, rows: int, d: int, v: int) -> int:
+def peak_step_bytes(loss: str, impl: str, rows: int, d: int, v: int) -> int:
     """In this process: the peak resident memory one step adds above its inputs (VmHWM reset)."""
     models = make_inputs(rows, d, v)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
     base = _status("VmRSS")
-    STEPS[impl](models)
+    LOSSES[loss][impl](models)
     return _status("VmHWM") - base
 
 
-def measure_in_subprocess(impl: str) -> int:
+def measure_in_subprocess(loss: str, impl: str) -> int:
     code = (f"import json, bench.bench_linear_losses as b; "
-            f"print(json.dumps(b.peak_step_bytes({impl!r}, {ROWS}, {D}, {V})))")
+            f"print(json.dumps(b.peak_step_bytes({loss!r}, {impl!r}, {ROWS}, {D}, {V})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+LOSSES = {"generator": STEPS, "aux": AUX_STEPS}
+
+
 @pytest.mark.parametrize("impl", list(STEPS))
-def test_linear_generator_loss_fwd_bwd(benchmark, impl):
-    benchmark.group = f"linear_generator_loss fwd+bwd rows={ROWS} d={D} V={V} fp32 top_p=0.9"
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_linear_loss_fwd_bwd(benchmark, loss, impl):
+    benchmark.group = f"linear_{loss}_loss fwd+bwd rows={ROWS} d={D} V={V} fp32 top_p=0.9"
     models = make_inputs(ROWS, D, V)
 
     def step():
         for t in models[0]:
             t.grad = None
-        STEPS[impl](models)
+        LOSSES[loss][impl](models)
 
     run(benchmark, step, impl)
     assert all(t.grad is not None for t in models[0])
     if not os.environ.get("DMMD_BENCH_NO_MEMORY"):
-        benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(impl)
+        benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(loss, impl)

@@ -53,8 +53,7 @@ def _flat(name: str, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: slice) -> torch.Tensor:
-    out = h[rows] @ w.T
-    return out if b is None else out + b
+    return torch.nn.functional.linear(h[rows], w, b)  # what an nn.Linear head computes, bias in the same pass
 
 
 def _chunks(n: int, size: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dmmd_ops
 from dmmd_ops.linear import chunk_rows_for
@@ -29,7 +30,7 @@ def _model(rows, d, v, dtype, gen, *, padded_to=None, lead=None, bias=True, scal
 
 
 def _unfused_gen(s, t, a, **kw):
-    logits = [h @ w.T + (0 if b is None else b) for h, w, b in (s, t, a)]
+    logits = [F.linear(h, w, b) for h, w, b in (s, t, a)]  # an nn.Linear head
     return dmmd_ops.generator_loss(*logits, **kw)
 
 
@@ -99,8 +100,8 @@ def test_linear_aux_loss_equals_unfused(dtype, soft, with_teacher):
     got = dmmd_ops.linear_aux_loss(aux[0], aux[1], target, *t_args, b_aux=aux[2],
                                    b_teacher=teacher[2] if with_teacher else None, chunk_rows=6, **kw)
     ref = _trainable(aux)
-    t_logits = teacher[0] @ teacher[1].T + teacher[2] if with_teacher else None
-    want = dmmd_ops.aux_loss(ref[0] @ ref[1].T + ref[2], target, t_logits, **kw)
+    t_logits = F.linear(*teacher) if with_teacher else None
+    want = dmmd_ops.aux_loss(F.linear(*ref), target, t_logits, **kw)
     _check_close(got, want, dtype)
     got.backward()
     want.backward()
