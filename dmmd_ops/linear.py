@@ -68,9 +68,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     with ``reduction="none"``, which returns the unweighted per-row losses)."""
 
     @staticmethod
-    def forward(ctx, h, w, b, chunk_loss, row_scale, chunk, reduction):
+    def forward(ctx, h, w, b, chunk_loss, row_scale, chunk, reduction, grad_enabled):
         ctx.chunk_loss, ctx.chunk, ctx.reduction = chunk_loss, chunk, reduction
-        needs = ctx.needs_input_grad[:3]
+        needs = tuple(n and grad_enabled for n in ctx.needs_input_grad[:3])  # none under no_grad
         if reduction == "none":  # per-row gradients come with the backward: recompute there
             ctx.save_for_backward(h, w, b)
             return _pass(h, w, b, chunk_loss, chunk, None, (False, False, False))[0]
@@ -86,7 +86,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                              ctx.needs_input_grad[:3])
         else:
             grads = tuple(None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _pass(h, w, b, chunk_loss, chunk, row_scale, needs):
@@ -184,8 +184,9 @@ def linear_generator_loss(h_student: torch.Tensor, w_student: torch.Tensor, h_te
             a, b = _logits(ht, w_teacher, b_teacher, rows), _logits(ha, w_aux, b_aux, rows)
         return generator_loss(u, a, b, temperature=temperature, top_p=top_p, delta=delta, reduction="none")
 
-    return _finish(_FusedLinearLoss.apply(hs, w_student, b_student, chunk_loss, scale, chunk, reduction), weight,
-                   lead, reduction)
+    out = _FusedLinearLoss.apply(hs, w_student, b_student, chunk_loss, scale, chunk, reduction,
+                                 torch.is_grad_enabled())
+    return _finish(out, weight, lead, reduction)
 
 
 def linear_aux_loss(h_aux: torch.Tensor, w_aux: torch.Tensor, target: torch.Tensor,
@@ -225,8 +226,8 @@ def linear_aux_loss(h_aux: torch.Tensor, w_aux: torch.Tensor, target: torch.Tens
         return aux_loss(b, flat_target[rows], a, temperature=temperature, top_p=top_p, delta=delta,
                         reduction="none")
 
-    return _finish(_FusedLinearLoss.apply(ha, w_aux, b_aux, chunk_loss, scale, chunk, reduction), weight, lead,
-                   reduction)
+    out = _FusedLinearLoss.apply(ha, w_aux, b_aux, chunk_loss, scale, chunk, reduction, torch.is_grad_enabled())
+    return _finish(out, weight, lead, reduction)
 
 
 def _chunk(chunk_rows: int | None, chunk_bytes: int, v: int, models: int) -> int:

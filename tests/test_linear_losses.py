@@ -210,3 +210,13 @@ def test_never_more_than_a_chunk_of_logits(monkeypatch, reduction):
                                           reduction=reduction)
     loss.sum().backward()
     assert made and max(made) == 5 and sum(made) == 3 * 23 * (2 if reduction == "none" else 1)
+
+
+def test_under_no_grad_only_the_loss_is_made():
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(9, 8, generator=gen, requires_grad=True)
+    w = torch.randn(30, 8, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        evaluated = dmmd_ops.linear_generator_loss(h, w, h, w * 0.5, h, w * 2, chunk_rows=4)
+    assert not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, dmmd_ops.linear_generator_loss(h, w, h, w * 0.5, h, w * 2).detach())
