@@ -46,7 +46,7 @@ from dmmd.models.external import ExternalDenoiser
 from dmmd.options import Options, nested, option
 from dmmd.training.checkpoint import load_tensors, read_state
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_constant, warmup_cosine
-from dmmd.training.masked_lm import is_masked_lm_dir, load_masked_lm, read_meta, save_masked_lm
+from dmmd.training.masked_lm import is_masked_lm, is_masked_lm_dir, load_masked_lm, read_meta, save_masked_lm
 from dmmd.training.teacher import TeacherConfig, load_teacher, model_state, rebuild_model
 
 WEIGHTS = ("constant", "elbo")
@@ -730,7 +730,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
         return Update(loss, model, stats)
 
     result = loop.run(step, progress=progress, stop_at=stop_at)
-    if teacher.tokenizer is not None or is_masked_lm(d.ema):
+    if is_masked_lm(d.ema):
         if ctx.rank == 0:  # the student as its teacher came: a transformers directory
             result["student"] = os.path.join(run.out, "student")
             save_masked_lm(d.ema, result["student"], tokenizer=teacher.tokenizer,
@@ -738,11 +738,6 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
                                  "source": None if teacher.data is None else teacher.data.to_dict(),
                                  "student_steps": cfg.student_steps, "step": result["step"]})
     return result
-
-
-def is_masked_lm(model) -> bool:
-    """Whether ``model`` wraps a transformers model (saved with ``save_pretrained``)."""
-    return isinstance(model, ExternalDenoiser) and hasattr(model.model, "save_pretrained")
 
 
 def student_state(d: Distiller, cfg: DistillConfig, teacher: DistillTeacher) -> dict:

@@ -52,6 +52,11 @@ def is_masked_lm_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and not os.path.isfile(os.path.join(path, "state.json"))
 
 
+def is_masked_lm(model) -> bool:
+    """Whether ``model`` wraps a transformers model (one ``save_pretrained`` can write)."""
+    return isinstance(model, ExternalDenoiser) and hasattr(model.model, "save_pretrained")
+
+
 def read_meta(path: str) -> dict:
     """The ``dmmd.json`` dmmd saved in a transformers directory (``{}`` when there is none)."""
     file = os.path.join(path, META)

@@ -25,6 +25,7 @@ from dmmd.training.checkpoint import load_tensors, read_state
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
 from dmmd.training.masked_lm import (
     build_masked_lm,
+    is_masked_lm,
     is_masked_lm_dir,
     load_masked_lm,
     masked_lm_state,
@@ -189,7 +190,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
     out = {"step": result["step"], "val_bits": loop.metrics.get("val_bits_per_token", math.nan),
            "tokens_per_s": tokens / max(result["seconds"], 1e-9), "checkpoint": result["checkpoint"],
            "seconds": result["seconds"]}
-    if isinstance(model, ExternalDenoiser) and ctx.rank == 0:  # the EMA teacher as a transformers directory
+    if is_masked_lm(model) and ctx.rank == 0:  # the EMA teacher as a transformers directory
         out["model"] = os.path.join(run.out, "model")
         save_masked_lm(ema, out["model"], tokenizer=source_tokenizer(source.vocab_size),
                        meta={"kind": "teacher", "process": "masked", "schedule": cfg.schedule,
@@ -201,9 +202,9 @@ def model_state(model: Denoiser | ExternalDenoiser) -> dict:
     """What a checkpoint saves to rebuild ``model``'s architecture (:func:`rebuild_model`): a
     ``model_kind`` (``denoiser``, ``masked_lm`` or ``module``: a wrapped model of the user's
     own, whose class only the user has) and the configs."""
+    if is_masked_lm(model):
+        return {"model_kind": "masked_lm", "model": masked_lm_state(model)}
     if isinstance(model, ExternalDenoiser):
-        if hasattr(model.model, "save_pretrained"):
-            return {"model_kind": "masked_lm", "model": masked_lm_state(model)}
         return {"model_kind": "module", "model": model.config.to_dict()}
     return {"model_kind": "denoiser", "model": model.config.to_dict()}
 
