@@ -3,13 +3,15 @@ emulation (tests/csrc/cuda_emulation.h: a block's threads are fibers, warp shuff
 __syncthreads are barriers, a divergent barrier is an error), against the float64 reference and
 the CPU kernels: values, gradients, the radix-selection nucleus, and the draws for the same
 (seed, offset); every emulated call runs under several thread schedules and must give
-bit-identical results under all of them (:class:`AllSchedules`). Most tests use 64-thread
+bit-identical results under all of them (:class:`AllSchedules`), and under every one the race
+detector watches each shared-memory and global-output access (a race fails the call, named). Most tests use 64-thread
 blocks (fast to emulate); a few the 256 threads the GPU build uses. This is how CI checks the
 device code without a GPU; tests/test_cuda.py checks it on one."""
 from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 
 import pytest
@@ -27,18 +29,23 @@ GEN_I_STAR, AUX_I_STAR = 7, 5
 
 
 def _build(threads: int):
-    """Compiles tests/csrc/emulated_ops.cpp for `threads`-thread blocks; returns torch.ops.dmmd_emu<threads>."""
+    """Compiles tests/csrc/emulated_ops.cpp for `threads`-thread blocks; returns torch.ops.dmmd_emu<threads>.
+    The kernels come from csrc/, or from the copy DMMD_EMU_CSRC names (the barrier-mutation
+    study, scripts/barrier_mutations.py, builds one per mutant, beside it)."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("c++") is None:
         pytest.skip("no C++ compiler")
-    build = os.path.join(ROOT, "build", f"cuda-emulation-{threads}")
+    csrc = os.environ.get("DMMD_EMU_CSRC") or os.path.join(ROOT, "csrc")
+    build = os.path.join(os.path.dirname(os.path.abspath(csrc)), "build", f"cuda-emulation-{threads}")
     os.makedirs(build, exist_ok=True)
     name = f"dmmd_emu{threads}"
     load(name=f"dmmd_cuda_emulated{threads}", sources=[os.path.join(ROOT, "tests", "csrc", "emulated_ops.cpp")],
-         extra_include_paths=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"),
-                              os.path.join(ROOT, "tests", "csrc")],
-         extra_cflags=["-O2", "-ffp-contract=off", f"-DDMMD_CUDA_THREADS={threads}", f"-DDMMD_EMU_LIB={name}"],
+         extra_include_paths=[os.path.join(csrc, "include"), csrc, os.path.join(ROOT, "tests", "csrc")],
+         # Hidden symbols: the builds for different block sizes share names (Scratch's
+         # constructor, the kernels' static shared memory) but not layouts, and load side by side.
+         extra_cflags=["-O2", "-ffp-contract=off", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                       f"-DDMMD_CUDA_THREADS={threads}", f"-DDMMD_EMU_LIB={name}"],
          is_python_module=False, build_directory=build)
     assert glob.glob(os.path.join(build, "*.so"))
     return getattr(torch.ops, name)
@@ -63,7 +70,7 @@ class AllSchedules:
 
     def __getattr__(self, name):
         op = getattr(self.ops, name)
-        if name in ("set_schedule", "last_vector_accesses"):
+        if name in ("set_schedule", "last_vector_accesses", "set_race_detection", "set_exchange_buffers"):
             return op
 
         def run(*args):
@@ -95,15 +102,70 @@ def emu256():
 def test_an_order_dependent_kernel_is_caught_across_schedules(emu):
     """A racy kernel (every thread writes one shared slot with no barrier between the writes;
     thread 0 reads it after one) answers whichever thread ran last: thread 63 in index order,
-    0 in reverse. In index order alone it would pass; across schedules it fails, named."""
+    0 in reverse. In index order alone it would pass; across schedules it fails, named (the
+    race detector, off here, would stop it first)."""
     answers = []
-    for s in (0, 1):
-        emu.set_schedule(s)
-        answers.append(int(emu.ops.last_writer()))
-    emu.set_schedule(0)
-    assert answers == [63, 0]
-    with pytest.raises(AssertionError, match="last_writer under schedule 1"):
-        emu.last_writer()
+    old = emu.ops.set_race_detection(False)
+    try:
+        for s in (0, 1):
+            emu.set_schedule(s)
+            answers.append(int(emu.ops.last_writer()))
+        emu.set_schedule(0)
+        assert answers == [63, 0]
+        with pytest.raises(AssertionError, match="last_writer under schedule 1"):
+            emu.last_writer()
+    finally:
+        emu.ops.set_race_detection(old)
+
+
+# hazard_kernel's mutations (tests/csrc/emulated_ops.cpp) and what the race detector says (a read
+# and a write are reported in the order the schedule ran them).
+READ_WRITE = (r"(read by thread \d+ and written|written by thread \d+ and read) by thread \d+"
+              r" with no __syncthreads between")
+HAZARDS = {
+    1: r"cells\[0\] in block 0: written by thread \d+ and by thread \d+ with no __syncthreads between",
+    2: r"cells\[\d+\] in block 0: " + READ_WRITE,
+    3: r"cells\[\d+\] in block 0: " + READ_WRITE,
+    4: r"cells\[\d+\] in block 0: " + READ_WRITE,
+    5: r"global result written by block 0 thread \d+ and by block 0 thread \d+ in one launch",
+}
+
+
+def test_the_race_detector_passes_the_correct_kernel(emu):
+    want = torch.tensor([10 * ((t + 1) % 64) for t in range(64)])
+    assert torch.equal(emu.hazard(0), want)
+
+
+@pytest.mark.parametrize("hazard", sorted(HAZARDS))
+@pytest.mark.parametrize("schedule", (0, 1, 7))
+def test_the_race_detector_names_kernel_variable_and_threads(emu, hazard, schedule):
+    """Write-write, write-read, read-write, a shuffle standing in for __syncthreads (the
+    emulation's shuffle orders the block, a GPU's nothing) and two threads writing one global
+    output: each is an error naming the kernel, the variable and two threads, whatever order the
+    threads run in; hazard 4 gives the right answer in every schedule here, so only the detector
+    can see it."""
+    emu.set_schedule(schedule)
+    try:
+        with pytest.raises(RuntimeError, match="race in hazard_kernel: " + HAZARDS[hazard]) as info:
+            emu.ops.hazard(hazard)
+    finally:
+        emu.set_schedule(0)
+    threads = re.findall(r"thread (\d+)", str(info.value))
+    assert len(threads) == 2 and threads[0] != threads[1]
+
+
+def test_the_race_detector_sees_the_emulation_s_own_shuffle_buffers(emu, gen):
+    """With one exchange buffer instead of two, a shuffle's write can overtake a neighbour's read
+    of the previous shuffle: the detector names the buffer (the real kernels, with two, pass)."""
+    a = torch.randn(3, 100, generator=gen)
+    old = emu.ops.set_exchange_buffers(1)
+    try:
+        with pytest.raises(RuntimeError, match=r"race in teacher_logprobs_kernel<T>: the shuffle exchange buffer"
+                                               r"\[\d+\] in block 0: .* with no barrier between"):
+            emu.ops.teacher_logprobs(a, 1.0, 0.9, 2.0)
+    finally:
+        emu.ops.set_exchange_buffers(old)
+    emu.teacher_logprobs(a, 1.0, 0.9, 2.0)
 
 
 def _make(shape, dtype, gen, layout="contiguous", scale=3.0):

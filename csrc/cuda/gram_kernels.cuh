@@ -26,19 +26,27 @@ __device__ __forceinline__ void pair_of(int64_t p, int64_t n, int64_t* i, int64_
   *j = r + (p - start(r));
 }
 
-// acc[t][t'] += sum_k x_i[t0 + t, k] x_j[s0 + t', k] over one tile, for x of width d.
+// Row stride of a staged kTile x kTile slice in shared memory (one padding column: no bank
+// conflicts when a column is read).
+constexpr int kSliceStride = kTile + 1;
+
+// acc[t][t'] += sum_k x_i[t0 + t, k] x_j[s0 + t', k] over one tile, for x of width d; si and sj
+// are shared arrays of kTile x kSliceStride floats.
+template <typename Sh>
 __device__ __forceinline__ float tile_dot(const float* xi, const float* xj, int64_t t, int64_t d, int64_t t0,
-                                          int64_t s0, float (*si)[kTile + 1], float (*sj)[kTile + 1]) {
+                                          int64_t s0, Sh& si, Sh& sj) {
   const int ty = threadIdx.x / kTile, tx = threadIdx.x % kTile;
   float acc = 0.f;
   for (int64_t k0 = 0; k0 < d; k0 += kTile) {
     // Thread (ty, tx) stages element (row ty, column tx) of both slices.
     const int64_t ri = t0 + ty, rj = s0 + ty, k = k0 + tx;
-    si[ty][tx] = (ri < t && k < d) ? xi[ri * d + k] : 0.f;
-    sj[ty][tx] = (rj < t && k < d) ? xj[rj * d + k] : 0.f;
+    si[ty * kSliceStride + tx] = (ri < t && k < d) ? xi[ri * d + k] : 0.f;
+    sj[ty * kSliceStride + tx] = (rj < t && k < d) ? xj[rj * d + k] : 0.f;
     __syncthreads();
 #pragma unroll
-    for (int q = 0; q < kTile; ++q) acc = fmaf(si[ty][q], sj[tx][q], acc);
+    for (int q = 0; q < kTile; ++q) {
+      acc = fmaf(static_cast<float>(si[ty * kSliceStride + q]), static_cast<float>(sj[tx * kSliceStride + q]), acc);
+    }
     __syncthreads();
   }
   return acc;
@@ -47,7 +55,8 @@ __device__ __forceinline__ float tile_dot(const float* xi, const float* xj, int6
 __global__ void __launch_bounds__(kThreads)
     gram_trick_kernel(const float* __restrict__ a, const float* __restrict__ g, float* __restrict__ out, int64_t n,
                       int64_t t, int64_t d_in, int64_t d_out) {
-  __shared__ float si[kTile][kTile + 1], sj[kTile][kTile + 1];
+  __shared__ DMMD_SHARED_ARRAY(float, si, kTile * kSliceStride);
+  __shared__ DMMD_SHARED_ARRAY(float, sj, kTile * kSliceStride);
   __shared__ Scratch s;
   const int64_t pairs = n * (n + 1) / 2;
   for (int64_t p = blockIdx.x; p < pairs; p += gridDim.x) {
@@ -65,8 +74,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     const double k = block_sum(acc, s);
     if (threadIdx.x == 0) {
-      out[i * n + j] = static_cast<float>(k);
-      out[j * n + i] = static_cast<float>(k);
+      DMMD_STORE(out + i * n + j, static_cast<float>(k));
+      if (j != i) DMMD_STORE(out + j * n + i, static_cast<float>(k));
     }
   }
 }

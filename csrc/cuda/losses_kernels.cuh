@@ -162,16 +162,16 @@ __global__ void __launch_bounds__(kThreads)
       const bool bad = t.bad || nan || bad_max(lu.m) || bad_max(lb.m) || bad_max(ms);
       const double l = -lu.companion / lu.z + (static_cast<double>(ms) - lb.m) + (log_zt - lb.log_z);
       float* st = stats + r * kGenStats;
-      st[kGenMaxU] = lu.m;
-      st[kGenLogZU] = static_cast<float>(lu.log_z);
-      st[kGenMaxT] = ms;
-      st[kGenLogZT] = static_cast<float>(log_zt);
-      st[kGenMaxB] = lb.m;
-      st[kGenLogZB] = static_cast<float>(lb.log_z);
-      st[kGenAStar] = t.nu.a_star;
-      st[kGenIStar] = bad ? -1.f : static_cast<float>(t.nu.i_star);
-      st[kGenLoss] = bad ? nan_f() : static_cast<float>(l);
-      loss[r] = bad ? nan_f() : static_cast<float>(l);
+      DMMD_STORE(st + kGenMaxU, lu.m);
+      DMMD_STORE(st + kGenLogZU, static_cast<float>(lu.log_z));
+      DMMD_STORE(st + kGenMaxT, ms);
+      DMMD_STORE(st + kGenLogZT, static_cast<float>(log_zt));
+      DMMD_STORE(st + kGenMaxB, lb.m);
+      DMMD_STORE(st + kGenLogZB, static_cast<float>(lb.log_z));
+      DMMD_STORE(st + kGenAStar, t.nu.a_star);
+      DMMD_STORE(st + kGenIStar, bad ? -1.f : static_cast<float>(t.nu.i_star));
+      DMMD_STORE(st + kGenLoss, bad ? nan_f() : static_cast<float>(l));
+      DMMD_STORE(loss + r, bad ? nan_f() : static_cast<float>(l));
     }
   }
 }
@@ -310,14 +310,14 @@ __global__ void __launch_bounds__(kThreads)
       double l = -sxb + sx_ * lse_b;
       if (teacher) l += -qb + lse_b;
       float* st = stats + r * kAuxStats;
-      st[kAuxMaxB] = lb.m;
-      st[kAuxLogZB] = static_cast<float>(lb.log_z);
-      st[kAuxMaxT] = teacher ? ms : 0.f;
-      st[kAuxLogZT] = teacher ? static_cast<float>(log_zt) : 0.f;
-      st[kAuxAStar] = t.nu.a_star;
-      st[kAuxIStar] = bad ? -1.f : static_cast<float>(t.nu.i_star);
-      st[kAuxSumX] = static_cast<float>(sx_);
-      loss[r] = bad ? nan_f() : static_cast<float>(l);
+      DMMD_STORE(st + kAuxMaxB, lb.m);
+      DMMD_STORE(st + kAuxLogZB, static_cast<float>(lb.log_z));
+      DMMD_STORE(st + kAuxMaxT, teacher ? ms : 0.f);
+      DMMD_STORE(st + kAuxLogZT, teacher ? static_cast<float>(log_zt) : 0.f);
+      DMMD_STORE(st + kAuxAStar, t.nu.a_star);
+      DMMD_STORE(st + kAuxIStar, bad ? -1.f : static_cast<float>(t.nu.i_star));
+      DMMD_STORE(st + kAuxSumX, static_cast<float>(sx_));
+      DMMD_STORE(loss + r, bad ? nan_f() : static_cast<float>(l));
     }
   }
 }

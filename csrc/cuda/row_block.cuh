@@ -53,11 +53,22 @@ struct Elem<c10::Half> {
   __device__ static uint32_t from_float(float x) { return c10::Half(x).x; }
 };
 
-// A 16-byte vector access must be 16-byte aligned (the host emulation checks it).
+// What the host emulation watches: a 16-byte vector access must be 16-byte aligned; shared
+// memory is declared with DMMD_SHARED_ARRAY / DMMD_SHARED_SCALAR (plain arrays and scalars here,
+// tracked ones there: a location one thread writes and another reads or writes between the same
+// two __syncthreads is an error naming the kernel, the variable and both threads); global
+// output is written with DMMD_STORE (there, two threads writing one address in a launch is an
+// error).
 #if defined(DMMD_CUDA_EMULATION)
 #define DMMD_CHECK_ALIGNED16(p) emu::check_aligned16(p)
+#define DMMD_SHARED_ARRAY(T, name, n) ::emu::SharedArray<T, (n)> name{#name}
+#define DMMD_SHARED_SCALAR(T, name) ::emu::SharedScalar<T> name{#name}
+#define DMMD_STORE(dst, value) ::emu::store((dst), (value), #dst)
 #else
 #define DMMD_CHECK_ALIGNED16(p) ((void)0)
+#define DMMD_SHARED_ARRAY(T, name, n) T name[n]
+#define DMMD_SHARED_SCALAR(T, name) T name
+#define DMMD_STORE(dst, value) (*(dst) = (value))
 #endif
 
 // Elements per 16-byte vector of the row's logits dtype.
@@ -127,9 +138,9 @@ __device__ __forceinline__ void store_f(T* row, int64_t i, int n, const float (&
     uint4* q = reinterpret_cast<uint4*>(row + i);
     DMMD_CHECK_ALIGNED16(q);
 #pragma unroll
-    for (int k = 0; k < kWords / 4; ++k) q[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+    for (int k = 0; k < kWords / 4; ++k) DMMD_STORE(q + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
   } else {
-    for (int k = 0; k < n; ++k) row[i + k] = static_cast<T>(x[k]);
+    for (int k = 0; k < n; ++k) DMMD_STORE(row + i + k, static_cast<T>(x[k]));
   }
 }
 
@@ -140,7 +151,7 @@ __device__ __forceinline__ void store_any(T* row, int64_t i, int n, const float 
   if (n == N && reinterpret_cast<uintptr_t>(row + i) % 16 == 0) {
     store_f<T, N>(row, i, N, x);
   } else {
-    for (int k = 0; k < n; ++k) row[i + k] = static_cast<T>(x[k]);
+    for (int k = 0; k < n; ++k) DMMD_STORE(row + i + k, static_cast<T>(x[k]));
   }
 }
 
@@ -195,12 +206,12 @@ __device__ __forceinline__ void for_each_tile(const RowPlan& p, F&& f) {
 
 // Shared scratch of one block's reductions and scans.
 struct Scratch {
-  double red[kWarps * kRadixBins];
-  double scan[kThreads];
-  int64_t iscan[kThreads];
-  float redf[kWarps];
-  int64_t redi[kWarps];
-  int64_t found;
+  DMMD_SHARED_ARRAY(double, red, kWarps * kRadixBins);
+  DMMD_SHARED_ARRAY(double, scan, kThreads);
+  DMMD_SHARED_ARRAY(int64_t, iscan, kThreads);
+  DMMD_SHARED_ARRAY(float, redf, kWarps);
+  DMMD_SHARED_ARRAY(int64_t, redi, kWarps);
+  DMMD_SHARED_SCALAR(int64_t, found);
 };
 
 struct SumOp {
@@ -219,9 +230,10 @@ __device__ __forceinline__ V warp_reduce(V x, Op op) {
   return x;
 }
 
-// K values reduced over the block in a fixed order; every thread gets the results.
-template <int K, typename V, typename Op>
-__device__ __forceinline__ void block_reduce(V (&x)[K], V* sh, Op op) {
+// K values reduced over the block in a fixed order; every thread gets the results. `sh` is a
+// shared array of at least kWarps * K values.
+template <int K, typename V, typename Op, typename Sh>
+__device__ __forceinline__ void block_reduce(V (&x)[K], Sh& sh, Op op) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -232,7 +244,7 @@ __device__ __forceinline__ void block_reduce(V (&x)[K], V* sh, Op op) {
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     V acc = sh[k];
-    for (int w = 1; w < kWarps; ++w) acc = op(acc, sh[w * K + k]);
+    for (int w = 1; w < kWarps; ++w) acc = op(acc, static_cast<V>(sh[w * K + k]));
     x[k] = acc;
   }
   __syncthreads();
@@ -263,8 +275,8 @@ __device__ __forceinline__ int64_t block_max_i(int64_t x, Scratch& s) {
 // `*total` the sum. The exclusive value of thread t + 1 is bit-identical to the inclusive value
 // of thread t, so the intervals [excl, incl) of the threads tile [0, total) without gaps or
 // overlaps.
-template <typename V>
-__device__ __forceinline__ V block_exclusive_scan(V x, V* sh, V* total, V* incl_out = nullptr) {
+template <typename V, typename Sh>
+__device__ __forceinline__ V block_exclusive_scan(V x, Sh& sh, V* total, V* incl_out = nullptr) {
   const int lane = threadIdx.x % 32;
   V incl = x;
 #pragma unroll
@@ -275,11 +287,11 @@ __device__ __forceinline__ V block_exclusive_scan(V x, V* sh, V* total, V* incl_
   sh[threadIdx.x] = incl;
   __syncthreads();
   V offset = V(0);
-  for (int w = 0; w < static_cast<int>(threadIdx.x / 32); ++w) offset = offset + sh[w * 32 + 31];
+  for (int w = 0; w < static_cast<int>(threadIdx.x / 32); ++w) offset = offset + static_cast<V>(sh[w * 32 + 31]);
   __syncthreads();
   sh[threadIdx.x] = offset + incl;
   __syncthreads();
-  const V excl = threadIdx.x == 0 ? V(0) : sh[threadIdx.x - 1];
+  const V excl = threadIdx.x == 0 ? V(0) : static_cast<V>(sh[threadIdx.x - 1]);
   if (incl_out != nullptr) *incl_out = sh[threadIdx.x];
   *total = sh[kThreads - 1];
   __syncthreads();

@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const double u = element_uniforms(seed, offset, static_cast<uint64_t>(r)).u0;
     const int64_t x = block_draw<T, N>(logits + r * sl, v, inv_t, top_p, -1, u, s);
-    if (threadIdx.x == 0) out[r] = x;
+    if (threadIdx.x == 0) DMMD_STORE(out + r, x);
   }
 }
 
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int64_t x = block_draw<T, N>(logits + r * sl, v, inv_t, top_p, -1, u.u0, s);
       result = x < 0 ? -1 : uniform_posterior_hard(z, x, a_s, a_t, v, u.u1);
     }
-    if (threadIdx.x == 0) out[r] = result;
+    if (threadIdx.x == 0) DMMD_STORE(out + r, result);
   }
 }
 
@@ -95,14 +95,14 @@ __global__ void posterior_hard_kernel(const int64_t* __restrict__ z_t, const int
     const double a_s = alpha_s[r], a_t = alpha_t[r];
     const bool ids_ok = z >= 0 && xh >= 0 && (v < 0 || (z < v && xh < v)) && !(is_masked && xh == mask_id);
     if (!ids_ok || !(a_t >= 0 && a_t <= a_s && a_s <= 1)) {
-      out[r] = -1;
+      DMMD_STORE(out + r, int64_t{-1});
       continue;
     }
     const Uniform2 u = element_uniforms(seed, offset, static_cast<uint64_t>(r));
     if (is_masked) {
-      out[r] = (z == mask_id && u.u0 < unmask_probability(a_s, a_t)) ? xh : z;
+      DMMD_STORE(out + r, (z == mask_id && u.u0 < unmask_probability(a_s, a_t)) ? xh : z);
     } else {
-      out[r] = uniform_posterior_hard(z, xh, a_s, a_t, v, u.u0);
+      DMMD_STORE(out + r, uniform_posterior_hard(z, xh, a_s, a_t, v, u.u0));
     }
   }
 }
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
       });
       result = c >= 0 ? c : z;
     }
-    if (threadIdx.x == 0) out[r] = result;
+    if (threadIdx.x == 0) DMMD_STORE(out + r, result);
   }
 }
 

@@ -107,7 +107,7 @@ int64_t last_vector_accesses() { return emu::last_vector_accesses; }
 // A deliberately racy kernel for the schedule test: every thread writes the same shared slot
 // with no barrier between the writes, so thread 0 reads whichever thread ran last.
 __global__ void racy_last_writer_kernel(int64_t* out) {
-  __shared__ int64_t slot;
+  __shared__ DMMD_SHARED_SCALAR(int64_t, slot);
   slot = threadIdx.x;
   __syncthreads();
   if (threadIdx.x == 0) out[0] = slot;
@@ -118,6 +118,55 @@ at::Tensor last_writer() {
   int64_t* p = out.mutable_data_ptr<int64_t>();
   DMMD_LAUNCH(racy_last_writer_kernel, 1, kThreads, kStream)(p);
   return out;
+}
+
+// Kernels with one hazard each, for the race detector's tests (`hazard` picks one; 0 is the
+// correct kernel they are all mutations of): thread 0 fills a shared array, a barrier, every
+// thread reads its neighbour's element and writes its own result.
+__global__ void hazard_kernel(int64_t* out, int64_t hazard) {
+  __shared__ DMMD_SHARED_ARRAY(int64_t, cells, kThreads);
+  const unsigned t = threadIdx.x;
+  if (hazard == 1) {
+    cells[0] = t;  // 1: every thread writes one cell (write-write)
+  } else {
+    cells[t] = 10 * t;
+  }
+  if (hazard != 2) __syncthreads();  // 2: neighbours read before the writes are ordered (write-read)
+  int64_t mine = cells[(t + 1) % kThreads];
+  if (hazard == 3) cells[t] = mine;  // 3: written while a neighbour may still read it (read-write)
+  __syncthreads();
+  if (hazard == 4) {
+    // 4: a shuffle where a __syncthreads belongs: the emulation's shuffle waits for the whole
+    // block, a GPU's orders no memory, not even within the warp.
+    cells[t] = mine;
+    mine += __shfl_down_sync(kFull, mine, 1);
+    mine += cells[t ^ 1];
+  }
+  int64_t* const result = out + (hazard == 5 ? 0 : t);  // 5: every thread writes out[0] (global)
+  DMMD_STORE(result, mine);
+}
+
+at::Tensor hazard(int64_t which) {
+  at::Tensor out = at::zeros({kThreads}, at::kLong);
+  int64_t* p = out.mutable_data_ptr<int64_t>();
+  DMMD_LAUNCH(hazard_kernel, 1, kThreads, kStream)(p, which);
+  return out;
+}
+
+// Whether the race detector runs (the schedule test turns it off to see the schedules alone).
+bool set_race_detection(bool on) {
+  const bool old = emu::detect_races;
+  emu::detect_races = on;
+  return old;
+}
+
+// How many exchange buffers the emulated shuffles take turns on (1 is a bug of the emulation
+// itself, for the detector's test).
+int64_t set_exchange_buffers(int64_t n) {
+  TORCH_CHECK(n == 1 || n == 2, "exchange buffers: 1 or 2, got ", n);
+  const int64_t old = emu::exchange_buffers;
+  emu::exchange_buffers = static_cast<int>(n);
+  return old;
 }
 
 // The thread order between barriers for the launches that follow (see cuda_emulation.h).
@@ -149,4 +198,7 @@ DMMD_TORCH_LIBRARY(DMMD_EMU_LIB, m) {
   m.def("last_vector_accesses", &dmmd::cuda::last_vector_accesses);
   m.def("set_schedule", &dmmd::cuda::set_schedule);
   m.def("last_writer", &dmmd::cuda::last_writer);
+  m.def("hazard", &dmmd::cuda::hazard);
+  m.def("set_race_detection", &dmmd::cuda::set_race_detection);
+  m.def("set_exchange_buffers", &dmmd::cuda::set_exchange_buffers);
 }
