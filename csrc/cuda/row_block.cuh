@@ -138,7 +138,9 @@ __device__ __forceinline__ void store_f(T* row, int64_t i, int n, const float (&
     uint4* q = reinterpret_cast<uint4*>(row + i);
     DMMD_CHECK_ALIGNED16(q);
 #pragma unroll
-    for (int k = 0; k < kWords / 4; ++k) DMMD_STORE(q + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
+    for (int k = 0; k < kWords / 4; ++k) {
+      DMMD_STORE(q + k, make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]));
+    }
   } else {
     for (int k = 0; k < n; ++k) DMMD_STORE(row + i + k, static_cast<T>(x[k]));
   }
