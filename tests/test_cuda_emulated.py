@@ -297,6 +297,15 @@ def test_bad_rows_are_flagged_alike(emu, backend, gen):
     assert draws[1] == -1 and (draws[[0, 2, 3]] >= 0).all()
     out = ops.teacher_logprobs(a, 1.0, 1.0, 2.0)
     assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    # NaNs filling a whole tile: that thread's online softmax never sees them (its maximum stays
+    # -inf), so only the block's vote (__syncthreads_or) flags the row; found missing by the
+    # barrier-deletion study (scripts/barrier_mutations.py).
+    nu, na, nb = (torch.randn(3, 40, generator=gen) for _ in range(3))
+    nu[0, 4:8] = nb[1, 4:8] = na[2, 4:8] = float("nan")
+    loss, stats = ops.generator_loss_forward(nu, na, nb, 1.0, 1.0, 2.0)
+    assert torch.isnan(loss).all() and (stats[:, GEN_I_STAR] == -1).all()
+    out = ops.teacher_logprobs(na, 1.0, 1.0, 2.0)
+    assert torch.isnan(out[2]).all() and not torch.isnan(out[:2]).any()
     z = torch.tensor([0, 40, 2, 3])
     alphas = torch.tensor([0.5, 0.5, 0.2, 0.5], dtype=torch.float64), torch.full((4,), 0.3, dtype=torch.float64)
     out = ops.denoise_step(u[:3].repeat(2, 1)[:4], z, *alphas, "uniform", -1, 1.0, 1.0, 0, 0)
