@@ -489,9 +489,6 @@ class Distiller:
 
     # ---------------------------------------------------------------- the fused losses
 
-    def _heads(self, *models) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [m.output_head() for m in models]
-
     def _generator_loss_fused(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 11 through :func:`dmmd_ops.linear_generator_loss` (no ``[rows, V]`` logits)."""
         c = self.cfg
@@ -500,7 +497,8 @@ class Distiller:
         with torch.no_grad():
             ht = self.teacher(z_s, batch.s.float(), features=True)
             ha = self.aux(z_s, batch.s.float(), features=True)
-            (wt, bt), (wa, ba) = ((p.detach(), q.detach()) for p, q in self._heads(self.teacher, self.aux))
+            (wt, bt), (wa, ba) = ((w_.detach(), b_.detach()) for w_, b_ in (self.teacher.output_head(),
+                                                                            self.aux.output_head()))
         ws, bs = self.generator.output_head()
         loss = dmmd_ops.linear_generator_loss(h[keep], ws, ht[keep], wt, ha[keep], wa, b_student=bs, b_teacher=bt,
                                               b_aux=ba, weight=w[keep], temperature=c.temperature, top_p=c.top_p,
@@ -517,7 +515,7 @@ class Distiller:
         w, keep = self._weights(batch, z_s)
         with torch.no_grad():
             ht = self.teacher(z_s, batch.s.float(), features=True)
-            (wt, bt), = self._heads(self.teacher)
+            wt, bt = (p.detach() for p in self.teacher.output_head())
             if c.soft_target:  # the kept rows' probabilities only
                 target = torch.softmax(self._head_logits(self.generator, h[keep], batch.z_t[keep]), -1)
             else:
