@@ -89,3 +89,40 @@ def test_ptxas_report_without_a_report_says_how_to_get_one(tmp_path, capsys):
         sys.path.pop(0)
     assert ptxas_report.main([str(tmp_path / "empty.log")]) == 2
     assert "DMMD_PTXAS_VERBOSE=1" in capsys.readouterr().err
+
+
+def _mutations():
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import barrier_mutations
+    finally:
+        sys.path.pop(0)
+    return barrier_mutations
+
+
+def test_barrier_mutations_find_every_barrier_and_change_one(tmp_path):
+    """The study's mutants: one per `__syncthreads();` and per `__syncthreads_or(...)` in the
+    kernels (counted here independently), each copy differing from csrc/ in that one place."""
+    bm = _mutations()
+    mutants = bm.find_mutants()
+    kernels = os.path.join(ROOT, "csrc", "cuda")
+    text = "".join(open(os.path.join(kernels, f)).read() for f in sorted(os.listdir(kernels)) if f.endswith(".cuh"))
+    assert len(mutants) == text.count("__syncthreads();") + text.count("__syncthreads_or(")
+    assert {m.function for m in mutants} >= {"block_reduce", "block_exclusive_scan", "tile_dot", "row_max"}
+    for m in (mutants[0], mutants[-1]):
+        csrc = tmp_path / f"m{m.line}" / "csrc"
+        bm.apply(m, str(csrc))
+        before = open(os.path.join(ROOT, m.file)).read().split("\n")
+        after = open(os.path.join(csrc.parent, m.file)).read().split("\n")
+        changed = [i for i, (x, y) in enumerate(zip(before, after, strict=True)) if x != y]
+        assert changed == [m.line - 1] and m.original not in after[m.line - 1]
+
+
+def test_barrier_mutations_say_what_caught_a_mutant():
+    bm = _mutations()
+    assert bm.classify("FAILED tests/x.py::t - RuntimeError: race in k: s[1]\n")[0] == "race detector"
+    assert bm.classify("FAILED tests/x.py::t - AssertionError: op under schedule 7: ...\n")[0] == "schedules"
+    assert bm.classify("FAILED tests/x.py::t - RuntimeError: k: divergent __syncthreads in block 0\n")[0] == \
+        "divergent barrier"
+    assert bm.classify("FAILED tests/x.py::t - AssertionError: Tensor-likes are not close!\n") == \
+        ("wrong value", "tests/x.py::t - AssertionError: Tensor-likes are not close!")
