@@ -121,8 +121,8 @@ at::Tensor last_writer() {
 }
 
 // Kernels with one hazard each, for the race detector's tests (`hazard` picks one; 0 is the
-// correct kernel they are all mutations of): thread 0 fills a shared array, a barrier, every
-// thread reads its neighbour's element and writes its own result.
+// correct kernel they are all mutations of): every thread fills its cell of a shared array, a
+// barrier, each reads its neighbour's cell, a barrier, each writes its own result.
 __global__ void hazard_kernel(int64_t* out, int64_t hazard) {
   __shared__ DMMD_SHARED_ARRAY(int64_t, cells, kThreads);
   const unsigned t = threadIdx.x;
