@@ -371,6 +371,10 @@ def test_resumed_distillation_is_bit_identical(tiny_teacher, tmp_path):
     assert part["step"] == 3
     rest = distill(_distill_cfg(teacher, tmp_path / "cut"), progress=False)
     assert full["step"] == rest["step"] == 6
+    # training time adds up over the resumes; a run resumed when complete does no work but still says it
+    assert rest["seconds"] < rest["train_seconds"] <= part["train_seconds"] + rest["seconds"] + 0.01
+    again = distill(_distill_cfg(teacher, tmp_path / "cut"), progress=False)
+    assert again["step"] == 6 and again["train_seconds"] == pytest.approx(rest["train_seconds"], abs=0.5)
     for name in ("generator", "aux", "ema", "opt_gen", "opt_aux"):
         a, b = load_tensors(full["checkpoint"], name), load_tensors(rest["checkpoint"], name)
         assert a.keys() == b.keys() and a

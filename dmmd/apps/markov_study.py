@@ -105,9 +105,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log=print) -> list[dic
         for k in cfg.ks:
             students, seconds = [], 0.0
             for seed in cfg.seeds:
-                t0 = time.perf_counter()
                 result = distill(_distill_config(cfg, kind, k, seed), progress=progress)
-                seconds += time.perf_counter() - t0
+                seconds += result["train_seconds"]  # all of the training, resumed or not
                 student, _, _ = load_student(result["checkpoint"], device=cfg.device)
                 students.append(_tv(student_fn(student, seed + 2), process, source, cfg, k, cfg.seed + 1 + seed))
             samplings = [cfg.seed + 1 + seed for seed in cfg.seeds]

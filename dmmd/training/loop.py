@@ -214,6 +214,8 @@ class RunLoop:
         self.checkpoint = os.path.join(cfg.out, "checkpoint")
         self.metrics: dict = {}
         self.start = 0
+        self.seconds_before = 0.0  # training time of the runs this one resumes
+        self._t0 = time.perf_counter()
         self.nets = {n: t.module for n, t in trained.items()}
         self.lock = OutputLock(cfg.out) if ctx.rank == 0 else None
 
@@ -241,6 +243,7 @@ class RunLoop:
             raise
         self.start = int(state["step"])
         self.metrics = dict(state.get("metrics", {}))
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         return state
 
     def wrap_ddp(self) -> dict[str, nn.Module]:
@@ -252,16 +255,21 @@ class RunLoop:
 
     def save(self, done: int) -> None:
         save_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers(),
-                        state={"step": done, "metrics": self.metrics, **self.state_fn(done)})
+                        state={"step": done, "metrics": self.metrics, "train_seconds": self._train_seconds(),
+                               **self.state_fn(done)})
+
+    def _train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self._t0
 
     def run(self, step_fn: StepFn, *, progress: bool = True, stop_at: int | None = None) -> dict:
         """Train from ``self.start`` to ``cfg.steps`` (or until the time limit, or ``stop_at``);
-        returns ``{"step", "checkpoint", "seconds", "metrics"}``."""
+        returns ``{"step", "checkpoint", "seconds", "train_seconds", "metrics"}``: ``seconds`` this
+        call took, ``train_seconds`` the training time of every run up to here, resumed ones too."""
         cfg, rank = self.cfg, self.ctx.rank
         log = open(os.path.join(cfg.out, "log.jsonl"), "a" if self.start else "w") if rank == 0 else None
         bar = tqdm(range(self.start, cfg.steps), initial=self.start, total=cfg.steps, desc=self.name,
                    disable=not progress or rank > 0)
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         done = self.start
         try:
             for step in bar:
@@ -288,7 +296,7 @@ class RunLoop:
             if self.lock is not None:
                 self.lock.release()
         return {"step": done, "checkpoint": self.checkpoint, "seconds": time.perf_counter() - t0,
-                "metrics": dict(self.metrics)}
+                "train_seconds": self._train_seconds(), "metrics": dict(self.metrics)}
 
     def _apply(self, update: Update, step: int) -> dict:
         """Back-propagate ``update.loss`` into its model, clip, set the lr, step, update the EMA."""
