@@ -154,6 +154,22 @@ def test_the_race_detector_names_kernel_variable_and_threads(emu, hazard, schedu
     assert len(threads) == 2 and threads[0] != threads[1]
 
 
+def test_every_shared_declaration_is_watched():
+    """The race detector sees shared memory only through DMMD_SHARED_ARRAY / DMMD_SHARED_SCALAR
+    (or a Scratch, made of them only): a plain __shared__ array in a kernel would escape it."""
+    found = 0
+    for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*"))):
+        for n, line in enumerate(open(path), 1):
+            if "__shared__" in line and not line.lstrip().startswith("//"):
+                found += 1
+                assert re.search(r"__shared__ (DMMD_SHARED_(ARRAY|SCALAR)\(|Scratch \w+;)", line), \
+                    f"{path}:{n}: {line.strip()}"
+    assert found >= 8
+    text = open(os.path.join(ROOT, "csrc", "cuda", "row_block.cuh")).read()
+    members = text.split("struct Scratch {")[1].split("};")[0].strip().splitlines()
+    assert len(members) == 6 and all(m.strip().startswith("DMMD_SHARED_") for m in members), members
+
+
 def test_the_race_detector_sees_the_emulation_s_own_shuffle_buffers(emu, gen):
     """With one exchange buffer instead of two, a shuffle's write can overtake a neighbour's read
     of the previous shuffle: the detector names the buffer (the real kernels, with two, pass)."""
