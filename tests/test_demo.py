@@ -7,7 +7,7 @@ import pytest
 
 from dmmd.apps import demo_digits, demo_words
 from dmmd.apps.cli import main
-from dmmd.apps.demo import DemoConfig, part_configs
+from dmmd.apps.demo import DemoConfig, part_configs, run_demo
 from dmmd.apps.demo_text import TextDemoConfig, markdown_tables, verdicts
 
 
@@ -28,17 +28,20 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
     with open(os.path.join(out, "results.json")) as f:
         result = json.load(f)
     assert result["quick"] and set(result["parts"]) == {"digits", "words"} and set(result["seconds"]) == {
-        "digits", "words"}
+        "digits", "words", "total"}
     v = result["verdicts"]
-    assert [line.split(":")[0] for line in v] == ["digits (uniform), k=2", "digits (uniform), k=4", "words, k=4",
+    assert [line.split(":")[0] for line in v] == ["digits (uniform), k=2", "digits (uniform), k=4",
+                                                 "digits (masked), k=2", "digits (masked), k=4", "words, k=4",
                                                  "words, k=8"]
     assert all("the teacher at" in line for line in v)
-    # digits: FID per sampler, grids side by side, the plot
+    assert "the teacher at 16 steps" in v[1] and "the teacher at 16 steps" in v[3]  # k=4 against 4k
+    # digits, both processes: FID per sampler, grids side by side, the plot
     digits = result["parts"]["digits"]
-    assert set(digits["teacher"]["uniform"]) == {"1", "2", "4", "16"}
-    assert set(digits["student"]["uniform"]) == {"2", "4"}
+    for process in ("uniform", "masked"):
+        assert set(digits["teacher"][process]) == {"1", "2", "4", "16"}
+        assert set(digits["student"][process]) == {"2", "4"}
     grids = os.path.join(out, "digits", "grids")
-    assert all(_png(os.path.join(grids, f"side_by_side_uniform_k{k}.png")) for k in (2, 4))
+    assert all(_png(os.path.join(grids, f"side_by_side_{p}_k{k}.png")) for k in (2, 4) for p in ("uniform", "masked"))
     assert _png(os.path.join(out, "digits", "fid_by_steps.png"))
     # words: exact metrics per sampler; held-out draws of the chain are all possible
     rows = result["parts"]["words"]
@@ -64,8 +67,9 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)
     for part in (again, result):  # (a resumed student's distill_seconds is this run's: 0)
-        for row in part["parts"]["digits"]["student"]["uniform"].values():
-            row.pop("distill_seconds")
+        for process in ("uniform", "masked"):
+            for row in part["parts"]["digits"]["student"][process].values():
+                row.pop("distill_seconds")
     assert again["parts"] == result["parts"] and again["verdicts"] == v
 
 
@@ -168,7 +172,7 @@ def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_r
     assert cfgs["digits"].ks == cfgs["words"].ks == (3,)
     assert cfgs["digits"].out == os.path.join("runs/demo-quick", "digits")
     plain = part_configs(DemoConfig(), quick=False)
-    assert plain["digits"].processes == ("uniform",) and plain["words"].process == "uniform"
+    assert plain["digits"].processes == ("uniform", "masked") and plain["words"].process == "uniform"
     assert not plain["words"].self_loops
     assert plain["words"].out == os.path.join("runs/demo", "words")
     with pytest.raises(ValueError, match="reference_steps applies to --data text"):
@@ -189,6 +193,8 @@ def test_word_and_digit_verdicts():
     v = demo_words.verdicts(rows)
     assert v[0].startswith("words, k=4: student 21.0% ± 1.0 impossible; beats the teacher at 4 steps (90.0% ± 1.0)")
     assert "as good as the teacher at 16 steps" in v[0] and "diversity 0.60 nats/word (data 0.70)." in v[0]
+    assert "; ties with the teacher at 16 steps (20.0% ± 1.0)" in v[0]  # the 4k target
+    assert "; loses to the teacher at 32 steps (10.0% ± 1.0)" in v[1]
     assert "ties with the teacher at 8 steps" in v[1] and "as good as" not in v[1]
     assert v[1].endswith("diversity 0.70 nats/word (data 0.70).")
     collapsed = demo_words.verdicts([*rows[:5], _word_row("D-MMD student", 4, 0.0, entropy=0.5), rows[-1]])
@@ -200,3 +206,26 @@ def test_word_and_digit_verdicts():
     (line,) = demo_digits.verdicts(res, cfg)
     assert line == ("digits (uniform), k=2: student FID 8.00 ± 0.50; beats the teacher at 2 steps (20.00 ± 1.00); "
                     "as good as the teacher at 64 steps.")
+    res["teacher"]["uniform"][8] = {"fid": 6.0, "fid_stderr": 0.5}
+    (line,) = demo_digits.verdicts(res, cfg)
+    assert "; beats the teacher at 2 steps (20.00 ± 1.00); loses to the teacher at 8 steps (6.00 ± 0.50); as good " \
+           "as the teacher at 8 steps." in line
+
+
+def test_a_failing_job_stops_the_demo_with_its_error(tmp_path):
+    # the words job's teacher directory held by another run: that job fails in its worker process,
+    # the digits jobs are stopped, and the error reaches the caller
+    from dmmd.training.loop import OutputInUse, OutputLock
+
+    out = tmp_path / "demo"
+    teacher = out / "words" / "teacher"
+    teacher.mkdir(parents=True)
+    lock = OutputLock(str(teacher))
+    try:
+        with pytest.raises(OutputInUse, match="words/teacher is in use by another run"):
+            run_demo(DemoConfig.from_dict({"data": ("digits", "words"), "out": str(out)}), quick=True,
+                     progress=False, log=lambda *_: None)
+    finally:
+        lock.release()
+    with pytest.raises(ValueError, match="jobs must be >= 0"):
+        part_configs(DemoConfig.from_dict({"jobs": -1}))

@@ -91,7 +91,7 @@ def _perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 
 def _setup(kind, **cfg_kw):
     teacher, process = _tiny_models(kind)
-    cfg = DistillConfig.from_dict(dict(batch_size=6, student_steps=2, draw_block=3, seed=3, **cfg_kw))
+    cfg = DistillConfig.from_dict({"batch_size": 6, "student_steps": 2, "draw_block": 3, "seed": 3, **cfg_kw})
     d = Distiller(teacher, process, cfg)
     _perturb(d.generator, 0.2, 1)  # generator and aux away from the teacher: non-trivial gradients
     _perturb(d.aux, 0.2, 2)
@@ -265,6 +265,19 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     # noise only at the embedding: one projection
     d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4, noise_dim=8, noise_into="embedding")))
     assert d.generator.noise_projections() == [d.generator.noise_proj]
+    # into the adaLN conditioning too: one more projection, of the tokens' mean noise
+    d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4, noise_dim=8, noise_into="conditioning")))
+    gen = d.generator
+    assert gen.noise_projections()[-1] is gen.cond_noise and len(gen.noise_projections()) == 2 + teacher.config.depth
+    torch.testing.assert_close(gen(z, t, torch.zeros(2, 5, 8, dtype=torch.float64)), teacher(z, t))
+    with torch.no_grad():
+        for proj in gen.noise_projections()[:-1]:
+            proj.weight.zero_()  # only the conditioning path left
+    shared = torch.randn(2, 1, 8, dtype=torch.float64).expand(2, 5, 8)
+    assert not torch.allclose(gen(z, t, shared), teacher(z, t))
+    # it reads the tokens' mean: noise with the same mean gives the same output on that path
+    moved = shared + torch.tensor([1.0, -1.0, 0.0, 0.0, 0.0], dtype=torch.float64)[None, :, None]
+    torch.testing.assert_close(gen(z, t, moved), gen(z, t, shared))
 
 
 def test_per_process_defaults_fill_only_unset_options():
@@ -459,3 +472,30 @@ def test_command_line_distill_and_sample_student(tiny_teacher, tmp_path):
     b = sample(student_fn(model, 5), process, 4, 6, 2, seed=5)
     assert torch.equal(a, b)
     assert make_source(tcfg.source).log_prob(a).shape == (4,)
+
+
+@pytest.mark.parametrize("kind", ["masked", "uniform"])
+def test_entropy_is_logged_per_coarse_step_with_the_noise_norm(kind):
+    """``gen_entropy_by_step[j]``: the generator's output entropy where t lies in the student's
+    sampling step j, (j/k, (j+1)/k]; empty steps are None; the overall mean is their mixture."""
+    d, process, cfg, batch = _setup(kind, student_steps=3)
+    _, stats = d.generator_loss(batch, 4)
+    by = stats["gen_entropy_by_step"]
+    assert len(by) == 3 and stats["noise_proj_norm"] >= 0
+    steps = (torch.ceil(batch.t * 3).long() - 1).clamp(0, 2)
+    for j in range(3):
+        assert (by[j] is None) == (not bool((steps == j).any()))
+    # all times in the middle step: only that bucket, equal to the overall mean
+    batch.s, batch.t = torch.full_like(batch.s, 0.4), torch.full_like(batch.t, 0.5)
+    _, stats = d.aux_loss(batch, 5)
+    assert stats["gen_entropy_by_step"][0] is None and stats["gen_entropy_by_step"][2] is None
+    assert stats["gen_entropy_by_step"][1] == pytest.approx(stats["gen_entropy"])
+    # by hand: the mean entropy of the generator's rows where it has a choice
+    with torch.no_grad():
+        logp = torch.log_softmax(d.generator(batch.z_t, batch.t.float(), batch.noise).double(), -1)
+    h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1)
+    chosen = batch.z_t == process.mask_id if kind == "masked" else torch.ones_like(batch.z_t, dtype=torch.bool)
+    assert stats["gen_entropy"] == pytest.approx(float(h[chosen].mean()), rel=1e-6)
+    if kind == "masked":  # the default masked generator has a noise input, started at std 0.1
+        norm = math.sqrt(sum(float(p.weight.square().sum()) for p in d.generator.noise_projections()))
+        assert stats["noise_proj_norm"] == pytest.approx(norm) and norm > 0

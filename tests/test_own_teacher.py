@@ -258,6 +258,54 @@ def test_own_module_one_step_gradients_equal_eq11_and_eq12(fused):
     assert_step_matches_eq11_eq12(d, process, batch, step=4)
 
 
+class FixedLengthNet(nn.Module):
+    """A user's model that takes exactly ``L`` tokens (a whole-sequence MLP: its first layer reads
+    the flattened embeddings, so another length fails inside the model)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(V + 1, width)
+        self.mix = nn.Linear(L * width, L * width)
+        self.pool = nn.Linear(L * width, 16)  # a per-sequence summary: [B, 16], no token axis
+        self.head = nn.Linear(width + 16, V + 1)
+        self.width = width
+
+    def forward(self, ids):
+        b = ids.shape[0]
+        e = self.embed(ids).reshape(b, -1)
+        h = self.mix(e).reshape(b, L, self.width)
+        summary = self.pool(e).unsqueeze(1).expand(b, L, 16)
+        return self.head(torch.cat([h, summary], -1))
+
+
+def test_noise_for_a_fixed_length_model_is_installed_with_its_length():
+    # the probe that finds the projections' widths used 2 tokens: a fixed-length model failed
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"probe call .* 2 tokens\) failed \(a model that takes a fixed number of "
+                                         r"tokens: give it as as_denoiser\(\.\.\., length=L\)\)"):
+        as_denoiser(FixedLengthNet(), num_classes=V + 1).install_noise(4, "token")
+    gen = as_denoiser(FixedLengthNet(), num_classes=V + 1, length=L)
+    gen.install_noise(4, "token", init=0.5, generator=torch.Generator().manual_seed(0))
+    assert gen.noise_projections()[0].weight.shape == (8, 4)
+    z, t = torch.full((3, L), V), torch.rand(3)
+    noise = torch.randn(3, L, 4)
+    assert not torch.equal(gen(z, t, noise), gen(z, t))  # the noise reaches the output
+    # and the distiller builds a generator for it (the probe happens there too)
+    d = Distiller(as_denoiser(FixedLengthNet(), num_classes=V + 1, length=L),
+                  DiffusionProcess("masked", V + 1, "linear"),
+                  DistillConfig.from_dict({"batch_size": 4, "draw_block": 2}))
+    assert len(d.generator.noise_projections()) == 1
+
+
+def test_noise_into_a_module_without_per_token_output_is_refused_by_name():
+    wrapped = as_denoiser(FixedLengthNet(), num_classes=V + 1, length=L)
+    with pytest.raises(ValueError, match=r"noise_module: pool \(Linear\) outputs shape \[1, 16\] for one sequence of 6 "
+                                         r"tokens; the noise is added per token, so it needs \[B, L, width\] = "
+                                         r"\[1, 6, width\]"):
+        wrapped.install_noise(4, "token", module="pool")
+    assert wrapped.noise_proj is None and wrapped.config.noise_dim == 0  # nothing half-installed
+
+
 # ---------------------------------------------------------------- bad input, named
 
 def test_wrong_logits_shape_and_mask_outside_the_vocabulary_are_refused():

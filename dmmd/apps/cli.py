@@ -339,7 +339,8 @@ def _demo_parser(sub) -> None:
     p = _config_parser(sub, "demo", DemoConfig, resumable=False,
                        help="the main job: teachers and D-MMD students on digits and on words, tables and plots",
                        description="D-MMD's effect in numbers and pictures, with no downloads: on scikit-learn's "
-                                   "digits (FID by steps, side-by-side grids) and on a Markov chain over words "
+                                   "digits (uniform and masked diffusion: FID by steps, side-by-side grids) and on "
+                                   "a Markov chain over words "
                                    "(exact metrics), a teacher sampled with few to many steps against few-step "
                                    "D-MMD students, with a verdict per student; --data text runs the embedded "
                                    "English text instead (needs a GPU or a long run). Re-running resumes every "

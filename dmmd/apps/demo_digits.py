@@ -1,15 +1,17 @@
 """The demo's image part: scikit-learn's 8x8 digits as 64 pixel tokens, run through the image
-study (:mod:`dmmd.apps.image_study`) with one process and the demo's smaller sizes: the FID
-classifier, a teacher sampled with 1-64 steps, a D-MMD student per ``k``, FID by steps, a grid
-per sampler, side-by-side grids (data | teacher at k | student at k | teacher at 64 steps) and
-the plot, all under ``out`` and resumed from what is there."""
+study (:mod:`dmmd.apps.image_study`) with both processes (uniform and masked) and the demo's
+smaller sizes: the FID classifier, per process a teacher sampled with 1-64 steps and a D-MMD
+student per ``k``, FID by steps, a grid per sampler, side-by-side grids (data | teacher at k |
+student at k | teacher at 64 steps) and the plot, all under ``out`` and resumed from what is
+there. Each process's stages are one job (:func:`run_process_job`), so the two can run side
+by side once the classifier exists (:func:`prepare`)."""
 from __future__ import annotations
 
-from dmmd.apps.image_study import ImageStudyConfig, markdown_tables, report, run_image_study
+from dmmd.apps.image_study import ImageStudyConfig, Scorer, markdown_tables, report, run_image_study, run_process
 from dmmd.apps.verdicts import against_teacher
 
 # The demo's image settings: ImageStudyConfig fields (the rest keep the study's defaults)
-DEFAULTS = dict(out="runs/demo/digits", processes=("uniform",), parts=("main",), ks=(2, 4),
+DEFAULTS = dict(out="runs/demo/digits", processes=("uniform", "masked"), parts=("main",), ks=(2, 4),
                 teacher_grid=(1, 2, 4, 8, 16, 32, 64), samples=1000, teacher_steps=2500, distill_steps=1200)
 
 
@@ -22,6 +24,17 @@ def run_digits(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> di
     """Run (or resume) the image part; returns the study's results (:func:`report`)."""
     run_image_study(cfg, progress=progress, log=log)
     return report(cfg)
+
+
+def prepare(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> None:
+    """What every process's job reads: the FID classifier (trained once, here)."""
+    cfg.validate()
+    log(f"FID classifier: held-out accuracy {Scorer(cfg, progress=progress).accuracy:.3f}")
+
+
+def run_process_job(cfg: ImageStudyConfig, process: str, *, progress: bool = True, log=print) -> None:
+    """One process's teacher, FIDs and students (after :func:`prepare`)."""
+    run_process(cfg, process, Scorer(cfg, progress=progress), progress=progress, log=log)
 
 
 def _fid(e: tuple[float, float]) -> str:
@@ -47,4 +60,4 @@ def markdown_table(res: dict, cfg: ImageStudyConfig) -> str:
     return head + "\n\n" + markdown_tables(cfg, res)
 
 
-__all__ = ["DEFAULTS", "digits_config", "markdown_table", "run_digits", "verdicts"]
+__all__ = ["DEFAULTS", "digits_config", "markdown_table", "prepare", "run_digits", "run_process_job", "verdicts"]

@@ -127,7 +127,9 @@ class Scorer:
         self.accuracy = result["val_accuracy"]
         self.source = make_source(teacher_config(cfg, "masked").source)
         self.fid = ImageFID(result["model"], self.source)
-        save_grid(self.source.to_images(self.source.split("val")[:GRID]), os.path.join(cfg.out, "grids", "data.png"))
+        data_grid = os.path.join(cfg.out, "grids", "data.png")
+        if not os.path.exists(data_grid):  # written once (processes may run side by side)
+            save_grid(self.source.to_images(self.source.split("val")[:GRID]), data_grid)
 
     def __call__(self, x: torch.Tensor, seed: int) -> dict:
         d = self.fid(x, seed=seed)
@@ -171,22 +173,28 @@ def run_image_study(cfg: ImageStudyConfig, *, progress: bool = True, log=print) 
     scorer = Scorer(cfg, progress=progress)
     log(f"FID classifier: held-out accuracy {scorer.accuracy:.3f}")
     for process in cfg.processes:
-        tcfg = teacher_config(cfg, process)
-        t0 = time.perf_counter()
-        train_teacher(tcfg, progress=progress)
-        teacher, proc, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
-        log(f"{process}: teacher ready ({time.perf_counter() - t0:.0f} s)")
-        if "main" in cfg.parts:
-            for steps in cfg.teacher_grid:
-                row = _cached(os.path.join(tcfg.run.out, f"fid_{steps}_steps.json"),
-                              partial(_score_teacher, cfg, scorer, teacher, proc, process, steps))
-                log(f"{process} teacher, {steps} steps: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
-        for name, k, changes in students(cfg, process):
-            dcfg = distill_config(cfg, process, name, k, changes)
-            row = _cached(os.path.join(dcfg.run.out, "fid.json"),
-                          partial(_score_student, cfg, scorer, dcfg, proc, name, progress))
-            log(f"{name}: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
+        run_process(cfg, process, scorer, progress=progress, log=log)
     return report(cfg)
+
+
+def run_process(cfg: ImageStudyConfig, process: str, scorer: Scorer, *, progress: bool = True, log=print) -> None:
+    """One process's teacher, its FID by steps and its students (each stage resumed); what
+    :func:`run_image_study` runs per process, and what may run beside another process's."""
+    tcfg = teacher_config(cfg, process)
+    t0 = time.perf_counter()
+    train_teacher(tcfg, progress=progress)
+    teacher, proc, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
+    log(f"{process}: teacher ready ({time.perf_counter() - t0:.0f} s)")
+    if "main" in cfg.parts:
+        for steps in cfg.teacher_grid:
+            row = _cached(os.path.join(tcfg.run.out, f"fid_{steps}_steps.json"),
+                          partial(_score_teacher, cfg, scorer, teacher, proc, process, steps))
+            log(f"{process} teacher, {steps} steps: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
+    for name, k, changes in students(cfg, process):
+        dcfg = distill_config(cfg, process, name, k, changes)
+        row = _cached(os.path.join(dcfg.run.out, "fid.json"),
+                      partial(_score_student, cfg, scorer, dcfg, proc, name, progress))
+        log(f"{name}: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
 
 
 def _read(path: str) -> dict | None:

@@ -1,6 +1,7 @@
-"""The demo's verdict sentences: does a k-step student beat its teacher at k steps, and how many
-steps does the teacher need to be as good? One rule for every metric (lower is better):
-differences under two standard errors (of the difference) are ties."""
+"""The demo's verdict sentences: does a k-step student beat its teacher at k steps, does it
+reach the teacher at 4k steps, and how many steps does the teacher need to be as good? One
+rule for every metric (lower is better): differences under two standard errors (of the
+difference) are ties."""
 from __future__ import annotations
 
 import math
@@ -14,14 +15,19 @@ def _worse(a: Estimate, b: Estimate) -> float:
     return diff / se if se > 0 else math.copysign(math.inf, diff) if diff else 0.0
 
 
+def _compare(z: float) -> str:
+    return "beats" if z < -2 else "loses to" if z > 2 else "ties with"
+
+
 def against_teacher(k: int, student: Estimate, teacher: dict[int, Estimate], fmt) -> str:
-    """``"; beats the teacher at k steps (..); as good as the teacher at N steps"`` (the parts
-    that apply), ``teacher`` mapping step counts to estimates and ``fmt`` writing one."""
+    """``"; beats the teacher at k steps (..); ties with the teacher at 4k steps (..); as good as
+    the teacher at N steps"`` (the parts that apply), ``teacher`` mapping step counts to
+    estimates and ``fmt`` writing one. The 4k clause is the few-step distillation target: a
+    student at k steps as good as its teacher at four times as many."""
     line = ""
-    if k in teacher:
-        z = _worse(student, teacher[k])
-        word = "beats" if z < -2 else "loses to" if z > 2 else "ties with"
-        line += f"; {word} the teacher at {k} steps ({fmt(teacher[k])})"
+    for n in (k, 4 * k):
+        if n in teacher:
+            line += f"; {_compare(_worse(student, teacher[n]))} the teacher at {n} steps ({fmt(teacher[n])})"
     level = [n for n, t in sorted(teacher.items()) if _worse(t, student) <= 2]
     if not level:
         line += f"; better than the teacher at every step count up to {max(teacher)}"

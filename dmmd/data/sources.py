@@ -6,7 +6,10 @@ explicit ``torch.Generator``, so a training step's batch depends only on its see
 - :class:`TokenFile`: nanoGPT-style ``.bin`` files of ``uint16`` / ``uint32`` ids (memory-mapped).
 - :class:`MarkovSource`: a random sparse Markov chain whose distribution is known exactly:
   ``log_prob`` of any sequence, and for small ``V ** L`` the full distribution; up to 64
-  tokens render as English words (:meth:`MarkovSource.to_words`).
+  tokens render as English words (:meth:`MarkovSource.to_words`). Optionally its ends are
+  tied (the last token equals the first): a constraint between the two most distant tokens.
+- :class:`ParitySource`: uniform tokens whose sum is 0 modulo ``V``: every token alone is
+  uniform, and only all the others together decide any one of them.
 - :class:`TokenGrids`: small 2-D images as tokens (coloured rectangles and lines on a
   background), flattened row-major.
 """
@@ -95,9 +98,12 @@ WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "
 @dataclass
 class MarkovSource:
     """A stationary-start Markov chain over ``vocab_size`` tokens with ``fanout`` successors per
-    state (Dirichlet(``concentration``) weights): strongly correlated across positions, with
-    exact probabilities. Built deterministically from ``seed``; ``self_loops=False`` draws each
-    state's successors from the other states (no token follows itself: no "a a a a" runs)."""
+    state (Dirichlet(``concentration``) weights: below 1 most of a state's mass goes to one
+    successor): strongly correlated across positions, with exact probabilities. Built
+    deterministically from ``seed``; ``self_loops=False`` draws each state's successors from the
+    other states (no token follows itself: no "a a a a" runs); ``tie_ends=True`` keeps only the
+    sequences whose last token equals the first (the chain conditioned on it), a long-range
+    constraint that no step-by-step left-to-right rule sees until the end."""
 
     vocab_size: int
     length: int
@@ -105,12 +111,17 @@ class MarkovSource:
     concentration: float = 0.5
     seed: int = 0
     self_loops: bool = True
+    tie_ends: bool = False
 
     def __post_init__(self):
         rng = np.random.default_rng(self.seed)
         v = self.vocab_size
         if not self.self_loops and v < 2:
             raise ValueError("a Markov source without self-loops needs vocab_size >= 2")
+        if not self.concentration > 0:
+            raise ValueError(f"concentration must be > 0, got {self.concentration}")
+        if self.fanout < 1:
+            raise ValueError(f"fanout must be >= 1, got {self.fanout}")
         trans = np.zeros((v, v))
         for i in range(v):
             if self.self_loops:
@@ -121,24 +132,44 @@ class MarkovSource:
             trans[i, succ] = rng.dirichlet(np.full(len(succ), self.concentration))
         self.transition = torch.from_numpy(trans)
         self.initial = torch.from_numpy(rng.dirichlet(np.full(v, 1.0)))
+        if self.tie_ends:
+            if self.length < 2:
+                raise ValueError(f"tie_ends needs length >= 2, got {self.length}")
+            # reach[m][a, b] = P(x_{i+m} = b | x_i = a): the chain's m-step transitions
+            reach = [torch.eye(v, dtype=torch.float64)]
+            for _ in range(self.length - 1):
+                reach.append(reach[-1] @ self.transition)
+            self._reach = reach
+            back = torch.diagonal(reach[-1])  # P(x_{L-1} = x_0 | x_0 = a)
+            self._log_z = math.log(float((self.initial * back).sum()))
+            if not math.isfinite(self._log_z):
+                raise ValueError("tie_ends: no sequence of this chain ends where it starts")
+            self._first = self.initial * back / (self.initial * back).sum()
 
     def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
         """``[batch, length]`` exact draws (the split is ignored: the source is infinite)."""
         x = torch.empty(batch, self.length, dtype=torch.long)
-        x[:, 0] = torch.multinomial(self.initial, batch, replacement=True, generator=generator)
+        first = self._first if self.tie_ends else self.initial
+        x[:, 0] = torch.multinomial(first, batch, replacement=True, generator=generator)
         for i in range(1, self.length):
-            x[:, i] = torch.multinomial(self.transition[x[:, i - 1]], 1, generator=generator).squeeze(-1)
+            w = self.transition[x[:, i - 1]]
+            if self.tie_ends:  # times the chance of still ending at the first token from here
+                w = w * self._reach[self.length - 1 - i][:, x[:, 0]].T
+            x[:, i] = torch.multinomial(w, 1, generator=generator).squeeze(-1)
         return x
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Exact ``log p(x)`` (natural log) of sequences ``[..., L]`` -> ``[...]`` float64
         (``-inf`` for impossible sequences, e.g. ones containing a mask id)."""
         x = x.long()
-        ok = (x >= 0) & (x < self.vocab_size)
+        ok = ((x >= 0) & (x < self.vocab_size)).all(-1)
         xc = x.clamp(0, self.vocab_size - 1)
         lp = torch.log(self.initial[xc[..., 0]])
         lp = lp + torch.log(self.transition[xc[..., :-1], xc[..., 1:]]).sum(-1)
-        return torch.where(ok.all(-1), lp, torch.full_like(lp, -math.inf))
+        if self.tie_ends:
+            ok = ok & (xc[..., -1] == xc[..., 0])
+            lp = lp - self._log_z
+        return torch.where(ok, lp, torch.full_like(lp, -math.inf))
 
     def to_words(self, x: torch.Tensor) -> list[str]:
         """Sequences ``[N, L]`` as lines of words (:data:`WORDS`; a token outside the vocabulary,
@@ -150,24 +181,73 @@ class MarkovSource:
 
     def all_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence and its probability, for ``V ** L <= 2e6``: ``([N, L], [N])``."""
-        n = self.vocab_size ** self.length
-        if n > 2_000_000:
-            raise ValueError(f"V^L = {n} is too many sequences to enumerate")
-        seqs = torch.tensor(list(itertools.product(range(self.vocab_size), repeat=self.length)), dtype=torch.long)
-        return seqs, self.log_prob(seqs).exp()
+        return _all_sequences(self)
 
     @property
     def entropy_bits_per_token(self) -> float:
         """Exact entropy rate of the data distribution in bits per token (from the enumeration
         when small, else a Monte Carlo estimate over 20000 sequences)."""
-        try:
-            _, p = self.all_sequences()
-            p = p[p > 0]
-            h = float(-(p * p.log()).sum())
-        except ValueError:
-            x = self.sample(20000, torch.Generator().manual_seed(self.seed + 1))
-            h = float(-self.log_prob(x).mean())
-        return h / self.length / math.log(2)
+        return _entropy_bits_per_token(self)
+
+
+def _all_sequences(source) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence of ``source`` (``vocab_size``, ``length``, ``log_prob``) and its
+    probability, for ``V ** L <= 2e6``."""
+    n = source.vocab_size ** source.length
+    if n > 2_000_000:
+        raise ValueError(f"V^L = {n} is too many sequences to enumerate")
+    seqs = torch.tensor(list(itertools.product(range(source.vocab_size), repeat=source.length)), dtype=torch.long)
+    return seqs, source.log_prob(seqs).exp()
+
+
+def _entropy_bits_per_token(source) -> float:
+    try:
+        _, p = source.all_sequences()
+        p = p[p > 0]
+        h = float(-(p * p.log()).sum())
+    except ValueError:
+        x = source.sample(20000, torch.Generator().manual_seed(source.seed + 1))
+        h = float(-source.log_prob(x).mean())
+    return h / source.length / math.log(2)
+
+
+@dataclass
+class ParitySource:
+    """Sequences of ``length`` tokens in ``[0, vocab_size)`` whose sum is 0 modulo
+    ``vocab_size``, all equally likely: each token alone (and any ``length - 1`` of them) is
+    uniform, yet the last one revealed is fixed by the rest. A factorised sampler that reveals
+    ``m >= 2`` tokens in its last step breaks the constraint with probability ``1 - 1/V``."""
+
+    vocab_size: int
+    length: int
+    seed: int = 0  # no randomness in the source; kept for the sources' common interface
+
+    def __post_init__(self):
+        if self.vocab_size < 2 or self.length < 2:
+            raise ValueError(f"a parity source needs vocab_size >= 2 and length >= 2, got {self.vocab_size} "
+                             f"and {self.length}")
+
+    def sample(self, batch: int, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+        """``[batch, length]`` exact draws (the split is ignored: the source is infinite)."""
+        x = torch.randint(0, self.vocab_size, (batch, self.length), generator=generator)
+        x[:, -1] = (-x[:, :-1].sum(-1)) % self.vocab_size
+        return x
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``log p(x)`` of sequences ``[..., L]`` -> ``[...]`` float64 (``-inf`` off the
+        constraint or outside the vocabulary)."""
+        x = x.long()
+        ok = ((x >= 0) & (x < self.vocab_size)).all(-1) & (x.sum(-1) % self.vocab_size == 0)
+        lp = torch.full(x.shape[:-1], -(self.length - 1) * math.log(self.vocab_size), dtype=torch.float64)
+        return torch.where(ok, lp, torch.full_like(lp, -math.inf))
+
+    def all_sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence and its probability, for ``V ** L <= 2e6``: ``([N, L], [N])``."""
+        return _all_sequences(self)
+
+    @property
+    def entropy_bits_per_token(self) -> float:
+        return (self.length - 1) * math.log2(self.vocab_size) / self.length
 
 
 @dataclass

@@ -7,9 +7,10 @@ adaptive LayerNorm (shift, scale and gate from an embedding of ``t``, DiT-style)
 - Masked diffusion: the mask class is never predicted (its logit is ``-inf``) and an
   unmasked input position outputs its own token (carry-over: one finite logit).
 - ``noise_dim > 0``: a Gaussian noise input ``[B, L, noise_dim]`` projected into the residual
-  stream at the embeddings (and, with ``noise_into="blocks"``, again before every block), for
-  D-MMD generators; the projections start at zero, so a generator initialised from a teacher
-  starts as the teacher.
+  stream at the embeddings (and, with ``noise_into="blocks"``, again before every block; with
+  ``"conditioning"`` also, averaged over the tokens, into the time conditioning that sets every
+  block's adaptive-LayerNorm shift, scale and gate), for D-MMD generators; the projections
+  start at zero, so a generator initialised from a teacher starts as the teacher.
 - ``image_shape``: pixel tokens ``(H, W, C)`` in raster order, channels last, get 2-D
   positions (row, column and channel embeddings summed) instead of one per index.
 - ``block_size``: block-causal attention for block-autoregressive diffusion (paper section
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 NOISE_PER = ("token", "sequence", "pyramid")  # one noise vector per token, per sequence, or a 2-D pyramid
-NOISE_INTO = ("embedding", "blocks")  # the noise's projection at the embedding, or also before every block
+# the noise's projection at the embedding, also before every block, or that and into the adaLN conditioning
+NOISE_INTO = ("embedding", "blocks", "conditioning")
 
 
 @dataclass
@@ -42,7 +44,8 @@ class DenoiserConfig:
     mlp_ratio: int = 4
     noise_dim: int = 0          # > 0: Gaussian noise input (D-MMD generators)
     noise_per: str = "token"    # noise per "token", per "sequence" (shared by its tokens) or a 2-D "pyramid"
-    noise_into: str = "embedding"  # the noise's projection is added to the "embedding" or before every "block"
+    noise_into: str = "embedding"  # the noise enters at the "embedding", before every "block", or also the adaLN
+                                   # "conditioning"
     block_size: int | None = None  # block-causal attention
     image_shape: tuple[int, int, int] | None = None  # (H, W, C): 2-D positions for pixel tokens
 
@@ -138,7 +141,11 @@ class Denoiser(nn.Module):
         self.noise_proj = nn.Linear(cfg.noise_dim, cfg.width, bias=False) if noisy else None
         # "blocks": one more projection of the same noise into the residual before each block
         self.block_noise = (nn.ModuleList(nn.Linear(cfg.noise_dim, cfg.width, bias=False) for _ in range(cfg.depth))
-                            if noisy and cfg.noise_into == "blocks" else None)
+                            if noisy and cfg.noise_into in ("blocks", "conditioning") else None)
+        # "conditioning": the tokens' mean noise (per-sequence noise: the sequence's vector) into the
+        # time conditioning, so it modulates every block multiplicatively (adaLN scale and gate)
+        self.cond_noise = (nn.Linear(cfg.noise_dim, cfg.width, bias=False)
+                           if noisy and cfg.noise_into == "conditioning" else None)
         for proj in self.noise_projections():
             nn.init.zeros_(proj.weight)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -169,6 +176,8 @@ class Denoiser(nn.Module):
         if noise is not None:
             h = h + self.noise_proj(noise)
         c = self.time(timestep_embedding(t.reshape(b), cfg.width).to(h.dtype))
+        if noise is not None and self.cond_noise is not None:
+            c = c + self.cond_noise(noise.mean(1))
         mask = None if self.attn_mask is None else self.attn_mask[:n, :n]
         for i, block in enumerate(self.blocks):
             if noise is not None and self.block_noise is not None:
@@ -208,7 +217,7 @@ class Denoiser(nn.Module):
         """Every linear map of the noise input (empty without one)."""
         if self.noise_proj is None:
             return []
-        return [self.noise_proj, *(self.block_noise or [])]
+        return [self.noise_proj, *(self.block_noise or []), *([self.cond_noise] if self.cond_noise is not None else [])]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -144,32 +144,50 @@ class ExternalDenoiser(nn.Module):
                              "whose output the generator's noise should be added to")
         return [embed]
 
+    def _target_names(self) -> list[str]:
+        names = [n.strip() for n in self.config.noise_module.split(",") if n.strip()]
+        return names or ["the input embeddings"]
+
     @torch.no_grad()
     def _output_widths(self, targets: list[nn.Module]) -> list[int]:
-        """The last dimension of each target's output, from one probe call of the model."""
-        widths: dict[int, int] = {}
+        """The last dimension of each target's output, from one probe call of the model on
+        ``length`` tokens (2 when the model's length is not known); each output must be per
+        token, ``[B, L, width]``, since the noise ``[B, L, noise_dim]`` is projected onto it."""
+        shapes: dict[int, tuple[int, ...]] = {}
 
         def grab(i):
             def hook(module, inputs, output):
                 first = output[0] if isinstance(output, tuple) else output
-                widths[i] = int(first.shape[-1])
+                shapes[i] = tuple(first.shape) if torch.is_tensor(first) else ()
             return hook
 
         handles = [m.register_forward_hook(grab(i)) for i, m in enumerate(targets)]
         ref = next(self.model.parameters(), None)
         device = ref.device if ref is not None else "cpu"
         fill = self.config.mask_id if self.config.mask_id is not None else 0
-        z = torch.full((1, 2 if self.config.length is None else min(2, self.config.length)), fill, device=device)
+        n = 2 if self.config.length is None else self.config.length
+        z = torch.full((1, n), fill, device=device)
         try:
             self.model(z, torch.full((1,), 0.5, device=device)) if self.config.time_input else self.model(z)
+        except Exception as e:  # the probe is ours: say what it was and how to make it fit the model
+            hint = (" (a model that takes a fixed number of tokens: give it as as_denoiser(..., length=L))"
+                    if self.config.length is None else "")
+            raise ValueError(f"noise_module: the probe call that finds the noise projections' widths (one all-mask "
+                             f"sequence of {n} tokens) failed{hint}: {type(e).__name__}: {e}") from e
         finally:
             for h in handles:
                 h.remove()
-        missing = [i for i in range(len(targets)) if i not in widths]
+        names = self._target_names()
+        missing = [i for i in range(len(targets)) if i not in shapes]
         if missing:
-            raise ValueError(f"noise_module: {type(targets[missing[0]]).__name__} is not called in the model's "
-                             f"forward; name a submodule that is")
-        return [widths[i] for i in range(len(targets))]
+            raise ValueError(f"noise_module: {names[missing[0]]} ({type(targets[missing[0]]).__name__}) is not called "
+                             f"in the model's forward; name a submodule that is")
+        for i, shape in shapes.items():
+            if len(shape) != 3 or shape[:2] != (1, n):
+                raise ValueError(f"noise_module: {names[i]} ({type(targets[i]).__name__}) outputs shape "
+                                 f"{list(shape)} for one sequence of {n} tokens; the noise is added per token, so it "
+                                 f"needs [B, L, width] = [1, {n}, width]: name a submodule with per-token outputs")
+        return [shapes[i][-1] for i in range(len(targets))]
 
     def install_noise(self, dim: int, per: str = "sequence", init: float = 0.0,
                       generator: torch.Generator | None = None, module: str | None = None) -> None:
@@ -180,11 +198,16 @@ class ExternalDenoiser(nn.Module):
             raise ValueError("this model already has a noise input")
         if dim < 1:
             raise ValueError(f"noise_dim must be >= 1, got {dim}")
+        before = dict(self.config.to_dict())
         self.config.noise_dim, self.config.noise_per = dim, per
         if module is not None:
             self.config.noise_module = module
-        self.config.__post_init__()
-        self._build_noise()
+        try:
+            self.config.__post_init__()
+            self._build_noise()
+        except Exception:
+            self.config = ExternalConfig(**before)  # as it was: no noise input
+            raise
         if init > 0:
             with torch.no_grad():
                 for proj in self.noise_proj:
@@ -208,6 +231,9 @@ class ExternalDenoiser(nn.Module):
         if self._noise is None:
             return output
         first = output[0] if isinstance(output, tuple) else output
+        if first.dim() != 3 or first.shape[:2] != self._noise.shape[:2]:
+            raise ValueError(f"noise_module: {self._target_names()[i]} output shape {list(first.shape)} for noise "
+                             f"{list(self._noise.shape)}; the noise is added per token and needs [B, L, width]")
         added = first + self.noise_proj[i](self._noise.to(first.dtype))
         return (added, *output[1:]) if isinstance(output, tuple) else added
 

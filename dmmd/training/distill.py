@@ -109,8 +109,9 @@ class DistillConfig(Options):
                                          "by a sequence's tokens; pyramid (images): Gaussian maps at halving "
                                          "resolutions, upsampled, one vector per pixel (default: pyramid for "
                                          "image teachers, else sequence)")
-    noise_into: str | None = option(None, "where the noise's projections enter: the input embedding, or also "
-                                          "the residual stream before every block (blocks)"
+    noise_into: str | None = option(None, "where the noise's projections enter: the input embedding, also "
+                                          "the residual stream before every block (blocks), or that and the time "
+                                          "conditioning of every block's adaptive LayerNorm (conditioning)"
                                     + _per_process("noise_into"))
     noise_module: str = option("", "a transformers (or your own) teacher: the submodule, by dotted name, whose "
                                    "output the noise projection is added to (default: its input embeddings)")
@@ -273,7 +274,7 @@ def build_generator(teacher: Denoiser | ExternalDenoiser, noise_dim: int, noise_
     ref = next(teacher.parameters())
     gen = Denoiser(cfg).to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = gen.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or {m for m in missing if not m.startswith(("noise_proj.", "block_noise."))}:
+    if unexpected or {m for m in missing if not m.startswith(("noise_proj.", "block_noise.", "cond_noise."))}:
         raise RuntimeError(f"teacher and generator do not match: missing {missing}, unexpected {unexpected}")
     if noise_init > 0:
         g = noise_projection_generator(seed)
@@ -343,7 +344,7 @@ class Distiller:
         return self._generate(batch, step)[:3]
 
     def _generate(self, batch: DistillBatch, step: int):
-        """:meth:`generate` and the generator's mean output entropy."""
+        """:meth:`generate` and the generator's output-entropy stats (:meth:`_draw`)."""
         fn = self.gen_net if torch.is_grad_enabled() else self.generator
         logits = fn(batch.z_t, batch.t.float(), batch.noise)
         return logits, *self._draw(batch, step, lambda rows: logits[rows].detach())
@@ -351,7 +352,7 @@ class Distiller:
     def generate_features(self, batch: DistillBatch, step: int):
         """:meth:`generate` for the fused losses: the generator's final hidden states at ``z_t``
         instead of its logits (those made block by block for the draws), ``x``, ``z_s`` and the
-        generator's mean output entropy."""
+        generator's output-entropy stats."""
         fn = self.gen_net if torch.is_grad_enabled() else self.generator
         h = fn(batch.z_t, batch.t.float(), batch.noise, features=True)
         return h, *self._draw(batch, step, lambda rows: self._head_logits(self.generator, h[rows].detach(),
@@ -359,14 +360,17 @@ class Distiller:
 
     def _draw(self, batch: DistillBatch, step: int, block_logits):
         """``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)`` block by block (``block_logits(rows)``: the
-        generator's logits of those rows), with the generator's mean output entropy.
+        generator's logits of those rows), with the generator's output entropy (:meth:`_entropy_stats`).
 
         Draws use Philox ``(seed, offset)`` with one offset per (step, block of ``draw_block``
         global rows), so they do not depend on how the batch is split across processes."""
         a_s = self.process.alpha(batch.s).unsqueeze(-1).expand(batch.z_t.shape)
         a_t = self.process.alpha(batch.t).unsqueeze(-1).expand(batch.z_t.shape)
+        k = self.cfg.student_steps
+        # the student's sampling step that t falls in: j covers t in (j/k, (j+1)/k], j = 0 the last
+        coarse = (torch.ceil(batch.t * k).long() - 1).clamp(0, k - 1)
         blk = self.draw_block
-        x, z_s, entropy = [], [], _Mean()
+        x, z_s, entropy, by_step = [], [], _Mean(), [_Mean() for _ in range(k)]
         with torch.no_grad():
             for lo in range(0, batch.z_t.shape[0], blk):
                 rows = slice(lo, lo + blk)
@@ -379,8 +383,19 @@ class Distiller:
                     mask_id=self.process.mask_id, num_classes=self.process.num_classes, seed=self.cfg.run.seed,
                     offset=z_offset))
                 x.append(xb)
-                entropy.add(self._entropies(logits, batch.z_t[rows]))
-        return torch.cat(x), torch.cat(z_s), entropy.value()
+                h, chosen = self._entropies(logits, batch.z_t[rows])
+                entropy.add(h[chosen])
+                step_of = coarse[rows].to(h.device).unsqueeze(-1).expand_as(h)
+                for j in range(k):
+                    by_step[j].add(h[chosen & (step_of == j)])
+        stats = {"gen_entropy": entropy.value(), "gen_entropy_by_step": [m.value(none=True) for m in by_step],
+                 "noise_proj_norm": self._noise_norm()}
+        return torch.cat(x), torch.cat(z_s), stats
+
+    def _noise_norm(self) -> float:
+        """The Frobenius norm of all the generator's noise projections together (0 without noise)."""
+        with torch.no_grad():
+            return math.sqrt(sum(float(p.weight.float().square().sum()) for p in self.generator.noise_projections()))
 
     def _head_logits(self, model, h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         """``model``'s logits from its final hidden states ``h`` (what its forward returns)."""
@@ -452,7 +467,7 @@ class Distiller:
             loss = dmmd_ops.generator_loss(logits[keep], t_logits[keep], a_logits[keep], weight=w[keep],
                                            temperature=c.temperature, top_p=c.top_p, delta=c.delta)
         loss = loss / z_s.numel()
-        return loss, {"gen_loss": float(loss.detach()), "gen_entropy": entropy}
+        return loss, {"gen_loss": float(loss.detach()), **entropy}
 
     def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""
@@ -476,16 +491,17 @@ class Distiller:
             loss = dmmd_ops.aux_loss(a_logits[keep], target[keep], t_logits[keep], weight=w[keep],
                                      temperature=c.temperature, top_p=c.top_p, delta=c.delta)
         loss = loss / z_s.numel()
-        return loss, {"aux_loss": float(loss.detach()), "gen_entropy": entropy}
+        return loss, {"aux_loss": float(loss.detach()), **entropy}
 
-    def _entropies(self, logits: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
-        """The generator's output entropies (nats, float64) where it has a choice (masked ``z_t``
-        positions; every position for uniform), paper Table 6."""
-        rows = logits.detach()
+    def _entropies(self, logits: torch.Tensor, z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's output entropies (nats, float64) ``[rows, L]`` and where it has a
+        choice (bool ``[rows, L]``: masked ``z_t`` positions; every position for uniform), paper
+        Table 6."""
+        logp = torch.log_softmax(logits.detach().float(), -1)
+        h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1).double()
         if self.process.kind == "masked":
-            rows = rows[z_t == self.process.mask_id]
-        logp = torch.log_softmax(rows.float(), -1)
-        return -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1).double()
+            return h, z_t == self.process.mask_id
+        return h, torch.ones_like(z_t, dtype=torch.bool)
 
     # ---------------------------------------------------------------- the fused losses
 
@@ -504,7 +520,7 @@ class Distiller:
                                               b_aux=ba, weight=w[keep], temperature=c.temperature, top_p=c.top_p,
                                               delta=c.delta)
         loss = loss / z_s.numel()
-        return loss, {"gen_loss": float(loss.detach()), "gen_entropy": entropy}
+        return loss, {"gen_loss": float(loss.detach()), **entropy}
 
     def _aux_loss_fused(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 12 through :func:`dmmd_ops.linear_aux_loss` (soft targets: only the kept rows'
@@ -525,7 +541,7 @@ class Distiller:
         loss = dmmd_ops.linear_aux_loss(ha[keep], wa, target, ht[keep], wt, b_aux=ba, b_teacher=bt, weight=w[keep],
                                         temperature=c.temperature, top_p=c.top_p, delta=c.delta)
         loss = loss / z_s.numel()
-        return loss, {"aux_loss": float(loss.detach()), "gen_entropy": entropy}
+        return loss, {"aux_loss": float(loss.detach()), **entropy}
 
     def _weights(self, batch: DistillBatch, z_s: torch.Tensor):
         """``w(s)`` per token and the positions that carry signal."""
@@ -543,8 +559,11 @@ class _Mean:
         self.total += float(values.sum())
         self.count += values.numel()
 
-    def value(self) -> float:
-        return self.total / self.count if self.count else float("nan")
+    def value(self, none: bool = False) -> float | None:
+        """The mean; when empty ``nan`` (or ``None`` with ``none``, for JSON)."""
+        if not self.count:
+            return None if none else float("nan")
+        return self.total / self.count
 
 
 def student_fn(model: Denoiser | ExternalDenoiser, seed: int):
