@@ -11,8 +11,11 @@
 Each ``train-teacher`` / ``distill`` / ``reference train`` / ``demo`` flag is an option of its
 config (:class:`dmmd.training.teacher.TeacherConfig` and so on), with its help beside the
 field; a JSON config file gives defaults that flags override. A user error (a bad value, a
-missing or damaged file, a busy output directory, a missing optional dependency) is one line,
-``dmmd <command>: error: ...``, exit status 2, before any work; ``--debug`` shows the traceback.
+missing or damaged file, a busy output directory or one holding a run made with other
+settings, a missing optional dependency) is one line, ``dmmd <command>: error: ...``, exit
+status 2, before any work. A run that started and could not go on (an error during its steps,
+too many non-finite steps in a row) is ``dmmd <command>: failed: ...`` naming the step and the
+last good checkpoint (kept), exit status 1. ``--debug`` shows the traceback of either.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from dmmd.training.distill import DistillConfig
+from dmmd.training.loop import RunFailed
 from dmmd.training.reference import CLASSIFIER_DEFAULTS, ReferenceConfig
 from dmmd.training.teacher import TeacherConfig
 
@@ -414,6 +418,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except RunFailed as e:  # a run that started and could not go on: not the user's input
+        if args.debug:
+            raise
+        print(f"dmmd {name}: failed: {' '.join(str(e).split())} (--debug shows the traceback)", file=sys.stderr)
+        return 1
     except _user_errors() as e:
         if args.debug:
             raise

@@ -125,8 +125,8 @@ def settings_key(cfg: Options) -> str:
     """A short hash of everything in ``cfg`` but its output directory (and progress-only
     options): the name of a cached stage."""
     d = cfg.to_dict()
-    d.get("run", {}).pop("out", None)
-    d.get("run", {}).pop("time_limit_min", None)
+    for name in ("out", "time_limit_min", "max_nonfinite"):  # not what the steps compute (save_every is
+        d.get("run", {}).pop(name, None)                     # kept: it sets the curve points)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

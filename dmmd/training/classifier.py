@@ -54,7 +54,7 @@ def train_classifier(cfg, source: ImageSource, *, resume: bool = True, progress:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     trained = {"model": Trained(model, opt, warmup_cosine(cfg.lr, run.warmup, run.steps))}
     loop = RunLoop(run, ctx, trained, name="FID classifier", state=lambda done: {"config": cfg.to_dict()},
-                   postfix=lambda record, metrics: {"loss": f"{record['loss']:.3f}"})
+                   settings=cfg.to_dict(), postfix=lambda record, metrics: {"loss": f"{record['loss']:.3f}"})
     if resume:
         loop.resume()
     net = loop.wrap_ddp()["model"]

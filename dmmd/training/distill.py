@@ -124,6 +124,9 @@ class DistillConfig(Options):
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
     collapse_entropy: float = option(0.02, "warn when the generator's output entropy (nats) falls below this")
+    dropout: bool = option(False, "keep the models' dropout on while training generator and auxiliary model "
+                                  "(train mode); its masks come from the global random state, so a resumed run is "
+                                  "no longer bit-identical and torchrun no longer equals one process")
     run: RunConfig = nested(RunConfig, batch_size=64, steps=2000, warmup=50, save_every=500, out="runs/student")
 
     def validate(self, kind: str | None = None) -> None:
@@ -318,8 +321,10 @@ class Distiller:
         self.noise_dim = cfg.noise_dim
         self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.run.seed, cfg.noise_per,
                                          cfg.noise_into, cfg.noise_module)
-        self.generator.train().requires_grad_(True)
-        self.aux = copy.deepcopy(teacher).train().requires_grad_(True)
+        # Dropout (and any other train-mode randomness) off unless asked for: its masks would come
+        # from the global RNG, outside the (seed, step) streams that make resume and DDP exact.
+        self.generator.train(cfg.dropout).requires_grad_(True)
+        self.aux = copy.deepcopy(teacher).train(cfg.dropout).requires_grad_(True)
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         # What the losses call with gradient: the modules, or their DDP wrappers (the run loop's).
         self.gen_net: torch.nn.Module = self.generator
@@ -683,13 +688,26 @@ def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess,
     :func:`dmmd.models.external.as_denoiser`), its ``process`` and ``source`` (``.sample(batch,
     generator) -> [batch, L]`` clean token ids); ``cfg.teacher`` is not read. Same outputs as
     :func:`distill`; :func:`load_student` with ``model=`` your module class's instance loads the
-    student back."""
+    student back. ``model`` is the teacher itself, not a copy (a large teacher is not held
+    twice): during the run it is in eval mode, frozen and on the run's device; afterwards its
+    train/eval mode, its parameters' ``requires_grad`` and its device are as they were."""
     if not isinstance(model, Denoiser | ExternalDenoiser):
         raise ValueError(f"model: a {type(model).__name__} is not a denoiser yet; wrap it first: "
                          f"dmmd.models.as_denoiser(model, num_classes=...)")
     cfg.validate()
-    return distill_teacher(DistillTeacher(model, process, source), cfg, resume=resume, progress=progress,
-                           stop_at=stop_at)
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    where = next((p.device for p in model.parameters()), None)
+    try:
+        return distill_teacher(DistillTeacher(model, process, source), cfg, resume=resume, progress=progress,
+                               stop_at=stop_at)
+    finally:  # the caller's module as it came
+        if where is not None:
+            model.to(where)
+        for m, training in modes.items():
+            m.training = training
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted)
 
 
 def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool = True, progress: bool = True,
@@ -727,7 +745,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
         return {"gen": f"{record['gen_loss']:.4f}", "H": f"{record['gen_entropy']:.3f}"}
 
     loop = RunLoop(run, ctx, trained, name=f"distill k={cfg.student_steps}", postfix=postfix,
-                   state=lambda done: student_state(d, cfg, teacher))
+                   state=lambda done: student_state(d, cfg, teacher), settings=cfg.to_dict())
     if resume:
         loop.resume()
     nets = loop.wrap_ddp()

@@ -28,7 +28,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmmd.options import Options, option
-from dmmd.training.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from dmmd.training.checkpoint import checkpoint_exists, load_checkpoint, read_state, save_checkpoint
+
+
+class UserError(ValueError):
+    """Bad input from the user (an option, a file, an output directory), found before any work."""
+
+
+class RunFailed(RuntimeError):
+    """A run that started and could not go on: the error, the step, and the last good checkpoint
+    (which is kept)."""
+
+
+# RunConfig options that do not change what a run's steps compute (left out of cache keys and
+# free to differ when a run is resumed)
+NOT_RESULT = ("out", "save_every", "time_limit_min", "max_nonfinite")
+# ... and what else a resumed run may change: raising steps continues a finished run
+RESUME_FREE = (*NOT_RESULT, "steps")
 
 
 @dataclass
@@ -44,10 +60,12 @@ class RunConfig(Options):
     out: str = option("runs/run", "output directory (checkpoint/, log.jsonl)")
     device: str = option("cpu", "cpu or cuda")
     time_limit_min: float = option(0.0, "stop and save after this many minutes (0: no limit)")
+    max_nonfinite: int = option(10, "a step whose loss or gradient is not finite is skipped (weights, optimizer "
+                                    "and EMA untouched); this many in a row stop the run as failed")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option out of its domain."""
-        for name in ("batch_size", "steps", "save_every"):
+        for name in ("batch_size", "steps", "save_every", "max_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "time_limit_min"):
@@ -206,8 +224,9 @@ class RunLoop:
 
     def __init__(self, cfg: RunConfig, ctx: RunContext, trained: dict[str, Trained], *, name: str,
                  state: Callable[[int], dict] | None = None, evaluate: Callable[[int], dict] | None = None,
-                 postfix: Callable[[dict, dict], dict] | None = None):
+                 postfix: Callable[[dict, dict], dict] | None = None, settings: dict | None = None):
         self.cfg, self.ctx, self.trained, self.name = cfg, ctx, trained, name
+        self.settings = settings  # the run's resolved config, checked against a resumed checkpoint's
         self.state_fn = state or (lambda done: {})
         self.evaluate = evaluate or (lambda done: {})
         self.postfix = postfix or (lambda record, metrics: {})
@@ -215,6 +234,7 @@ class RunLoop:
         self.metrics: dict = {}
         self.start = 0
         self.seconds_before = 0.0  # training time of the runs this one resumes
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self._t0 = time.perf_counter()
         self.nets = {n: t.module for n, t in trained.items()}
         self.lock = OutputLock(cfg.out) if ctx.rank == 0 else None
@@ -232,10 +252,18 @@ class RunLoop:
 
     def resume(self) -> dict:
         """Load the checkpoint, if there is one, into every model and optimizer; returns its
-        JSON state (``{}`` when starting afresh)."""
+        JSON state (``{}`` when starting afresh). A checkpoint made with other settings (those
+        of :data:`RESUME_FREE` aside) is refused, naming the first that differs, before loading."""
         try:
             if not checkpoint_exists(self.checkpoint, repair=self.ctx.rank == 0):
                 return {}
+            saved = read_state(self.checkpoint).get("config")
+            if self.settings is not None and isinstance(saved, dict):
+                diff = first_difference(saved, self.settings, free=RESUME_FREE)
+                if diff is not None:
+                    key, old, new = diff
+                    raise UserError(f"{self.cfg.out} holds a run made with other settings: {key} was {old!r} there, "
+                                    f"{new!r} now; resume it with its settings or choose another output directory")
             state = load_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers())
         except BaseException:
             if self.lock is not None:
@@ -254,6 +282,11 @@ class RunLoop:
         return self.nets
 
     def save(self, done: int) -> None:
+        """Write the checkpoint of step ``done`` (atomically); never one holding a non-finite weight."""
+        for name, model in self._models().items():
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise RunFailed(f"{self.name}: {name} has non-finite weights at step {done}; not saved (the last "
+                                f"good checkpoint is kept in {self.checkpoint})")
         save_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers(),
                         state={"step": done, "metrics": self.metrics, "train_seconds": self._train_seconds(),
                                **self.state_fn(done)})
@@ -271,22 +304,36 @@ class RunLoop:
                    disable=not progress or rank > 0)
         t0 = self._t0 = time.perf_counter()
         done = self.start
+        saved = self.start  # the step of the last checkpoint written (or resumed from)
+        in_a_row = 0
         try:
             for step in bar:
-                update = step_fn(step)
-                record = {"step": step + 1, **update.stats, **self._apply(update, step)}
+                try:
+                    update = step_fn(step)
+                    applied = self._apply(update, step)
+                except Exception as e:
+                    raise RunFailed(f"{self.name} failed at step {step + 1}: {type(e).__name__}: {e} (the last good "
+                                    f"checkpoint, step {saved}, is kept in {self.checkpoint})") from e
+                record = {"step": step + 1, **update.stats, **applied}
+                in_a_row = in_a_row + 1 if applied.get("skipped") else 0
+                if in_a_row >= cfg.max_nonfinite:
+                    raise RunFailed(f"{self.name} failed at step {step + 1}: {in_a_row} steps in a row of the "
+                                    f"{update.model} had a non-finite loss or gradient (the last good checkpoint, "
+                                    f"step {saved}, is kept in {self.checkpoint})")
                 done = step + 1
                 evaluated = self.evaluate(done)
                 self.metrics.update(evaluated)
                 record.update(evaluated)
-                stop = (cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min) or \
-                    (stop_at is not None and done >= stop_at)
+                stop = self._agreed(cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min) \
+                    or (stop_at is not None and done >= stop_at)
                 if rank == 0:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(self.postfix(record, self.metrics))
-                    if done % cfg.save_every == 0 or done == cfg.steps or stop:
+                    # (no periodic save during a streak of skipped steps: the last good one stays the last)
+                    if (done % cfg.save_every == 0 and not in_a_row) or done == cfg.steps or stop:
                         self.save(done)
+                        saved = done
                 if stop:
                     break
         finally:
@@ -296,14 +343,36 @@ class RunLoop:
             if self.lock is not None:
                 self.lock.release()
         return {"step": done, "checkpoint": self.checkpoint, "seconds": time.perf_counter() - t0,
-                "train_seconds": self._train_seconds(), "metrics": dict(self.metrics)}
+                "train_seconds": self._train_seconds(), "metrics": dict(self.metrics),
+                "skipped_steps": self.skipped}
+
+    def _agreed(self, flag: bool) -> bool:
+        """``flag`` if any rank raises it (one all-reduce under DDP), so every rank stops at the
+        same step instead of leaving the others waiting in a collective."""
+        if self.ctx.world == 1 or self.cfg.time_limit_min <= 0:
+            return flag
+        t = torch.tensor([float(flag)], device=self.ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _apply(self, update: Update, step: int) -> dict:
-        """Back-propagate ``update.loss`` into its model, clip, set the lr, step, update the EMA."""
+        """Back-propagate ``update.loss`` into its model, clip, set the lr, step, update the EMA;
+        or, when the loss or the gradient is not finite on any rank, skip the step (weights,
+        optimizer and EMA untouched) and say so (``skipped``)."""
         t = self.trained[update.model]
         t.optimizer.zero_grad(set_to_none=True)
         update.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(t.module.parameters(), self.cfg.grad_clip)
+        finite = torch.isfinite(update.loss.detach()).all() & torch.isfinite(gnorm)
+        if self.ctx.world > 1:  # the gradients are averaged, the losses are not: agree on the loss too
+            flag = finite.float().reshape(1).to(self.ctx.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag[0] > 0
+        prefix = f"{t.label}_" if t.label else ""
+        if not bool(finite):
+            t.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return {f"{prefix}grad_norm": float(gnorm), "skipped": 1, "skipped_steps": self.skipped}
         lr = t.lr(step)
         for g in t.optimizer.param_groups:
             g["lr"] = lr
@@ -313,5 +382,26 @@ class RunLoop:
                 decay = ema_decay(step, t.ema_decay)
                 for pe, pm in zip(t.ema.parameters(), t.module.parameters(), strict=True):
                     pe.lerp_(pm, 1 - decay)
-        prefix = f"{t.label}_" if t.label else ""
         return {f"{prefix}grad_norm": float(gnorm), f"{prefix}lr": lr}
+
+
+def first_difference(saved: dict, now: dict, *, free=(), prefix: str = "") -> tuple[str, object, object] | None:
+    """The first option (``section.name``) whose value differs between two nested config dicts,
+    with both values, or ``None``; leaf names in ``free`` and keys only one side has (options
+    added since the other was written) are not compared."""
+    for key in now:
+        if key not in saved:
+            continue
+        a, b = saved[key], now[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, free=free, prefix=f"{prefix}{key}.")
+            if found is not None:
+                return found
+        elif key not in free and _normal(a) != _normal(b):
+            return f"{prefix}{key}", a, b
+    return None
+
+
+def _normal(value):
+    """JSON's view of a value (tuples are lists once saved)."""
+    return json.loads(json.dumps(value))

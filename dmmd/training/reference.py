@@ -94,7 +94,7 @@ def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     trained = {"model": Trained(model, opt, warmup_cosine(cfg.lr, run.warmup, run.steps))}
     loop = RunLoop(run, ctx, trained, name="reference LM", state=lambda done: {"config": cfg.to_dict()},
-                   postfix=lambda record, metrics: {"loss": f"{record['loss']:.3f}"})
+                   settings=cfg.to_dict(), postfix=lambda record, metrics: {"loss": f"{record['loss']:.3f}"})
     if resume:
         loop.resume()
     net = loop.wrap_ddp()["model"]

@@ -171,7 +171,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
         return shown
 
     loop = RunLoop(run, ctx, trained, name="teacher", evaluate=evaluate, postfix=postfix,
-                   state=lambda done: {"config": cfg.to_dict(), **model_state(model)})
+                   state=lambda done: {"config": cfg.to_dict(), **model_state(model)}, settings=cfg.to_dict())
     if resume:
         loop.resume()
     net = loop.wrap_ddp()["model"]
