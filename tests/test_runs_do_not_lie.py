@@ -225,3 +225,62 @@ def test_dropout_teacher_resumes_bit_identically_and_ddp_equals_one_process(bert
 
     d = Distiller(load_distill_teacher(kept).model, load_distill_teacher(kept).process, kept)
     assert d.generator.training and d.aux.training and not d.teacher.training
+
+
+class _CappedLM(nn.Module):
+    """A masked LM that soft-caps its logits after its output layer (as Gemma-2 does)."""
+
+    def __init__(self, cap: float | None = 2.0, classes: int = 5, width: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(classes, width)
+        self.body = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+        self.cap = cap
+
+    def forward(self, ids):
+        logits = self.head(torch.tanh(self.body(self.embed(ids))))
+        return logits if self.cap is None else self.cap * torch.tanh(logits / self.cap)
+
+
+def test_fused_losses_refuse_a_model_that_changes_its_logits_after_the_head(tmp_path):
+    from dmmd.data import MarkovSource
+    from dmmd.diffusion.processes import DiffusionProcess
+    from dmmd.models import as_denoiser
+    from dmmd.training.distill import DistillConfig, distill_model
+
+    torch.manual_seed(0)
+    capped = _CappedLM()
+    with torch.no_grad():
+        capped.head.weight.mul_(20)  # logits well beyond the cap
+    cfg = DistillConfig.from_dict(dict(student_steps=2, steps=2, batch_size=8, draw_block=4, fused_losses=True,
+                                       out=str(tmp_path / "s")))
+    process = DiffusionProcess("masked", 5, "linear")
+    with pytest.raises(ValueError, match=r"fused_losses: the teacher's logits made from its final hidden states and "
+                                         r"output layer differ from its own forward's by up to [0-9.]+"):
+        distill_model(as_denoiser(capped, num_classes=5, head="head"), process, MarkovSource(4, 6), cfg,
+                      progress=False)
+    assert not os.path.exists(tmp_path / "s" / "checkpoint")  # refused before any work
+    plain = _CappedLM(cap=None)
+    result = distill_model(as_denoiser(plain, num_classes=5, head="head"), process, MarkovSource(4, 6), cfg,
+                           progress=False)
+    assert result["step"] == 2
+
+
+def test_the_fused_call_restores_a_forward_set_on_the_head():
+    from dmmd.models import as_denoiser
+
+    net = _CappedLM(cap=None)
+    calls = []
+
+    def traced(x):  # what accelerate's or PEFT's hooks do: a forward set on the instance
+        calls.append(1)
+        return nn.Linear.forward(net.head, x)
+
+    net.head.forward = traced
+    wrapped = as_denoiser(net, num_classes=5, head="head")
+    z = torch.full((2, 6), 4)
+    h = wrapped(z, torch.rand(2), features=True)
+    assert h.shape == (2, 6, 16) and not calls  # the head passed its input through for that call
+    assert net.head.forward is traced  # and the user's forward is back
+    wrapped(z, torch.rand(2))
+    assert calls == [1]

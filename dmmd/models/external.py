@@ -254,13 +254,17 @@ class ExternalDenoiser(nn.Module):
             raise ValueError("this model exposes no output layer (name it: as_denoiser(..., head=...))")
         self._noise = noise if self.noise_proj is not None else None
         if head is not None:  # the output layer passes its input through for this call
+            own = head.__dict__.get("forward", _NONE)  # a forward set on the instance (accelerate, PEFT)
             head.forward = _identity
         try:
             out = self.model(z_t, t) if cfg.time_input else self.model(z_t)
         finally:
             self._noise = None
-            if head is not None:
-                del head.forward
+            if head is not None:  # exactly what was there before
+                if own is _NONE:
+                    del head.forward
+                else:
+                    head.forward = own
         if features:
             return _logits_of(out)
         logits = _logits_of(out)
@@ -313,6 +317,9 @@ class ExternalDenoiser(nn.Module):
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+_NONE = object()  # "no attribute" (a forward set to None would be a value)
 
 
 def _logits_of(out) -> torch.Tensor:

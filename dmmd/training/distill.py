@@ -424,6 +424,27 @@ class Distiller:
             return exposes and cfg.form == "xhat" and teacher.config.num_classes >= FUSED_MIN_CLASSES
         return False
 
+    def check_fused_head(self, batch: DistillBatch, rows: int = 4) -> None:
+        """Where the fused losses are on: check on ``rows`` sequences of ``batch`` that each
+        model's logits made from its final hidden states and output layer (``h @ W.T + b``) are
+        its own forward's, and refuse the fused path (``ValueError`` naming the model and the
+        largest difference) where not: a model that scales or soft-caps its logits after its
+        output layer would otherwise get silently wrong losses."""
+        if not self.fused:
+            return
+        b = batch.take(slice(0, rows), next(self.generator.parameters()).device)
+        with torch.no_grad():
+            for name, model, noise in (("teacher", self.teacher, None), ("generator", self.generator, b.noise)):
+                own = model(b.z_t, b.t.float(), noise)
+                fused = self._head_logits(model, model(b.z_t, b.t.float(), noise, features=True), b.z_t)
+                choice = torch.isfinite(own)
+                diff = float((own - fused).abs().where(choice, 0.0).max()) if bool(choice.any()) else 0.0
+                scale = float(own.abs().where(choice, 0.0).max()) if bool(choice.any()) else 0.0
+                if diff > 1e-3 * (1.0 + scale) or not torch.equal(choice, torch.isfinite(fused)):
+                    raise ValueError(f"fused_losses: the {name}'s logits made from its final hidden states and output "
+                                     f"layer differ from its own forward's by up to {diff:.4g} (it changes its logits "
+                                     f"after the output layer?); distill with --fused-losses false")
+
     def _at_z_s(self, batch: DistillBatch, z_s: torch.Tensor):
         """What both losses need at ``z_s``: the teacher's logits, ``w(s)`` per token and the
         positions that carry signal."""
@@ -725,6 +746,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
+    d.check_fused_head(draw_batch(source, process, cfg, d.noise_dim, 0))  # before any work
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
