@@ -1,5 +1,6 @@
 """`dmmd demo`: the quick mode end to end (digits and words by default, the text part on its
 own; every stage resumed), the per-part settings, and the verdicts."""
+import glob
 import json
 import os
 
@@ -50,7 +51,8 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
     assert rows[-1]["impossible"] == 0 and all(r["samples"] == 200 for r in rows)
     assert all(0 <= r["impossible"] <= 1 and r["entropy"] > 0 for r in rows)
     assert _png(os.path.join(out, "words", "words_by_steps.png"))
-    with open(os.path.join(out, "words", "samples", "student_4.json")) as f:
+    (kept,) = glob.glob(os.path.join(out, "words", "samples", "student_4-*.json"))  # named by what made it
+    with open(kept) as f:
         s = json.load(f)
     assert len(s["tokens"]) == 200 and len(s["words"][0].split()) == 16
     table = open(os.path.join(out, "table.md")).read()
@@ -58,10 +60,10 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
 
     # resume: a deleted evaluation is recomputed from the kept samples, bit for bit; deleted
     # samples are redrawn from the kept checkpoints identically
-    os.remove(os.path.join(out, "words", "eval", "student_8.json"))
-    os.remove(os.path.join(out, "words", "samples", "teacher_8.json"))
-    os.remove(os.path.join(out, "words", "eval", "teacher_8.json"))
-    os.remove(os.path.join(out, "digits", "student_uniform_k4", "fid.json"))
+    for pattern in ("words/eval/student_8-*.json", "words/samples/teacher_8-*.json", "words/eval/teacher_8-*.json",
+                    "digits/student_uniform_k4-*/fid-*.json"):
+        (path,) = glob.glob(os.path.join(out, pattern))
+        os.remove(path)
     assert main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
     capsys.readouterr()
     with open(os.path.join(out, "results.json")) as f:
@@ -93,8 +95,10 @@ def test_quick_text_demo_end_to_end_and_resume(tmp_path, capsys):
     assert abs(data["gm"]) < 3 * data["gm_stderr"] + 1e-9
     assert min(r["gm"] for r in rows[:-1]) > data["gm"]
     for k in (4, 8, 16):
-        assert os.path.isdir(os.path.join(out, f"student_k{k}", "checkpoint"))
-        with open(os.path.join(out, "samples", f"student_{k}.json")) as f:
+        (student,) = glob.glob(os.path.join(out, f"student_k{k}-*"))
+        assert os.path.isdir(os.path.join(student, "checkpoint"))
+        (samples,) = glob.glob(os.path.join(out, "samples", f"student_{k}-*.json"))
+        with open(samples) as f:
             s = json.load(f)
         assert len(s["tokens"]) == 32 and all(len(t) == 32 for t in s["tokens"]) and len(s["text"]) == 32
     with open(os.path.join(out, "gm_vs_steps.png"), "rb") as f:
@@ -111,9 +115,9 @@ def test_quick_text_demo_end_to_end_and_resume(tmp_path, capsys):
 
     # Re-running resumes: a deleted evaluation is recomputed from the kept samples, bit for bit,
     # and a deleted sample file is redrawn from the kept student checkpoint identically.
-    os.remove(os.path.join(out, "eval", "student_8.json"))
-    os.remove(os.path.join(out, "samples", "teacher_16.json"))
-    os.remove(os.path.join(out, "eval", "teacher_16.json"))
+    for pattern in ("eval/student_8-*.json", "samples/teacher_16-*.json", "eval/teacher_16-*.json"):
+        (path,) = glob.glob(os.path.join(out, pattern))
+        os.remove(path)
     assert main(["demo", "--quick", "--data", "text", "--out", top, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "teacher: 150 steps" in printed and "text, k=4: student GM" in printed
@@ -217,14 +221,13 @@ def test_a_failing_job_stops_the_demo_with_its_error(tmp_path):
     # the digits jobs are stopped, and the error reaches the caller
     from dmmd.training.loop import OutputInUse, OutputLock
 
-    out = tmp_path / "demo"
-    teacher = out / "words" / "teacher"
-    teacher.mkdir(parents=True)
-    lock = OutputLock(str(teacher))
+    cfg = DemoConfig.from_dict({"data": ("digits", "words"), "out": str(tmp_path / "demo")})
+    teacher = demo_words.teacher_config(part_configs(cfg, quick=True)["words"]).run.out
+    os.makedirs(teacher)
+    lock = OutputLock(teacher)
     try:
-        with pytest.raises(OutputInUse, match="words/teacher is in use by another run"):
-            run_demo(DemoConfig.from_dict({"data": ("digits", "words"), "out": str(out)}), quick=True,
-                     progress=False, log=lambda *_: None)
+        with pytest.raises(OutputInUse, match="words/teacher-[0-9a-f]+ is in use by another run"):
+            run_demo(cfg, quick=True, progress=False, log=lambda *_: None)
     finally:
         lock.release()
     with pytest.raises(ValueError, match="jobs must be >= 0"):

@@ -99,13 +99,14 @@ def test_evaluate_digits_gives_fid_rows_grids_and_a_plot(classifier, tmp_path, c
 
 
 def test_image_study_writes_tables_grids_and_plot(classifier, tmp_path):
-    from dmmd.apps.image_study import ImageStudyConfig, run_image_study
+    from dmmd.apps.image_study import ImageStudyConfig, classifier_config, distill_config, run_image_study
 
-    os.makedirs(tmp_path / "study" / "classifier")
-    os.symlink(classifier, tmp_path / "study" / "classifier" / "model")  # not retrained: reused as is
     cfg = ImageStudyConfig(out=str(tmp_path / "study"), ks=(2,), teacher_grid=(1, 2), noise_ks=(2,),
                            temperatures=(0.9,), temperature_k=2, samples=64, teacher_steps=4, distill_steps=2,
                            distill_batch=8, teacher_batch=8, teacher_width=16, teacher_depth=1)
+    stage = classifier_config(cfg).run.out  # out/classifier-<hash of its settings>
+    os.makedirs(stage)
+    os.symlink(classifier, os.path.join(stage, "model"))  # not retrained: reused as is
     res = run_image_study(cfg, progress=False, log=lambda *a: None)
     assert sorted(res["teacher"]["masked"]) == [1, 2] and sorted(res["student"]["uniform"]) == [2]
     assert list(res["no_noise"]) == [2] and sorted(res["temperature"]) == [0.9, 1.0]
@@ -115,5 +116,7 @@ def test_image_study_writes_tables_grids_and_plot(classifier, tmp_path):
     assert "teacher_uniform_2.png" in grids and "student_masked_k2_no_noise.png" in grids and len(grids) == 11
     assert "data.png" in grids and "side_by_side_masked_k2.png" in grids
     assert (tmp_path / "study" / "fid_by_steps.png").exists()
-    with open(tmp_path / "study" / "student_masked_k2_no_noise" / "checkpoint" / "state.json") as f:
+    no_noise = distill_config(cfg, "masked", "student_masked_k2_no_noise", 2, {"noise_dim": 0}).run.out
+    assert os.path.basename(no_noise).startswith("student_masked_k2_no_noise-")
+    with open(os.path.join(no_noise, "checkpoint", "state.json")) as f:
         assert json.load(f)["state"]["config"]["noise_dim"] == 0

@@ -42,12 +42,12 @@ def _fid(e: tuple[float, float]) -> str:
 
 
 def verdicts(res: dict, cfg: ImageStudyConfig) -> list[str]:
-    """One sentence per student: its FID against the teacher's at k steps, and the fewest teacher
-    steps that are as good (:func:`dmmd.apps.verdicts.against_teacher`)."""
+    """One sentence per finished student: its FID against the teacher's at k and 4k steps, and
+    the fewest teacher steps that are as good (:func:`dmmd.apps.verdicts.against_teacher`)."""
     out = []
     for process in cfg.processes:
-        teacher = {s: (r["fid"], r["fid_stderr"]) for s, r in res["teacher"][process].items()}
-        for k, r in sorted(res["student"][process].items()):
+        teacher = {s: (r["fid"], r["fid_stderr"]) for s, r in res["teacher"].get(process, {}).items()}
+        for k, r in sorted(res["student"].get(process, {}).items()):
             e = (r["fid"], r["fid_stderr"])
             out.append(f"digits ({process}), k={k}: student FID {_fid(e)}" + against_teacher(k, e, teacher, _fid) + ".")
     return out

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dmmd.apps.stages import cached, keyed_file, place
 from dmmd.apps.verdicts import against_teacher
 from dmmd.data import ByteText, make_source
 from dmmd.diffusion.sampling import sample
@@ -98,30 +99,31 @@ class TextDemoConfig(Options):
 
 
 def teacher_config(cfg: TextDemoConfig) -> TeacherConfig:
-    return TeacherConfig.from_dict(dict(
+    """The teacher, in ``out/teacher-<key>`` (:mod:`dmmd.apps.stages`)."""
+    return place(TeacherConfig.from_dict(dict(
         data="text", process="masked", schedule="loglinear", length=cfg.length, width=cfg.teacher_width,
         depth=cfg.teacher_depth, heads=4, batch_size=cfg.teacher_batch, steps=cfg.teacher_steps, lr=cfg.teacher_lr,
         warmup=min(100, cfg.teacher_steps // 10), ema=0.999, eval_every=0, eval_batches=2, eval_steps=64,
-        save_every=max(1, cfg.teacher_steps // 10), seed=cfg.seed, out=os.path.join(cfg.out, "teacher"),
-        device=cfg.device))
+        save_every=max(1, cfg.teacher_steps // 10), seed=cfg.seed, out="", device=cfg.device)), cfg.out, "teacher")
 
 
 def reference_config(cfg: TextDemoConfig) -> ReferenceConfig:
-    return ReferenceConfig.from_dict(dict(
+    """The reference LM, in ``out/reference-<key>``."""
+    return place(ReferenceConfig.from_dict(dict(
         data="text", length=cfg.length, n_layer=cfg.reference_layers, n_embd=cfg.reference_width, n_head=4,
         batch_size=32, steps=cfg.reference_steps, lr=2e-3, warmup=min(50, cfg.reference_steps // 10),
-        save_every=max(1, cfg.reference_steps // 4), seed=cfg.seed, out=os.path.join(cfg.out, "reference"),
-        device=cfg.device))
+        save_every=max(1, cfg.reference_steps // 4), seed=cfg.seed, out="", device=cfg.device)), cfg.out,
+        "reference")
 
 
 def distill_config(cfg: TextDemoConfig, k: int) -> DistillConfig:
     """The student for ``k``: the demo's settings, then ``cfg.distill`` (keys checked by name)."""
     check_keys(cfg.distill, DistillConfig.leaf_names(), "distill", owned=DEMO_OWNED)
-    return DistillConfig.from_dict({
-        "teacher": os.path.join(cfg.out, "teacher", "checkpoint"), "student_steps": k,
+    return place(DistillConfig.from_dict({
+        "teacher": os.path.join(teacher_config(cfg).run.out, "checkpoint"), "student_steps": k,
         "batch_size": cfg.distill_batch, "steps": cfg.distill_steps,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "save_every": max(1, cfg.distill_steps // 4),
-        "seed": cfg.seed, "out": os.path.join(cfg.out, f"student_k{k}"), "device": cfg.device, **cfg.distill})
+        "seed": cfg.seed, "out": "", "device": cfg.device, **cfg.distill}), cfg.out, f"student_k{k}")
 
 
 def _samplers(cfg: TextDemoConfig) -> list[dict]:
@@ -137,7 +139,7 @@ def _draw(cfg: TextDemoConfig, spec: dict, teacher) -> torch.Tensor:
         model, process = teacher
         fn, kw = (lambda z, t: model(z, t)), {"temperature": cfg.temperature, "top_p": cfg.top_p}
     else:
-        model, process, _ = load_student(os.path.join(cfg.out, f"student_k{spec['steps']}", "checkpoint"),
+        model, process, _ = load_student(os.path.join(distill_config(cfg, spec["steps"]).run.out, "checkpoint"),
                                          device=cfg.device)
         fn, kw = student_fn(model, seed), {}
     return sample(fn, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, device=cfg.device,
@@ -177,15 +179,14 @@ def run_text(cfg: TextDemoConfig, *, progress: bool = True, log=print) -> dict:
         rows = []
         for spec in tqdm(specs + [{"name": "data", "model": "data (held out)", "steps": None}],
                          desc="evaluate", disable=not progress):
-            path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    rows.append(json.load(f))
-                continue
-            x = held_out if spec["model"].startswith("data") else _samples(cfg, spec, (teacher_model, process))
-            row = {**spec, **evaluate_set(reference, spec["name"], x, data, estimator="ustat")}
-            write_json_atomic(path, row)
-            rows.append(row)
+            path = keyed_file(os.path.join(cfg.out, "eval"), spec["name"],
+                              {**_sampler_key(cfg, spec), "reference": ref["model"], "num_data": cfg.num_data})
+
+            def score(spec=spec):
+                x = held_out if spec["model"].startswith("data") else _samples(cfg, spec, (teacher_model, process))
+                return {**spec, **evaluate_set(reference, spec["name"], x, data, estimator="ustat")}
+
+            rows.append(cached(path, score))
         return rows
 
     rows = stage("evaluate", evaluate_all)
@@ -199,9 +200,22 @@ def run_text(cfg: TextDemoConfig, *, progress: bool = True, log=print) -> dict:
     return result
 
 
+def _sampler_key(cfg: TextDemoConfig, spec: dict) -> dict:
+    """What a sampler's draws depend on: the model's directory (its settings' hash with it) or the
+    data's config, the steps, the teacher's sampling temperature and top-p, the draws and the seed."""
+    if spec["model"] == "teacher":
+        model = teacher_config(cfg).run.out
+    elif spec["model"].startswith("data"):
+        model = teacher_config(cfg).source.to_dict()
+    else:
+        model = distill_config(cfg, spec["steps"]).run.out
+    return {"model": model, "steps": spec["steps"], "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "num_samples": cfg.num_samples, "seed": cfg.seed}
+
+
 def _samples(cfg: TextDemoConfig, spec: dict, teacher) -> torch.Tensor:
-    """A sampler's sequences, drawn once and kept in ``samples/{name}.json`` (with their text)."""
-    path = os.path.join(cfg.out, "samples", f"{spec['name']}.json")
+    """A sampler's sequences, drawn once and kept in ``samples/{name}-<key>.json`` (with their text)."""
+    path = keyed_file(os.path.join(cfg.out, "samples"), spec["name"], _sampler_key(cfg, spec))
     if os.path.exists(path):
         with open(path) as f:
             return torch.tensor(json.load(f)["tokens"], dtype=torch.long)

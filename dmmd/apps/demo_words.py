@@ -5,12 +5,15 @@ The source is :class:`dmmd.data.sources.MarkovSource` with ``vocab_size`` words 
 English words) and a few successors per word, so a sample reads like a sentence and a wrong
 word is visible. Stages, each resumed from what an earlier run left under ``out``:
 
-1. ``teacher/``: a diffusion teacher on the chain (:func:`dmmd.training.teacher.train_teacher`);
-2. ``student_k{k}/``: a D-MMD student per ``k`` with ``dmmd distill``'s defaults for the process;
-3. ``samples/{name}.json``: ``num_samples`` draws (tokens and words) from the teacher at every
-   step count of ``teacher_ks``, from each student at its ``k`` and from the chain itself;
-4. ``eval/{name}.json``: :func:`dmmd.metrics.exact.chain_quality` of each: the share of samples
-   with an impossible transition, their exact NLL per token and their entropy (diversity).
+1. ``teacher-<key>/``: a diffusion teacher on the chain (:func:`dmmd.training.teacher.train_teacher`);
+2. ``student_k{k}-<key>/``: a D-MMD student per ``k`` with ``dmmd distill``'s defaults for the process;
+3. ``samples/{name}-<key>.json``: ``num_samples`` draws (tokens and words) from the teacher at
+   every step count of ``teacher_ks``, from each student at its ``k`` and from the chain itself;
+4. ``eval/{name}-<key>.json``: :func:`dmmd.metrics.exact.chain_quality` of each: the share of
+   samples with an impossible transition, their exact NLL per token and their entropy (diversity).
+
+Each ``<key>`` is a hash of what produced the stage (:mod:`dmmd.apps.stages`): a changed setting
+recomputes what it changes and what depends on it.
 
 :func:`markdown_table`, :func:`verdicts` and :func:`plot` (``words_by_steps.png``) present the rows.
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dmmd.apps.stages import cached, keyed_file, place
 from dmmd.apps.verdicts import against_teacher
 from dmmd.data import make_source
 from dmmd.diffusion.sampling import sample
@@ -81,21 +85,22 @@ class WordsDemoConfig(Options):
 
 
 def teacher_config(cfg: WordsDemoConfig) -> TeacherConfig:
-    return TeacherConfig.from_dict(dict(
+    """The teacher, in ``out/teacher-<key>`` (:mod:`dmmd.apps.stages`)."""
+    return place(TeacherConfig.from_dict(dict(
         data="markov", vocab_size=cfg.vocab_size, length=cfg.length, markov_fanout=cfg.fanout,
         markov_self_loops=cfg.self_loops, process=cfg.process,
         schedule="linear", width=cfg.teacher_width, depth=cfg.teacher_depth, heads=2, batch_size=cfg.teacher_batch,
         steps=cfg.teacher_steps, lr=cfg.teacher_lr, warmup=min(100, cfg.teacher_steps // 10), ema=0.999,
         eval_every=0, save_every=max(1, cfg.teacher_steps // 5), seed=cfg.seed, device=cfg.device,
-        out=os.path.join(cfg.out, "teacher")))
+        out="")), cfg.out, "teacher")
 
 
 def distill_config(cfg: WordsDemoConfig, k: int) -> DistillConfig:
     check_keys(cfg.distill, DistillConfig.leaf_names(), "distill", owned=OWNED)
-    return DistillConfig.from_dict({
-        "teacher": os.path.join(cfg.out, "teacher", "checkpoint"), "student_steps": k,
+    return place(DistillConfig.from_dict({
+        "teacher": os.path.join(teacher_config(cfg).run.out, "checkpoint"), "student_steps": k,
         "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "save_every": max(1, cfg.distill_steps // 4),
-        "seed": cfg.seed, "out": os.path.join(cfg.out, f"student_k{k}"), "device": cfg.device, **cfg.distill})
+        "seed": cfg.seed, "out": "", "device": cfg.device, **cfg.distill}), cfg.out, f"student_k{k}")
 
 
 def samplers(cfg: WordsDemoConfig) -> list[dict]:
@@ -115,19 +120,27 @@ def run_words(cfg: WordsDemoConfig, *, progress: bool = True, log=print) -> list
     model, process, _ = load_teacher(teacher["checkpoint"], device=cfg.device)
     rows = []
     for spec in tqdm(samplers(cfg), desc="words: evaluate", disable=not progress):
-        path = os.path.join(cfg.out, "eval", f"{spec['name']}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rows.append(json.load(f))
-            continue
-        rows.append({**spec, **chain_quality(_samples(cfg, spec, (model, process), source), source)})
-        write_json_atomic(path, rows[-1])
+        path = keyed_file(os.path.join(cfg.out, "eval"), spec["name"], _sampler_key(cfg, spec))
+        rows.append(cached(path, lambda spec=spec: {
+            **spec, **chain_quality(_samples(cfg, spec, (model, process), source), source)}))
     return rows
 
 
+def _sampler_key(cfg: WordsDemoConfig, spec: dict) -> dict:
+    """What a sampler's draws depend on: the model's directory (its settings' hash with it) or
+    the data's config, the step count, the number of draws and the seed."""
+    if spec["model"] == "teacher":
+        model = teacher_config(cfg).run.out
+    elif spec["model"] == "data":
+        model = teacher_config(cfg).source.to_dict()
+    else:
+        model = distill_config(cfg, spec["steps"]).run.out
+    return {"model": model, "steps": spec["steps"], "num_samples": cfg.num_samples, "seed": cfg.seed}
+
+
 def _samples(cfg: WordsDemoConfig, spec: dict, teacher, source) -> torch.Tensor:
-    """A sampler's draws, kept in ``samples/{name}.json`` with their words."""
-    path = os.path.join(cfg.out, "samples", f"{spec['name']}.json")
+    """A sampler's draws, kept in ``samples/{name}-<key>.json`` with their words."""
+    path = keyed_file(os.path.join(cfg.out, "samples"), spec["name"], _sampler_key(cfg, spec))
     if os.path.exists(path):
         with open(path) as f:
             return torch.tensor(json.load(f)["tokens"], dtype=torch.long)
@@ -139,7 +152,7 @@ def _samples(cfg: WordsDemoConfig, spec: dict, teacher, source) -> torch.Tensor:
             model, process = teacher
             fn = lambda z, t: model(z, t)  # noqa: E731
         else:
-            model, process, _ = load_student(os.path.join(cfg.out, f"student_k{spec['steps']}", "checkpoint"),
+            model, process, _ = load_student(os.path.join(distill_config(cfg, spec["steps"]).run.out, "checkpoint"),
                                              device=cfg.device)
             fn = student_fn(model, seed)
         x = sample(fn, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, device=cfg.device,

@@ -23,6 +23,7 @@ from functools import partial
 
 import torch
 
+from dmmd.apps.stages import cached, keyed_file, place
 from dmmd.data import make_source
 from dmmd.data.images import save_grid
 from dmmd.diffusion.sampling import sample
@@ -88,11 +89,12 @@ class ImageStudyConfig(Options):
 
 
 def teacher_config(cfg: ImageStudyConfig, process: str) -> TeacherConfig:
-    return TeacherConfig.from_dict(dict(
+    """``process``'s teacher, in ``out/teacher_{process}-<key>`` (:mod:`dmmd.apps.stages`)."""
+    return place(TeacherConfig.from_dict(dict(
         data=cfg.data, levels=cfg.levels, process=process, schedule="linear", width=cfg.teacher_width,
         depth=cfg.teacher_depth, heads=cfg.teacher_heads, batch_size=cfg.teacher_batch, steps=cfg.teacher_steps,
         lr=2e-3, warmup=100, ema=0.999, eval_every=0, save_every=1000, seed=cfg.seed, device=cfg.device,
-        out=os.path.join(cfg.out, f"teacher_{process}")))
+        out="")), cfg.out, f"teacher_{process}")
 
 
 def students(cfg: ImageStudyConfig, process: str) -> list[tuple[str, int, dict]]:
@@ -109,21 +111,33 @@ def students(cfg: ImageStudyConfig, process: str) -> list[tuple[str, int, dict]]
 
 
 def distill_config(cfg: ImageStudyConfig, process: str, name: str, k: int, changes: dict) -> DistillConfig:
-    return DistillConfig.from_dict({
-        "teacher": os.path.join(cfg.out, f"teacher_{process}", "checkpoint"), "student_steps": k,
+    """A student of ``process``'s teacher, in ``out/{name}-<key>``."""
+    return place(DistillConfig.from_dict({
+        "teacher": os.path.join(teacher_config(cfg, process).run.out, "checkpoint"), "student_steps": k,
         "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "seed": cfg.seed,
-        "save_every": max(1, cfg.distill_steps // 4), "device": cfg.device,
-        "out": os.path.join(cfg.out, name), **cfg.distill, **changes})
+        "save_every": max(1, cfg.distill_steps // 4), "device": cfg.device, "out": "", **cfg.distill, **changes}),
+        cfg.out, name)
+
+
+def classifier_config(cfg: ImageStudyConfig):
+    """The FID classifier, in ``out/classifier-<key>``."""
+    return place(reference_config({"data": cfg.data, "levels": cfg.levels, "seed": cfg.seed, "out": ""}),
+                 cfg.out, "classifier")
+
+
+def fid_file(cfg: ImageStudyConfig, stage_dir: str, name: str) -> str:
+    """Where a sampler's FID is kept: in its model's directory, named by what scores it (the
+    classifier, the number of draws, the seed)."""
+    return keyed_file(stage_dir, name, {"classifier": classifier_config(cfg).run.out, "samples": cfg.samples,
+                                        "seed": cfg.seed})
 
 
 class Scorer:
     """FID of token images against every training image, under the data's feature classifier
-    (trained on first use, resumable, under ``out/classifier``)."""
+    (trained on first use, resumable, under ``out/classifier-<key>``)."""
 
     def __init__(self, cfg: ImageStudyConfig, *, progress: bool):
-        result = train_reference(reference_config({"data": cfg.data, "levels": cfg.levels, "seed": cfg.seed,
-                                                   "out": os.path.join(cfg.out, "classifier")}),
-                                 progress=progress)
+        result = train_reference(classifier_config(cfg), progress=progress)
         self.accuracy = result["val_accuracy"]
         self.source = make_source(teacher_config(cfg, "masked").source)
         self.fid = ImageFID(result["model"], self.source)
@@ -158,15 +172,6 @@ def _score_student(cfg: ImageStudyConfig, scorer: Scorer, dcfg: DistillConfig, p
     return {"steps": k, "distill_seconds": round(seconds, 1), **scorer(x, cfg.seed)}
 
 
-def _cached(path: str, compute) -> dict:
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    result = compute()
-    write_json_atomic(path, result)
-    return result
-
-
 def run_image_study(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> dict:
     """Run (or resume) the chosen parts, then :func:`report`."""
     cfg.validate()
@@ -187,12 +192,12 @@ def run_process(cfg: ImageStudyConfig, process: str, scorer: Scorer, *, progress
     log(f"{process}: teacher ready ({time.perf_counter() - t0:.0f} s)")
     if "main" in cfg.parts:
         for steps in cfg.teacher_grid:
-            row = _cached(os.path.join(tcfg.run.out, f"fid_{steps}_steps.json"),
+            row = cached(fid_file(cfg, tcfg.run.out, f"fid_{steps}_steps"),
                           partial(_score_teacher, cfg, scorer, teacher, proc, process, steps))
             log(f"{process} teacher, {steps} steps: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
     for name, k, changes in students(cfg, process):
         dcfg = distill_config(cfg, process, name, k, changes)
-        row = _cached(os.path.join(dcfg.run.out, "fid.json"),
+        row = cached(fid_file(cfg, dcfg.run.out, "fid"),
                       partial(_score_student, cfg, scorer, dcfg, proc, name, progress))
         log(f"{name}: FID {row['fid']:.2f} ± {row['fid_stderr']:.2f}")
 
@@ -208,16 +213,19 @@ def report(cfg: ImageStudyConfig) -> dict:
     """Tables (markdown) and the FID-by-steps plot from whatever has finished under ``out``;
     writes ``results.json``, ``table.md`` and ``fid_by_steps.png`` there."""
     res = {"teacher": {}, "student": {}, "no_noise": {}, "temperature": {}}
+
+    def student(process: str, name: str, k: int, changes: dict) -> dict | None:
+        return _read(fid_file(cfg, distill_config(cfg, process, name, k, changes).run.out, "fid"))
+
     for process in ("masked", "uniform"):
-        tdir = os.path.join(cfg.out, f"teacher_{process}")
+        tdir = teacher_config(cfg, process).run.out
         res["teacher"][process] = {s: r for s in cfg.teacher_grid
-                                   if (r := _read(os.path.join(tdir, f"fid_{s}_steps.json")))}
-        res["student"][process] = {k: r for k in cfg.ks
-                                   if (r := _read(os.path.join(cfg.out, f"student_{process}_k{k}", "fid.json")))}
+                                   if (r := _read(fid_file(cfg, tdir, f"fid_{s}_steps")))}
+        res["student"][process] = {k: r for k in cfg.ks if (r := student(process, f"student_{process}_k{k}", k, {}))}
     res["no_noise"] = {k: r for k in cfg.noise_ks
-                       if (r := _read(os.path.join(cfg.out, f"student_masked_k{k}_no_noise", "fid.json")))}
-    res["temperature"] = {t: r for t in cfg.temperatures if (r := _read(os.path.join(
-        cfg.out, f"student_masked_k{cfg.temperature_k}_T{t:g}", "fid.json")))}
+                       if (r := student("masked", f"student_masked_k{k}_no_noise", k, {"noise_dim": 0}))}
+    res["temperature"] = {t: r for t in cfg.temperatures if (r := student(
+        "masked", f"student_masked_k{cfg.temperature_k}_T{t:g}", cfg.temperature_k, {"temperature": t}))}
     main = res["student"]["masked"].get(cfg.temperature_k)
     if main and res["temperature"]:
         res["temperature"][1.0] = main

@@ -16,6 +16,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from dmmd.apps.stages import place
 from dmmd.data import make_source
 from dmmd.diffusion.sampling import sample
 from dmmd.metrics import total_variation
@@ -55,20 +56,20 @@ class StudyConfig(Options):
 
 
 def _teacher_config(cfg: StudyConfig, process: str) -> TeacherConfig:
-    return TeacherConfig.from_dict(dict(
+    return place(TeacherConfig.from_dict(dict(
         data="markov", vocab_size=cfg.vocab_size, length=cfg.length, markov_fanout=cfg.fanout, process=process,
         schedule="linear", width=cfg.teacher_width, depth=cfg.teacher_depth, heads=2, batch_size=cfg.teacher_batch,
         steps=cfg.teacher_steps, lr=2e-3, warmup=50, ema=0.99, eval_every=0, save_every=cfg.teacher_steps,
-        seed=cfg.seed, device=cfg.device, out=os.path.join(cfg.out, f"teacher_{process}")))
+        seed=cfg.seed, device=cfg.device, out="")), cfg.out, f"teacher_{process}")
 
 
 def _distill_config(cfg: StudyConfig, kind: str, k: int, seed: int) -> DistillConfig:
     check_keys(cfg.distill, DistillConfig.leaf_names(), "distill", owned=STUDY_OWNED)
-    return DistillConfig.from_dict({
-        "teacher": os.path.join(cfg.out, f"teacher_{kind}", "checkpoint"), "student_steps": k,
+    return place(DistillConfig.from_dict({
+        "teacher": os.path.join(_teacher_config(cfg, kind).run.out, "checkpoint"), "student_steps": k,
         "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "seed": seed,
         "save_every": max(1, cfg.distill_steps // 4), "device": cfg.device,
-        "out": os.path.join(cfg.out, f"student_{kind}_k{k}" + (f"_seed{seed}" if seed else "")), **cfg.distill})
+        "out": "", **cfg.distill}), cfg.out, f"student_{kind}_k{k}_seed{seed}")
 
 
 def _tv(model_fn, process, source, cfg: StudyConfig, steps: int, seed: int) -> dict:

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+from dmmd.apps.stages import settings_key
 from dmmd.data import make_source
 from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
@@ -119,15 +120,6 @@ class BenchConfig(Options):
             "save_every": max(1, self.distill_steps // self.curve_points), **self.distill})
         cfg.run.out = os.path.join(self.out, "students", f"{name}_k{k}_seed{seed}_{settings_key(cfg)}")
         return cfg
-
-
-def settings_key(cfg: Options) -> str:
-    """A short hash of everything in ``cfg`` but its output directory (and progress-only
-    options): the name of a cached stage."""
-    d = cfg.to_dict()
-    for name in ("out", "time_limit_min", "max_nonfinite"):  # not what the steps compute (save_every is
-        d.get("run", {}).pop(name, None)                     # kept: it sets the curve points)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _tv(model_fn, process, source, device: str, samples: int, steps: int, seed: int) -> dict:

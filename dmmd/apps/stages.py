@@ -1,0 +1,52 @@
+"""Where the applications keep their stages (teachers, students, classifiers, reference LMs,
+samples and their scores): each under a name that carries a hash of everything that produced
+it, so re-running with the same settings finds every stage finished, and a changed setting
+recomputes the stages it changes and those that depend on them (a student's settings name its
+teacher's directory, hash included), nothing else, never silently reusing a stale one. May
+import :mod:`dmmd.options` and :mod:`dmmd.training`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from dmmd.options import Options
+from dmmd.training.checkpoint import write_json_atomic
+from dmmd.training.loop import NOT_RESULT
+
+
+def settings_key(settings: Options | dict) -> str:
+    """A short hash of a run's settings (a config or a plain dict), without its output directory
+    and the run options that do not change what its steps compute (:data:`NOT_RESULT`)."""
+    d = settings.to_dict() if isinstance(settings, Options) else json.loads(json.dumps(settings))
+    run = d.get("run")
+    if isinstance(run, dict):
+        for name in NOT_RESULT:
+            if name != "save_every":  # kept: the stages set it, some from their own options
+                run.pop(name, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def place(cfg: Options, parent: str, name: str) -> Options:
+    """``cfg`` (a config with a nested ``run``) with its output directory ``parent/name-<key>``."""
+    cfg.run.out = ""
+    cfg.run.out = os.path.join(parent, f"{name}-{settings_key(cfg)}")
+    return cfg
+
+
+def keyed_file(parent: str, name: str, key: dict) -> str:
+    """``parent/name-<hash of key>.json``: a cached result named by what produced it."""
+    return os.path.join(parent, f"{name}-{settings_key(key)}.json")
+
+
+def cached(path: str, compute) -> dict:
+    """The JSON in ``path``, or ``compute()``'s result written there (atomically)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = compute()
+    write_json_atomic(path, result)
+    return result
+
+
+__all__ = ["cached", "keyed_file", "place", "settings_key"]
