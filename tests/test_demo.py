@@ -177,6 +177,18 @@ def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_r
     assert cfgs["digits"].out == os.path.join("runs/demo-quick", "digits")
     plain = part_configs(DemoConfig(), quick=False)
     assert plain["digits"].processes == ("uniform", "masked") and plain["words"].process == "uniform"
+    # the digits' masked students: their own step counts and a longer distillation
+    from dmmd.apps.image_study import distill_config, students
+
+    digits = plain["digits"]
+    assert [k for _, k, _ in students(digits, "masked")] == [2]
+    assert [k for _, k, _ in students(digits, "uniform")] == [2, 4]
+    assert distill_config(digits, "masked", "student_masked_k2", 2, {}).run.steps == 3000
+    assert distill_config(digits, "uniform", "student_uniform_k2", 2, {}).run.steps == 1200
+    mine = part_configs(DemoConfig.from_dict({"masked_ks": (4,), "masked_distill_steps": 50}))["digits"]
+    assert mine.masked_ks == (4,) and mine.masked_distill_steps == 50
+    with pytest.raises(ValueError, match="masked_ks applies to --data digits"):
+        part_configs(DemoConfig.from_dict({"data": ("words",), "masked_ks": (2,)}))
     assert not plain["words"].self_loops
     assert plain["words"].out == os.path.join("runs/demo", "words")
     with pytest.raises(ValueError, match="reference_steps applies to --data text"):

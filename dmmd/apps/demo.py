@@ -55,6 +55,8 @@ SETTINGS = {
     "ks": {p: "ks" for p in PARTS},
     "teacher_ks": {"digits": "teacher_grid", "words": "teacher_ks", "text": "teacher_ks"},
     "distill_steps": {p: "distill_steps" for p in PARTS},
+    "masked_ks": {"digits": "masked_ks"},
+    "masked_distill_steps": {"digits": "masked_distill_steps"},
     "distill_batch": {p: "distill_batch" for p in PARTS},
     "distill": {p: "distill" for p in PARTS},
     "num_samples": {"digits": "samples", "words": "num_samples", "text": "num_samples"},
@@ -69,7 +71,8 @@ SETTINGS = {
 }
 # ``dmmd demo --quick``: tiny models and few steps, per part (the tests' smoke run)
 QUICK = {
-    "digits": dict(teacher_steps=100, distill_steps=20, samples=200, teacher_grid=(1, 2, 4, 16)),
+    "digits": dict(teacher_steps=100, distill_steps=20, masked_distill_steps=20, masked_ks=(2, 4), samples=200,
+                   teacher_grid=(1, 2, 4, 16)),
     "words": dict(teacher_steps=100, distill_steps=20, num_samples=200, teacher_ks=(2, 4, 8, 32)),
     "text": dict(length=32, teacher_width=64, teacher_depth=2, teacher_steps=150, teacher_batch=16, teacher_lr=2e-3,
                  reference_width=64, reference_layers=1, reference_steps=100, distill_steps=40, distill_batch=16,
@@ -114,6 +117,8 @@ class DemoConfig(Options):
     ks: tuple[int, ...] | None = _setting("student step counts k (one student each)", "ks")
     teacher_ks: tuple[int, ...] | None = _setting("step counts the teacher is sampled with", "teacher_ks")
     distill_steps: int | None = _setting("D-MMD steps per student", "distill_steps")
+    masked_ks: tuple[int, ...] | None = _setting("the digits' masked students' step counts", "masked_ks")
+    masked_distill_steps: int | None = _setting("D-MMD steps per masked digits student", "masked_distill_steps")
     distill_batch: int | None = _setting("D-MMD batch size", "distill_batch")
     distill: dict | None = _setting("further DistillConfig fields as JSON, e.g. '{\"lr_gen\": 1e-4}' (merged "
                                     "into the part's own: {} for digits and words is dmmd distill's defaults for "

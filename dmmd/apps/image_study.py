@@ -66,6 +66,8 @@ class ImageStudyConfig(Options):
     teacher_steps: int = option(4000, "teacher training steps")
     teacher_batch: int = option(64, "teacher batch size")
     distill_steps: int = option(3000, "D-MMD steps per student")
+    masked_ks: tuple[int, ...] | None = option(None, "the masked students' step counts (none: ks)")
+    masked_distill_steps: int | None = option(None, "D-MMD steps per masked student (none: distill_steps)")
     distill_batch: int = option(64, "D-MMD batch size")
     distill: dict = option({}, "DistillConfig fields to change (none: dmmd distill's per-process defaults)")
     seed: int = option(0, "seed of the teachers, the students and the draws")
@@ -76,9 +78,11 @@ class ImageStudyConfig(Options):
         for part in self.parts:
             if part not in PARTS:
                 raise ValueError(f"parts must be among {PARTS}, got {part!r}")
-        for name in ("ks", "teacher_grid", "noise_ks"):
-            if any(k < 1 for k in getattr(self, name)):
+        for name in ("ks", "teacher_grid", "noise_ks", "masked_ks"):
+            if any(k < 1 for k in getattr(self, name) or ()):
                 raise ValueError(f"{name} must hold step counts >= 1, got {getattr(self, name)}")
+        if self.masked_distill_steps is not None and self.masked_distill_steps < 1:
+            raise ValueError(f"masked_distill_steps must be >= 1, got {self.masked_distill_steps}")
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2, got {self.samples}")
         check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=STUDY_OWNED)
@@ -97,11 +101,22 @@ def teacher_config(cfg: ImageStudyConfig, process: str) -> TeacherConfig:
         out="")), cfg.out, f"teacher_{process}")
 
 
+def ks_of(cfg: ImageStudyConfig, process: str) -> tuple[int, ...]:
+    """``process``'s student step counts."""
+    return cfg.masked_ks if process == "masked" and cfg.masked_ks is not None else cfg.ks
+
+
+def steps_of(cfg: ImageStudyConfig, process: str) -> int:
+    """D-MMD steps of ``process``'s students."""
+    return cfg.masked_distill_steps if process == "masked" and cfg.masked_distill_steps is not None \
+        else cfg.distill_steps
+
+
 def students(cfg: ImageStudyConfig, process: str) -> list[tuple[str, int, dict]]:
     """(name, k, DistillConfig changes) of every student the chosen parts distill for ``process``."""
     out = []
     if "main" in cfg.parts:
-        out += [(f"student_{process}_k{k}", k, {}) for k in cfg.ks]
+        out += [(f"student_{process}_k{k}", k, {}) for k in ks_of(cfg, process)]
     if process == "masked" and "noise" in cfg.parts:
         out += [(f"student_masked_k{k}_no_noise", k, {"noise_dim": 0}) for k in cfg.noise_ks]
     if process == "masked" and "temperature" in cfg.parts:
@@ -114,8 +129,9 @@ def distill_config(cfg: ImageStudyConfig, process: str, name: str, k: int, chang
     """A student of ``process``'s teacher, in ``out/{name}-<key>``."""
     return place(DistillConfig.from_dict({
         "teacher": os.path.join(teacher_config(cfg, process).run.out, "checkpoint"), "student_steps": k,
-        "batch_size": cfg.distill_batch, "steps": cfg.distill_steps, "seed": cfg.seed,
-        "save_every": max(1, cfg.distill_steps // 4), "device": cfg.device, "out": "", **cfg.distill, **changes}),
+        "batch_size": cfg.distill_batch, "steps": steps_of(cfg, process), "seed": cfg.seed,
+        "save_every": max(1, steps_of(cfg, process) // 4), "device": cfg.device, "out": "", **cfg.distill,
+        **changes}),
         cfg.out, name)
 
 
@@ -221,7 +237,8 @@ def report(cfg: ImageStudyConfig) -> dict:
         tdir = teacher_config(cfg, process).run.out
         res["teacher"][process] = {s: r for s in cfg.teacher_grid
                                    if (r := _read(fid_file(cfg, tdir, f"fid_{s}_steps")))}
-        res["student"][process] = {k: r for k in cfg.ks if (r := student(process, f"student_{process}_k{k}", k, {}))}
+        res["student"][process] = {k: r for k in ks_of(cfg, process)
+                                   if (r := student(process, f"student_{process}_k{k}", k, {}))}
     res["no_noise"] = {k: r for k in cfg.noise_ks
                        if (r := student("masked", f"student_masked_k{k}_no_noise", k, {"noise_dim": 0}))}
     res["temperature"] = {t: r for t in cfg.temperatures if (r := student(
@@ -278,7 +295,7 @@ def _cell(r: dict | None) -> str:
 
 
 def markdown_tables(cfg: ImageStudyConfig, res: dict) -> str:
-    steps = sorted(set(cfg.teacher_grid) | set(cfg.ks))
+    steps = sorted(set(cfg.teacher_grid) | set(cfg.ks) | set(cfg.masked_ks or ()))
     lines = ["| FID (± bootstrap s.e.) | " + " | ".join(f"{s} steps" for s in steps) + " |",
              "|---" * (len(steps) + 1) + "|"]
     for process in ("masked", "uniform"):
@@ -315,7 +332,7 @@ def plot(cfg: ImageStudyConfig, res: dict, path: str) -> None:
                         marker="*", markersize=12, linestyle="none", label=f"{process} D-MMD student")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ticks = sorted(set(cfg.teacher_grid) | set(cfg.ks))
+    ticks = sorted(set(cfg.teacher_grid) | set(cfg.ks) | set(cfg.masked_ks or ()))
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
