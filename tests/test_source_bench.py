@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dmmd.apps.source_bench import SOURCES, BenchConfig, markdown_table, run_bench, verdict
+from dmmd.apps.source_bench import SOURCES, BenchConfig, markdown_table, plot, run_bench, verdict
 from dmmd.data import DataConfig, MarkovSource, ParitySource, make_source
 from dmmd.metrics import total_variation
 
@@ -75,6 +75,8 @@ def test_short_benchmark_runs_and_caches_by_settings(tmp_path):
     (student,) = row["students"]
     assert [c["step"] for c in student["curve"]] == [10, 20] and student["entropy"]
     assert "parity2x8" in markdown_table([row])
+    plot([row, row], str(tmp_path / "curves.png"))  # TV along training, entropy per coarse step, noise norm
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     teachers, students = os.listdir(tmp_path / "teachers"), os.listdir(tmp_path / "students")
     # the same settings again: every stage read from its cache, the same numbers
     (again,) = run_bench(cfg, progress=False, log=lambda *_: None)
