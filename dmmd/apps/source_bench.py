@@ -12,13 +12,12 @@ Per (source, process): one teacher, trained once. Per k and seed: one student di
 training (``curve_points`` readings of the EMA weights) and at the end, against the teacher at
 k and at 4k steps (one sampling seed: the teacher's spread over sampling seeds is about its
 sampling standard error, 0.001-0.002 TV at 10^5 draws). Every stage is cached under ``out`` in a
-directory named by a hash of everything that produces it, so a changed setting recomputes that
-stage and what depends on it, nothing else; ``bench/source_benchmark.py`` runs it, a short case
-is a test.
+directory or file named by a hash of everything that produces it (:mod:`dmmd.apps.stages`), so
+a changed setting recomputes that stage and what depends on it, nothing else;
+``bench/source_benchmark.py`` runs it, a short case is a test.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-from dmmd.apps.stages import settings_key
+from dmmd.apps.stages import cached, keyed_file, place, settings_key
 from dmmd.data import make_source
 from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
@@ -97,7 +96,7 @@ class BenchConfig(Options):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for process in self.processes:
             for k in self.ks:
-                self.distill_config("teacher", process, k, self.seeds[0], "").validate(process)
+                self.distill_config("teacher", k, self.seeds[0], "").validate(process)
 
     def tag(self) -> str:
         """What names this run's students and results: ``defaults``, or a hash of ``distill``."""
@@ -109,17 +108,15 @@ class BenchConfig(Options):
             depth=self.teacher_depth, heads=2, batch_size=self.teacher_batch, steps=self.teacher_steps, lr=2e-3,
             warmup=50, ema=0.99, eval_every=0, save_every=self.teacher_steps, seed=self.seed, device=self.device,
             out=""))
-        cfg.run.out = os.path.join(self.out, "teachers", f"{source}_{process}_{settings_key(cfg)}")
-        return cfg
+        return place(cfg, os.path.join(self.out, "teachers"), f"{source}_{process}")
 
-    def distill_config(self, teacher_dir: str, process: str, k: int, seed: int, name: str) -> DistillConfig:
+    def distill_config(self, teacher_dir: str, k: int, seed: int, name: str) -> DistillConfig:
         check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=BENCH_OWNED)
         cfg = DistillConfig.from_dict({
             "teacher": os.path.join(teacher_dir, "checkpoint"), "student_steps": k, "batch_size": self.distill_batch,
             "steps": self.distill_steps, "seed": seed, "device": self.device, "out": "",
             "save_every": max(1, self.distill_steps // self.curve_points), **self.distill})
-        cfg.run.out = os.path.join(self.out, "students", f"{name}_k{k}_seed{seed}_{settings_key(cfg)}")
-        return cfg
+        return place(cfg, os.path.join(self.out, "students"), f"{name}_k{k}_seed{seed}")
 
 
 def _tv(model_fn, process, source, device: str, samples: int, steps: int, seed: int) -> dict:
@@ -128,30 +125,12 @@ def _tv(model_fn, process, source, device: str, samples: int, steps: int, seed: 
     return {"tv": d.value, "tv_stderr": d.stderr}
 
 
-def _cache_file(path: str, key: dict) -> str:
-    return os.path.join(path, f"tv_{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}.json")
-
-
-def _is_cached(path: str, key: dict) -> bool:
-    return os.path.exists(_cache_file(path, key))
-
-
-def _cached(path: str, key: dict, compute) -> dict:
-    """``compute()``'s result, cached in the JSON file ``path`` under ``key`` (what produced it)."""
-    file = _cache_file(path, key)
-    if os.path.exists(file):
-        with open(file) as f:
-            return json.load(f)["result"]
-    result = compute()
-    write_json_atomic(file, {"key": key, "result": result})
-    return result
-
-
 def _teacher_tv(cfg: BenchConfig, out: str, teacher_fn, process, source, steps: int) -> dict:
     """The teacher's TV at ``steps`` from one sampling seed (its spread over seeds is about its
     sampling standard error), cached in its directory."""
     key = {"steps": steps, "samples": cfg.samples, "seed": cfg.seed + 1}
-    r = _cached(out, key, partial(_tv, teacher_fn, process, source, cfg.device, cfg.samples, steps, cfg.seed + 1))
+    r = cached(keyed_file(out, "tv", key), partial(_tv, teacher_fn, process, source, cfg.device, cfg.samples, steps,
+                                                   cfg.seed + 1))
     return {"mean": r["tv"], "stderr": r["tv_stderr"]}
 
 
@@ -168,13 +147,12 @@ def verdict(student: dict, teacher: dict) -> str:
     return "reaches" if student["mean"] <= teacher["mean"] + 2 * se else "short"
 
 
-def run_student(cfg: BenchConfig, src: str, process_name: str, tag: str, k: int, seed: int, progress: bool) -> dict:
-    """Distill one student (resuming), reading its TV at ``curve_points`` points of training
-    (a reading not cached when the run was already past its point is left out of the curve)."""
-    tcfg = cfg.teacher_config(src, process_name)
-    dcfg = cfg.distill_config(tcfg.run.out, process_name, k, seed, f"{src}_{process_name}_{tag}")
+def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int, seed: int, progress: bool) -> dict:
+    """Distill one student of the teacher ``tcfg`` on ``source`` (resuming), reading its TV at
+    ``curve_points`` points of training (a reading not cached when the run was already past its
+    point is left out of the curve)."""
+    dcfg = cfg.distill_config(tcfg.run.out, k, seed, name)
     checkpoint = os.path.join(dcfg.run.out, "checkpoint")
-    source = make_source(tcfg.source)
     curve, train_seconds = [], 0.0
     for i in range(1, cfg.curve_points + 1):
         at = cfg.distill_steps * i // cfg.curve_points
@@ -184,12 +162,12 @@ def run_student(cfg: BenchConfig, src: str, process_name: str, tag: str, k: int,
         done = read_state(checkpoint)["step"] if checkpoint_exists(checkpoint) else 0
         if done < at:
             train_seconds = distill(dcfg, progress=progress, stop_at=at)["train_seconds"]
-        elif done > at and not _is_cached(dcfg.run.out, key):
+        elif done > at and not os.path.exists(keyed_file(dcfg.run.out, "tv", key)):
             continue  # the weights of that point are gone
         student, process, state = load_student(checkpoint, device=cfg.device)
         train_seconds = state.get("train_seconds", train_seconds)
-        reading = _cached(dcfg.run.out, key, partial(_tv, student_fn(student, seed + 2), process, source, cfg.device,
-                                                     samples, k, cfg.seed + 1 + seed))
+        reading = cached(keyed_file(dcfg.run.out, "tv", key), partial(
+            _tv, student_fn(student, seed + 2), process, source, cfg.device, samples, k, cfg.seed + 1 + seed))
         curve.append({"step": at, **reading})
     return {"seed": seed, "tv": curve[-1]["tv"], "curve": curve, "train_seconds": train_seconds,
             "entropy": _read_log(os.path.join(dcfg.run.out, "log.jsonl")), "out": dcfg.run.out}
@@ -223,7 +201,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
             teacher_fn = lambda z, t, m=teacher: m(z, t)  # noqa: E731
             log(f"{src} {kind}: teacher ready ({time.perf_counter() - t0:.0f} s)")
             for k in cfg.ks:
-                students = [run_student(cfg, src, kind, name_tag, k, seed, progress)
+                students = [run_student(cfg, tcfg, source, f"{src}_{kind}_{name_tag}", k, seed, progress)
                             for seed in cfg.seeds]
                 row = {"source": src, "process": kind, "k": k, "distill": cfg.distill,
                        "teacher_k": _teacher_tv(cfg, tcfg.run.out, teacher_fn, process, source, k),

@@ -126,7 +126,7 @@ class ExternalDenoiser(nn.Module):
     def noise_targets(self) -> list[nn.Module]:
         """The submodules whose outputs the noise projections are added to: those named in
         ``noise_module`` (comma-separated dotted names), by default the input embeddings."""
-        names = [n.strip() for n in self.config.noise_module.split(",") if n.strip()]
+        names = self._noise_module_names()
         if names:
             found = []
             for name in names:
@@ -144,9 +144,13 @@ class ExternalDenoiser(nn.Module):
                              "whose output the generator's noise should be added to")
         return [embed]
 
+    def _noise_module_names(self) -> list[str]:
+        """The submodules named in ``noise_module`` (comma-separated), none for the default."""
+        return [n.strip() for n in self.config.noise_module.split(",") if n.strip()]
+
     def _target_names(self) -> list[str]:
-        names = [n.strip() for n in self.config.noise_module.split(",") if n.strip()]
-        return names or ["the input embeddings"]
+        """How the error messages name the noise targets."""
+        return self._noise_module_names() or ["the input embeddings"]
 
     @torch.no_grad()
     def _output_widths(self, targets: list[nn.Module]) -> list[int]:
@@ -198,7 +202,7 @@ class ExternalDenoiser(nn.Module):
             raise ValueError("this model already has a noise input")
         if dim < 1:
             raise ValueError(f"noise_dim must be >= 1, got {dim}")
-        before = dict(self.config.to_dict())
+        before = self.config.to_dict()
         self.config.noise_dim, self.config.noise_per = dim, per
         if module is not None:
             self.config.noise_module = module
