@@ -74,6 +74,14 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
                 row.pop("distill_seconds")
     assert again["parts"] == result["parts"] and again["verdicts"] == v
 
+    # the digits jobs only read the classifier (both start at once): held by another run, they go on
+    from dmmd.apps.image_study import classifier_config
+    from dmmd.training.loop import OutputLock
+
+    cfg = part_configs(DemoConfig.from_dict({"out": out}), quick=True)["digits"]
+    with OutputLock(classifier_config(cfg).run.out):
+        demo_digits.run_process_job(cfg, "masked", progress=False, log=lambda *_: None)
+
 
 def test_quick_text_demo_end_to_end_and_resume(tmp_path, capsys):
     top = str(tmp_path / "demo")

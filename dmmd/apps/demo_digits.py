@@ -36,8 +36,8 @@ def prepare(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> None:
 
 
 def run_process_job(cfg: ImageStudyConfig, process: str, *, progress: bool = True, log=print) -> None:
-    """One process's teacher, FIDs and students (after :func:`prepare`)."""
-    run_process(cfg, process, Scorer(cfg, progress=progress), progress=progress, log=log)
+    """One process's teacher, FIDs and students (after :func:`prepare`, whose classifier it reads)."""
+    run_process(cfg, process, Scorer(cfg, progress=progress, train=False), progress=progress, log=log)
 
 
 def _fid(e: tuple[float, float]) -> str:

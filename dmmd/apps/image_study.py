@@ -29,6 +29,7 @@ from dmmd.data.images import save_grid
 from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
 from dmmd.metrics.evaluate import ImageFID
+from dmmd.models.image_classifier import CONFIG_FILE, is_classifier
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
 from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
@@ -150,16 +151,24 @@ def fid_file(cfg: ImageStudyConfig, stage_dir: str, name: str) -> str:
 
 class Scorer:
     """FID of token images against every training image, under the data's feature classifier
-    (trained on first use, resumable, under ``out/classifier-<key>``)."""
+    (trained on first use, resumable, under ``out/classifier-<key>``). With ``train=False`` the
+    finished classifier is only read: what jobs running side by side do, since training (or
+    resuming) takes the classifier's output directory for itself."""
 
-    def __init__(self, cfg: ImageStudyConfig, *, progress: bool):
-        result = train_reference(classifier_config(cfg), progress=progress)
-        self.accuracy = result["val_accuracy"]
+    def __init__(self, cfg: ImageStudyConfig, *, progress: bool, train: bool = True):
         self.source = make_source(teacher_config(cfg, "masked").source)
-        self.fid = ImageFID(result["model"], self.source)
-        data_grid = os.path.join(cfg.out, "grids", "data.png")
-        if not os.path.exists(data_grid):  # written once (processes may run side by side)
-            save_grid(self.source.to_images(self.source.split("val")[:GRID]), data_grid)
+        if train:
+            result = train_reference(classifier_config(cfg), progress=progress)
+            self.accuracy, path = result["val_accuracy"], result["model"]
+            data = self.source.to_images(self.source.split("val")[:GRID])
+            save_grid(data, os.path.join(cfg.out, "grids", "data.png"))
+        else:
+            path = os.path.join(classifier_config(cfg).run.out, "model")
+            if not is_classifier(path):
+                raise RuntimeError(f"the FID classifier {path} is not trained yet (train it first: Scorer(train=True))")
+            with open(os.path.join(path, CONFIG_FILE)) as f:
+                self.accuracy = json.load(f)["val_accuracy"]
+        self.fid = ImageFID(path, self.source)
 
     def __call__(self, x: torch.Tensor, seed: int) -> dict:
         d = self.fid(x, seed=seed)
