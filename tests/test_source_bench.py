@@ -88,6 +88,10 @@ def test_short_benchmark_runs_and_caches_by_settings(tmp_path):
     assert os.listdir(tmp_path / "teachers") == teachers
     assert len(os.listdir(tmp_path / "students")) == len(students) + 1
     assert lever["teacher_k"] == row["teacher_k"]
+    # results are named by what the students change, their length included
+    tags = {BenchConfig().tag(), BenchConfig(distill_steps=6000).tag(), BenchConfig(distill_batch=64).tag(),
+            BenchConfig(distill={"noise_per": "token"}).tag()}
+    assert len(tags) == 4 and BenchConfig().tag() == "defaults"
     with pytest.raises(ValueError, match="distill: 'seed' is a benchmark option: seeds"):
         BenchConfig(distill={"seed": 3}).validate()
     with pytest.raises(ValueError, match="sources: unknown"):

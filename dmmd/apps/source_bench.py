@@ -99,8 +99,13 @@ class BenchConfig(Options):
                 self.distill_config("teacher", k, self.seeds[0], "").validate(process)
 
     def tag(self) -> str:
-        """What names this run's students and results: ``defaults``, or a hash of ``distill``."""
-        return settings_key(DistillConfig.from_dict(self.distill)) if self.distill else "defaults"
+        """What names this run's students and results: ``defaults``, else a hash of ``distill``
+        (and of the students' steps and batch where they are not the benchmark's defaults)."""
+        base = type(self)()
+        tag = settings_key(DistillConfig.from_dict(self.distill)) if self.distill else "defaults"
+        if (self.distill_steps, self.distill_batch) == (base.distill_steps, base.distill_batch):
+            return tag
+        return settings_key({"distill": tag, "steps": self.distill_steps, "batch": self.distill_batch})
 
     def teacher_config(self, source: str, process: str) -> TeacherConfig:
         cfg = TeacherConfig.from_dict(dict(
