@@ -159,3 +159,30 @@ def test_uniform_denoiser_has_no_carry_over(gen):
     model = _tiny("uniform")
     z = torch.randint(0, 7, (2, 12), generator=gen)
     assert torch.isfinite(model(z, torch.rand(2, generator=gen))).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 2, 5)])
+def test_masked_output_rule_is_never_the_mask_and_carries_revealed_tokens(shape):
+    # against the rule written out token by token, for the values and the gradient
+    from dmmd.diffusion.processes import masked_output_rule
+
+    V, mask = 9, 4
+    g = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randn(*shape, V, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randint(0, V, shape, generator=g)
+    z.view(-1)[0] = mask  # at least one masked position
+    out = masked_output_rule(logits, z, mask)
+    want = logits.detach().clone()
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in shape)).reshape(-1, len(shape)):
+        row = tuple(idx.tolist())
+        want[row][mask] = -math.inf
+        if z[row] != mask:
+            want[row][:] = -math.inf
+            want[row][z[row]] = 0.0
+    assert torch.equal(out.detach(), want)
+    out.where(torch.isfinite(out), 0.0).sum().backward()
+    assert torch.equal(logits.grad, ((z == mask).unsqueeze(-1) & (torch.arange(V) != mask)).double())
+    proc = DiffusionProcess("masked", V, mask_id=mask)
+    assert torch.equal(proc.output_rule(logits, z), out) and torch.equal(proc.undecided(z), z == mask)
+    uniform = DiffusionProcess("uniform", V)
+    assert uniform.output_rule(logits, z) is logits and bool(uniform.undecided(z).all())

@@ -31,6 +31,19 @@ def _generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def masked_output_rule(logits: torch.Tensor, z_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Masked diffusion's output rule on logits ``[..., L, V]`` at ``z_t [..., L]``: never the
+    mask class; an unmasked position is its own token (one finite logit, 0). The one
+    implementation, used by every model and the distiller; one new ``[..., V]`` tensor (the
+    copy), the rest is written in place."""
+    out = logits.clone()
+    out[..., mask_id] = float("-inf")
+    unmasked = z_t != mask_id
+    out[unmasked] = float("-inf")
+    out[(*unmasked.nonzero(as_tuple=True), z_t[unmasked])] = 0.0
+    return out
+
+
 @dataclass
 class DiffusionProcess:
     """A discrete diffusion process over ``num_classes`` classes.
@@ -81,6 +94,20 @@ class DiffusionProcess:
         denominator is clamped at 1e-6, where ``t -> 0``)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return -self._sched.dalpha(t) / (1 - self._sched.alpha(t)).clamp_min(1e-6)
+
+    # ------------------------------------------------------------------ what a model may output
+
+    def output_rule(self, logits: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """A denoiser's logits at ``z_t`` under the process's rule: masked, never the mask and
+        revealed tokens carried over (:func:`masked_output_rule`); uniform, as they are."""
+        return masked_output_rule(logits, z_t, self.mask_id) if self.kind == "masked" else logits
+
+    def undecided(self, z: torch.Tensor) -> torch.Tensor:
+        """Where a denoiser still has a choice at ``z`` (bool, ``z``'s shape): the masked
+        positions; every position in uniform diffusion."""
+        if self.kind == "masked":
+            return z == self.mask_id
+        return torch.ones_like(z, dtype=torch.bool)
 
     # ------------------------------------------------------------------ forward process
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmmd.diffusion.processes import masked_output_rule
+
 NOISE_PER = ("token", "sequence", "pyramid")  # one noise vector per token, per sequence, or a 2-D pyramid
 # the noise's projection at the embedding, also before every block, or that and into the adaLN conditioning
 NOISE_INTO = ("embedding", "blocks", "conditioning")
@@ -84,17 +86,6 @@ def block_causal_mask(length: int, block_size: int, device=None) -> torch.Tensor
     """Bool ``[L, L]``: True where query ``i`` may attend key ``j`` (``block(j) <= block(i)``)."""
     block = torch.arange(length, device=device) // block_size
     return block.unsqueeze(0) <= block.unsqueeze(1)
-
-
-def carry_over(logits: torch.Tensor, z_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Masked diffusion's output rule: never the mask class; an unmasked position is its own
-    token (one finite logit)."""
-    logits = logits.clone()
-    logits[..., mask_id] = float("-inf")
-    unmasked = (z_t != mask_id).unsqueeze(-1)
-    own = F.one_hot(z_t, logits.shape[-1]).bool()
-    carried = torch.where(own, torch.zeros_like(logits), torch.full_like(logits, float("-inf")))
-    return torch.where(unmasked, carried, logits)
 
 
 class Block(nn.Module):
@@ -191,7 +182,7 @@ class Denoiser(nn.Module):
         if logits.dtype != torch.float64:  # float64 models (test oracles) stay float64
             logits = logits.float()
         if cfg.process == "masked":
-            logits = carry_over(logits, z_t, cfg.mask_id)
+            logits = masked_output_rule(logits, z_t, cfg.mask_id)
         return logits
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor]:

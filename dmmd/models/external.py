@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from dmmd.models.denoiser import NOISE_PER, carry_over
+from dmmd.diffusion.processes import masked_output_rule
+from dmmd.models.denoiser import NOISE_PER
 
 
 @dataclass
@@ -281,7 +282,7 @@ class ExternalDenoiser(nn.Module):
         if cfg.never:
             logits = logits.index_fill(-1, torch.tensor(cfg.never, device=logits.device), float("-inf"))
         if cfg.process == "masked":
-            logits = carry_over(logits, z_t, cfg.mask_id)
+            logits = masked_output_rule(logits, z_t, cfg.mask_id)
         return logits
 
     def head_layer(self) -> nn.Linear | None:

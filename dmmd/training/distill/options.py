@@ -1,0 +1,148 @@
+"""The options of a distillation run (:class:`DistillConfig`, saved with its checkpoints) and the
+defaults that differ by diffusion process. Imports nothing of the distiller."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dmmd.data import DataConfig
+from dmmd.models.denoiser import NOISE_INTO, NOISE_PER
+from dmmd.options import Options, nested, option
+from dmmd.training.loop import RunConfig
+
+WEIGHTS = ("constant", "elbo")
+FORMS = ("xhat", "posterior")
+
+
+# The defaults that differ by process, chosen on the exact-source study over seeds (README,
+# "D-MMD on a source with an exactly known distribution"): a None option takes its process's.
+PROCESS_DEFAULTS = {
+    "masked": {"lr_schedule": "cosine", "soft_target": True, "noise_dim": 32, "noise_init": 0.1,
+               "noise_into": "blocks"},
+    "uniform": {"lr_schedule": "constant", "soft_target": False, "noise_dim": 0, "noise_init": 0.02,
+                "noise_into": "embedding"},
+}
+LR_SCHEDULES = ("constant", "cosine")
+# From this many classes on, the distiller takes the fused linear losses by default (their
+# chunking saves the [rows, V] logits; below it the whole logits are small and one matmul each
+# is simpler).
+FUSED_MIN_CLASSES = 16384
+
+
+def _per_process(name: str) -> str:
+    """The help's note on a per-process default."""
+    return " (default: " + ", ".join(f"{PROCESS_DEFAULTS[k][name]} for {k}" for k in PROCESS_DEFAULTS) + ")"
+
+
+@dataclass
+class DistillConfig(Options):
+    """Everything a distillation run needs; saved in its checkpoints."""
+
+    teacher: str = option("runs/teacher/checkpoint", "the teacher: a checkpoint directory from train-teacher, or a "
+                                                     "transformers masked-LM directory (save_pretrained)")
+    mask_id: int | None = option(None, "a transformers teacher: its mask token id (default: the mask token of the "
+                                       "tokenizer saved with it)")
+    source: DataConfig = nested(DataConfig, data="")
+    student_steps: int = option(4, "k, the student's sampling steps")
+    teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
+    aux_per_gen: int = option(2, "auxiliary-model steps after each generator step")
+    lr_gen: float = option(3e-4, "AdamW learning rate of the generator")
+    lr_aux: float = option(1e-3, "AdamW learning rate of the auxiliary model")
+    lr_schedule: str | None = option(None, "learning rates after the warm-up: constant, or cosine (decay to a tenth "
+                                           "at the last step)" + _per_process("lr_schedule"))
+    beta1: float = option(0.0, "AdamW beta1 of both optimizers")
+    beta2: float = option(0.99, "AdamW beta2 of both optimizers")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    ema: float = option(0.99, "decay of the generator's exponential moving average")
+    weight: str = option("constant", "loss weight w(s): constant, or elbo (-alpha'(s) / (1 - alpha(s)))")
+    soft_target: bool | None = option(None, "masked diffusion: train the auxiliary model on x_hat_eta(z_t) "
+                                            "instead of the sample x" + _per_process("soft_target"))
+    temperature: float = option(1.0, "teacher temperature (paper section 3.3)")
+    top_p: float = option(1.0, "teacher top-p, applied as a soft mask")
+    delta: float = option(2.0, "logit drop outside the teacher's top-p nucleus")
+    noise_dim: int | None = option(None, "Gaussian noise input of the generator" + _per_process("noise_dim"))
+    # One noise vector per sequence (shared by its tokens) and a small random initial projection:
+    # with a zero projection the expected gradient towards using the noise is zero, and in the
+    # masked Markov study (2026-11-28) masked generators left per-token noise unused.
+    noise_init: float | None = option(None, "std of the generator's initial noise projections (0: the generator "
+                                            "starts exactly as the teacher)" + _per_process("noise_init"))
+    noise_per: str | None = option(None, "token: independent noise per token; sequence: one noise vector shared "
+                                         "by a sequence's tokens; pyramid (images): Gaussian maps at halving "
+                                         "resolutions, upsampled, one vector per pixel (default: pyramid for "
+                                         "image teachers, else sequence)")
+    noise_into: str | None = option(None, "where the noise's projections enter: the input embedding, also "
+                                          "the residual stream before every block (blocks), or that and the time "
+                                          "conditioning of every block's adaptive LayerNorm (conditioning)"
+                                    + _per_process("noise_into"))
+    noise_module: str = option("", "a transformers (or your own) teacher: the submodule, by dotted name, whose "
+                                   "output the noise projection is added to (default: its input embeddings)")
+    fused_losses: bool | None = option(None, "eq. 11/12 through the fused linear losses (dmmd_ops.linear_*): the "
+                                             "logits made chunk by chunk from the models' final hidden states and "
+                                             "output layers, never [rows, V] at once (default: on when V >= "
+                                             f"{FUSED_MIN_CLASSES} and the models expose their output layer; not with "
+                                             "form='posterior')")
+    form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
+    posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
+    draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
+    collapse_entropy: float = option(0.02, "warn when the generator's output entropy (nats) falls below this")
+    dropout: bool = option(False, "keep the models' dropout on while training generator and auxiliary model "
+                                  "(train mode); its masks come from the global random state, so a resumed run is "
+                                  "no longer bit-identical and torchrun no longer equals one process")
+    run: RunConfig = nested(RunConfig, batch_size=64, steps=2000, warmup=50, save_every=500, out="runs/student")
+
+    def validate(self, kind: str | None = None) -> None:
+        """Raise ``ValueError`` naming the first option out of its domain, or (given the
+        process ``kind``, ``"masked"`` or ``"uniform"``) the first that does not fit it."""
+        if self.student_steps < 1:
+            raise ValueError(f"student_steps must be >= 1, got {self.student_steps}")
+        if self.aux_per_gen < 1:
+            raise ValueError(f"aux_per_gen must be >= 1, got {self.aux_per_gen}")
+        if self.weight not in WEIGHTS:
+            raise ValueError(f"weight must be one of {WEIGHTS}, got {self.weight!r}")
+        if self.form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.delta >= 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        for name in ("lr_gen", "lr_aux"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "ema"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.noise_per is not None and self.noise_per not in NOISE_PER:
+            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.noise_per!r}")
+        if self.noise_into is not None and self.noise_into not in NOISE_INTO:
+            raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {self.noise_into!r}")
+        if self.noise_dim is not None and self.noise_dim < 0:
+            raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
+        if self.noise_init is not None and self.noise_init < 0:
+            raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
+        if self.mask_id is not None and self.mask_id < 0:
+            raise ValueError(f"mask_id must be >= 0, got {self.mask_id}")
+        if self.draw_block < 1:
+            raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
+        if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
+            raise ValueError(f"posterior_ds must be in (0, 1], got {self.posterior_ds}")
+        self.run.validate()
+        if kind == "uniform" and self.soft_target:
+            raise ValueError("soft_target is only valid for masked diffusion: a uniform z_s is "
+                             "consistent with the hard x only (paper section 3.2)")
+        if self.form == "posterior" and kind is not None and kind != "uniform":
+            raise ValueError("form='posterior' (Appendix D) is for uniform diffusion")
+
+    def for_process(self, kind: str, image: bool = False) -> DistillConfig:
+        """A copy whose unset (None) per-process options take ``kind``'s defaults
+        (:data:`PROCESS_DEFAULTS`; noise per pixel pyramid for an ``image`` teacher, else per
+        sequence), validated for ``kind``."""
+        if kind not in PROCESS_DEFAULTS:
+            raise ValueError(f"process must be one of {tuple(PROCESS_DEFAULTS)}, got {kind!r}")
+        defaults = {**PROCESS_DEFAULTS[kind], "noise_per": "pyramid" if image else "sequence"}
+        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        cfg = self.replace(**unset) if unset else self
+        cfg.validate(kind)
+        return cfg

@@ -1,0 +1,126 @@
+"""A distillation run: Algorithm 1's steps under the run loop (:class:`dmmd.training.loop.RunLoop`:
+resume, schedules, EMA, checkpoints, DDP), for a teacher named by a path (:func:`distill`), a
+model given in Python (:func:`distill_model`) or one already loaded (:func:`distill_teacher`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.models.denoiser import Denoiser
+from dmmd.models.external import ExternalDenoiser
+from dmmd.training.distill.algorithm import Distiller, draw_batch
+from dmmd.training.distill.monitor import CollapseMonitor
+from dmmd.training.distill.options import DistillConfig
+from dmmd.training.distill.teachers import DistillTeacher, load_distill_teacher, student_state
+from dmmd.training.loop import RunLoop, Trained, Update, run_context, warmup_constant, warmup_cosine
+from dmmd.training.masked_lm import is_masked_lm, save_masked_lm
+
+
+def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Distill (or resume) a student of the teacher ``cfg.teacher``; returns ``{"step",
+    "checkpoint", "seconds", "metrics"}`` (and ``"student"``: the transformers directory of a
+    transformers teacher's student).
+
+    Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
+    ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``; for a
+    transformers teacher also ``OUT/student/`` (the EMA generator, ``save_pretrained``, with
+    its tokenizer and noise weights) at the end of the run.
+    """
+    cfg.validate()
+    return distill_teacher(load_distill_teacher(cfg), cfg, resume=resume, progress=progress, stop_at=stop_at)
+
+
+def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess, source, cfg: DistillConfig, *,
+                  resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
+    """Distill a teacher given in Python: ``model`` (dmmd's denoiser, or any model wrapped by
+    :func:`dmmd.models.external.as_denoiser`), its ``process`` and ``source`` (``.sample(batch,
+    generator) -> [batch, L]`` clean token ids); ``cfg.teacher`` is not read. Same outputs as
+    :func:`distill`; :func:`load_student` with ``model=`` your module class's instance loads the
+    student back. ``model`` is the teacher itself, not a copy (a large teacher is not held
+    twice): during the run it is in eval mode, frozen and on the run's device; afterwards its
+    train/eval mode, its parameters' ``requires_grad`` and its device are as they were."""
+    if not isinstance(model, Denoiser | ExternalDenoiser):
+        raise ValueError(f"model: a {type(model).__name__} is not a denoiser yet; wrap it first: "
+                         f"dmmd.models.as_denoiser(model, num_classes=...)")
+    cfg.validate()
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    where = next((p.device for p in model.parameters()), None)
+    try:
+        return distill_teacher(DistillTeacher(model, process, source), cfg, resume=resume, progress=progress,
+                               stop_at=stop_at)
+    finally:  # the caller's module as it came
+        if where is not None:
+            model.to(where)
+        for m, training in modes.items():
+            m.training = training
+        for p, wanted in grads.items():
+            p.requires_grad_(wanted)
+
+
+def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool = True, progress: bool = True,
+                    stop_at: int | None = None) -> dict:
+    """Algorithm 1 under the run loop, for a loaded teacher (see :func:`distill`)."""
+    # unset per-process options take the teacher's process's defaults (and are saved resolved)
+    process, source = teacher.process, teacher.source
+    run = cfg.run
+    d = Distiller(teacher.model, process, cfg)  # every option checked against the teacher before any work
+    cfg = d.cfg
+    ctx = run_context(run)
+    for m in (d.teacher, d.generator, d.aux, d.ema):
+        m.to(ctx.device)
+    per_rank = run.batch_size // ctx.world
+    if per_rank % d.draw_block:
+        raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
+                         f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
+    d.check_fused_head(draw_batch(source, process, cfg, d.noise_dim, 0))  # before any work
+    betas = (cfg.beta1, cfg.beta2)
+    opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
+    opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
+    def schedule(lr: float):
+        if cfg.lr_schedule == "cosine":
+            return warmup_cosine(lr, run.warmup, run.steps)
+        return warmup_constant(lr, run.warmup)
+
+    trained = {
+        "generator": Trained(d.generator, opt_gen, schedule(cfg.lr_gen), ema=d.ema, ema_decay=cfg.ema,
+                             opt_name="opt_gen", label="gen"),
+        "aux": Trained(d.aux, opt_aux, schedule(cfg.lr_aux), opt_name="opt_aux", label="aux"),
+    }
+
+    def postfix(record: dict, metrics: dict) -> dict:
+        if "gen_loss" not in record:
+            return {}
+        return {"gen": f"{record['gen_loss']:.4f}", "H": f"{record['gen_entropy']:.3f}"}
+
+    loop = RunLoop(run, ctx, trained, name=f"distill k={cfg.student_steps}", postfix=postfix,
+                   state=lambda done: student_state(d, cfg, teacher), settings=cfg.to_dict())
+    if resume:
+        loop.resume()
+    nets = loop.wrap_ddp()
+    d.gen_net, d.aux_net = nets["generator"], nets["aux"]
+    monitor = CollapseMonitor(cfg.collapse_entropy)
+    rows = ctx.rows(run.batch_size)
+
+    def step(i: int) -> Update:
+        batch = draw_batch(source, process, cfg, d.noise_dim, i).take(rows, ctx.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            if d.is_generator_step(i):
+                loss, stats, model = *d.generator_loss(batch, i), "generator"
+            else:
+                loss, stats, model = *d.aux_loss(batch, i), "aux"
+        if monitor.update(stats):
+            stats["collapse_warning"] = True
+        return Update(loss, model, stats)
+
+    result = loop.run(step, progress=progress, stop_at=stop_at)
+    if is_masked_lm(d.ema):
+        if ctx.rank == 0:  # the student as its teacher came: a transformers directory
+            result["student"] = os.path.join(run.out, "student")
+            save_masked_lm(d.ema, result["student"], tokenizer=teacher.tokenizer,
+                           meta={"kind": "student", "process": "masked", "schedule": process.schedule_name,
+                                 "source": None if teacher.data is None else teacher.data.to_dict(),
+                                 "student_steps": cfg.student_steps, "step": result["step"]})
+    return result

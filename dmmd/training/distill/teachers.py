@@ -1,0 +1,111 @@
+"""What a distillation reads and writes: the teacher to distil (a dmmd checkpoint, a transformers
+masked-LM directory, or a model given in Python) with its process and data
+(:func:`load_distill_teacher`), the state saved with a student, and the student loaded back
+(:func:`load_student`). Imports the options, never the algorithm or the run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dmmd.data import DataConfig, make_source
+from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.models.denoiser import Denoiser
+from dmmd.models.external import ExternalDenoiser
+from dmmd.training.checkpoint import load_tensors, read_state
+from dmmd.training.distill.options import DistillConfig
+from dmmd.training.masked_lm import is_masked_lm_dir, load_masked_lm, read_meta
+from dmmd.training.teacher import TeacherConfig, load_teacher, model_state, rebuild_model
+
+if TYPE_CHECKING:
+    from dmmd.training.distill.algorithm import Distiller
+
+@dataclass
+class DistillTeacher:
+    """A teacher ready to distil: the model, its process, the data and what describes them."""
+
+    model: Denoiser | ExternalDenoiser
+    process: DiffusionProcess
+    source: object                        # what draws the clean data (``.sample(batch, generator)``)
+    data: DataConfig | None = None        # the source's config (None: a source given in Python)
+    teacher_config: dict | None = None    # a dmmd teacher's TeacherConfig
+    tokenizer: object = None              # a transformers teacher's, saved with the student
+
+
+def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> DistillTeacher:
+    """The teacher ``cfg.teacher`` names (a dmmd checkpoint or a transformers masked-LM
+    directory), its process and the data to distil on; every mismatch a ``ValueError`` naming it."""
+    if is_masked_lm_dir(cfg.teacher):
+        if cfg.teacher_raw_weights:
+            raise ValueError(f"teacher_raw_weights: the transformers directory {cfg.teacher} holds one set of weights")
+        model, tokenizer, meta = load_masked_lm(cfg.teacher, mask_id=cfg.mask_id, device=str(device))
+        if cfg.source.data:
+            data = DataConfig.from_dict(cfg.source.to_dict())
+        elif meta.get("source"):  # the data dmmd trained it on, with the data options given
+            data = DataConfig.from_dict({**meta["source"], **{name: getattr(cfg.source, name)
+                                                              for name in _data_options_set(cfg)}})
+        else:
+            raise ValueError(f"data: give the data to distil the transformers teacher {cfg.teacher} on (--data, "
+                             f"--length; a .bin of its tokenizer's ids with --vocab-size)")
+        source = make_source(data)
+        mc = model.config
+        if source.vocab_size > mc.num_classes:
+            raise ValueError(f"data: its {source.vocab_size} token ids do not fit the teacher's {mc.num_classes} "
+                             f"classes")
+        if mc.length is not None and data.length > mc.length:
+            raise ValueError(f"length: the teacher takes at most {mc.length} tokens, got {data.length}")
+        process = DiffusionProcess("masked", mc.num_classes, meta.get("schedule", "loglinear"), mask_id=mc.mask_id)
+        return DistillTeacher(model, process, source, data, None, tokenizer)
+    changed = _data_options_set(cfg)
+    if changed:
+        raise ValueError(f"{changed[0]}: the dmmd teacher checkpoint {cfg.teacher} distils on the data it was "
+                         f"trained on (data options are for a transformers teacher)")
+    model, process, state = load_teacher(cfg.teacher, use_ema=not cfg.teacher_raw_weights, mask_id=cfg.mask_id,
+                                         device=str(device))
+    tcfg = TeacherConfig.from_dict(state["config"])
+    return DistillTeacher(model, process, make_source(tcfg.source), tcfg.source, tcfg.to_dict())
+
+
+def _data_options_set(cfg: DistillConfig) -> list[str]:
+    """The data options ``cfg`` sets (those that differ from their defaults)."""
+    return [f.name for f, default in DataConfig.flat_fields(DistillConfig().source)
+            if getattr(cfg.source, f.name) != default]
+
+
+def student_state(d: Distiller, cfg: DistillConfig, teacher: DistillTeacher) -> dict:
+    """The JSON state saved with a student: what :func:`load_student` needs to rebuild it."""
+    return {"kind": "student", "config": cfg.to_dict(), "teacher_config": teacher.teacher_config,
+            "source": None if teacher.data is None else teacher.data.to_dict(),
+            "schedule": d.process.schedule_name, **model_state(d.generator)}
+
+
+def is_student(path: str) -> bool:
+    if is_masked_lm_dir(path):
+        return read_meta(path).get("kind") == "student"
+    return read_state(path).get("kind") == "student"
+
+
+def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model: torch.nn.Module | None = None
+                 ) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
+    """A distilled generator (EMA weights by default), its process and its state, from a run's
+    checkpoint or a transformers student directory (``OUT/student``). A student of your own
+    module (:func:`distill_model`) needs ``model``: an instance of that module's class, whose
+    weights are replaced by the student's."""
+    if is_masked_lm_dir(path):
+        student, _, meta = load_masked_lm(path, device=device)
+        if meta.get("kind") != "student":
+            raise ValueError(f"{path} is not a D-MMD student (see dmmd distill)")
+        if not use_ema:
+            raise ValueError(f"{path} holds the student's EMA weights only; the raw generator is in its run's "
+                             f"checkpoint")
+        mc = student.config
+        return student, DiffusionProcess("masked", mc.num_classes, meta["schedule"], mask_id=mc.mask_id), meta
+    state = read_state(path)
+    if state.get("kind") != "student":
+        raise ValueError(f"{path} is not a D-MMD student checkpoint (see dmmd distill)")
+    student = rebuild_model(state, module=model)
+    student.load_state_dict(load_tensors(path, "ema" if use_ema else "generator"))
+    mc = student.config
+    process = DiffusionProcess(mc.process, mc.num_classes, state["schedule"], mask_id=mc.mask_id)
+    return student.to(device).eval(), process, state
