@@ -18,6 +18,7 @@ from dmmd.data import make_source
 from dmmd.diffusion.processes import DiffusionProcess
 from dmmd.diffusion.sampling import sample
 from dmmd.models.denoiser import Denoiser, DenoiserConfig
+from dmmd.models.noise import NoiseSpec
 from dmmd.training.checkpoint import load_tensors
 from dmmd.training.distill import (
     CollapseMonitor,
@@ -95,7 +96,7 @@ def _setup(kind, **cfg_kw):
     d = Distiller(teacher, process, cfg)
     _perturb(d.generator, 0.2, 1)  # generator and aux away from the teacher: non-trivial gradients
     _perturb(d.aux, 0.2, 2)
-    batch = draw_batch(_Source(process.data_classes, 5), process, d.cfg, d.noise_dim, step=4)
+    batch = draw_batch(_Source(process.data_classes, 5), process, d.cfg, d.noise, step=4)
     return d, process, d.cfg, batch
 
 
@@ -226,7 +227,7 @@ def test_fixed_point_gives_zero_generator_gradient(kind):
     teacher, process = _tiny_models(kind)
     cfg = DistillConfig.from_dict(dict(batch_size=6, student_steps=2, draw_block=3, noise_dim=0))
     d = Distiller(teacher, process, cfg)
-    batch = draw_batch(_Source(process.data_classes, 5), process, cfg, 0, step=0)
+    batch = draw_batch(_Source(process.data_classes, 5), process, cfg, None, step=0)
     loss, _ = d.generator_loss(batch, 0)
     loss.backward()
     assert float(loss.detach()) == 0.0
@@ -242,7 +243,7 @@ def test_fixed_point_gives_zero_generator_gradient(kind):
 def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     teacher, process = _tiny_models("masked")
     d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4)))
-    assert d.noise_dim == 32 and d.generator.config.noise_dim == 32
+    assert d.noise == NoiseSpec(32, "sequence", "blocks") == d.generator.noise_spec
     assert d.generator.config.noise_per == "sequence" and d.generator.config.noise_into == "blocks"
     projections = d.generator.noise_projections()
     assert len(projections) == 1 + teacher.config.depth  # the embedding's and one before each block
@@ -256,7 +257,14 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
     torch.testing.assert_close(d.aux(z, t), teacher(z, t))
     teacher_u, process_u = _tiny_models("uniform")
     d_u = Distiller(teacher_u, process_u, DistillConfig.from_dict(dict(batch_size=4)))
-    assert d_u.noise_dim == 0 and d_u.generator.noise_projections() == [] and not d_u.cfg.soft_target
+    assert d_u.noise is None and d_u.generator.noise_projections() == [] and not d_u.cfg.soft_target
+    # a generator is never called without its noise (it would silently be the teacher), nor with the wrong one
+    with pytest.raises(ValueError, match=r"noise: this model takes Gaussian noise \[B, L, 32\]"):
+        d.generator(z, t)
+    with pytest.raises(ValueError, match=r"noise: shape \[2, 5, 3\]; this model takes .* = \[2, 5, 32\]"):
+        d.generator(z, t, torch.zeros(2, 5, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="noise: this model has no noise input"):
+        teacher(z, t, noise)
     # noise_init > 0: a small random projection, the teacher again when the noise is zero
     d = Distiller(teacher, process, DistillConfig.from_dict(dict(batch_size=4, noise_dim=8, noise_init=0.1)))
     assert 0.05 < float(d.generator.noise_proj.weight.std()) < 0.2
@@ -299,11 +307,10 @@ def test_noise_per_sequence_is_shared_by_the_tokens():
     cfg = DistillConfig.from_dict(dict(batch_size=4, noise_dim=3, noise_per="sequence"))
     d = Distiller(teacher, process, cfg)
     assert d.generator.config.noise_per == "sequence"
-    b = draw_batch(_Source(7, 5), process, cfg, d.noise_dim, step=0)
+    b = draw_batch(_Source(7, 5), process, cfg, d.noise, step=0)
     assert b.noise.shape == (4, 5, 3) and torch.equal(b.noise, b.noise[:, :1].expand(4, 5, 3))
     assert not torch.equal(b.noise[0], b.noise[1])
-    token_cfg = DistillConfig.from_dict(dict(batch_size=4, noise_per="token"))
-    per_token = draw_batch(_Source(7, 5), process, token_cfg, 3, step=0).noise
+    per_token = draw_batch(_Source(7, 5), process, cfg, NoiseSpec(3, "token"), step=0).noise
     assert not torch.equal(per_token[:, 0], per_token[:, 1])
     seen = []
     d.generator.forward = lambda z, t, noise: seen.append(noise) or teacher(z, t)
@@ -316,7 +323,7 @@ def test_noise_per_sequence_is_shared_by_the_tokens():
 def test_times_follow_algorithm_1():
     teacher, process = _tiny_models("masked")
     cfg = DistillConfig.from_dict(dict(batch_size=4000, student_steps=4))
-    b = draw_batch(_Source(7, 5), process, cfg, 0, step=0)
+    b = draw_batch(_Source(7, 5), process, cfg, None, step=0)
     delta = b.t - b.s
     assert (b.s >= 0).all() and (b.s < 1).all() and (b.t <= 1).all() and (delta >= 0).all()
     assert float(delta.max()) <= 0.25 + 1e-12

@@ -146,7 +146,8 @@ def test_sample_writes_a_png_grid_for_image_data(tmp_path, capsys):
 
 def test_image_teachers_get_2d_positions_and_their_students_pyramid_noise(tmp_path):
     from dmmd.models.denoiser import Denoiser, DenoiserConfig
-    from dmmd.training.distill import DistillConfig, distill, draw_noise, load_student
+    from dmmd.models.noise import NoiseSpec
+    from dmmd.training.distill import DistillConfig, distill, load_student
     from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
     # positions: row + column + channel embeddings, in raster order with the channels last
@@ -161,7 +162,7 @@ def test_image_teachers_get_2d_positions_and_their_students_pyramid_noise(tmp_pa
     # the pyramid: levels 5x6, 3x3, 2x2, 1x1; a pixel's channels share its vector; coarse
     # levels are shared by neighbouring pixels, the finest is not
     g = torch.Generator().manual_seed(0)
-    noise = draw_noise(7, 5 * 6 * 2, 8, "pyramid", g, (5, 6, 2)).reshape(7, 5, 6, 2, 8)
+    noise = NoiseSpec(8, "pyramid").draw(7, 5 * 6 * 2, g, (5, 6, 2)).reshape(7, 5, 6, 2, 8)
     torch.testing.assert_close(noise[..., 0, :], noise[..., 1, :])
     fine, coarse, top = noise[..., 0, 0:2], noise[..., 0, 2:4], noise[..., 0, 6:8]
     assert not torch.equal(fine[:, 0, 0], fine[:, 0, 1])
@@ -169,7 +170,7 @@ def test_image_teachers_get_2d_positions_and_their_students_pyramid_noise(tmp_pa
     torch.testing.assert_close(top[:, 0, 0], top[:, 4, 5])  # 1x1: one vector per image
     assert abs(float(noise.std()) - 1) < 0.15
     with pytest.raises(ValueError, match="pyramid"):
-        draw_noise(2, 10, 4, "pyramid", g, None)
+        NoiseSpec(4, "pyramid").draw(2, 10, g, None)
 
     # an image teacher, and a masked student that defaults to pyramid noise and samples
     x = _images(n=16, h=3, w=2, c=1)

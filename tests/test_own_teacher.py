@@ -122,8 +122,8 @@ def test_bert_one_step_gradients_equal_eq11_and_eq12(bert_teacher, kw):
     output embeddings."""
     d, teacher = _bert_distiller(bert_teacher, **kw)
     assert d.fused == kw.get("fused_losses", False)
-    assert d.noise_dim == 32 and d.generator.noise_proj is not None  # masked: noise on by default
-    batch = draw_batch(teacher.source, teacher.process, d.cfg, d.noise_dim, 4)
+    assert d.noise.dim == 32 and d.generator.noise_proj is not None  # masked: noise on by default
+    batch = draw_batch(teacher.source, teacher.process, d.cfg, d.noise, 4)
     assert_step_matches_eq11_eq12(d, teacher.process, batch, step=4)
     d.generator.zero_grad()
     loss, _ = d.generator_loss(batch, 4)
@@ -145,7 +145,8 @@ def test_noise_projection_changes_outputs_only_when_nonzero(bert_teacher):
     with torch.no_grad():
         gen.noise_proj[1].weight.normal_()
     assert not torch.equal(gen(z, t, noise), base)
-    torch.testing.assert_close(gen(z, t, None), base, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"noise: this model takes Gaussian noise \[B, L, 8\]"):
+        gen(z, t, None)  # not silently the teacher
     torch.testing.assert_close(gen(z, t, torch.zeros_like(noise)), base, rtol=0, atol=0)
     torch.testing.assert_close(teacher(z, t), base, rtol=0, atol=0)  # the teacher is untouched
 
@@ -254,7 +255,7 @@ def test_own_module_one_step_gradients_equal_eq11_and_eq12(fused):
     assert d.fused == fused and len(d.generator.noise_projections()) == 1
     _perturb(d.generator, 0.2, 1)
     _perturb(d.aux, 0.2, 2)
-    batch = draw_batch(MarkovSource(V, L, fanout=2), process, d.cfg, d.noise_dim, 4)
+    batch = draw_batch(MarkovSource(V, L, fanout=2), process, d.cfg, d.noise, 4)
     assert_step_matches_eq11_eq12(d, process, batch, step=4)
 
 
@@ -289,7 +290,7 @@ def test_noise_for_a_fixed_length_model_is_installed_with_its_length():
     assert gen.noise_projections()[0].weight.shape == (8, 4)
     z, t = torch.full((3, L), V), torch.rand(3)
     noise = torch.randn(3, L, 4)
-    assert not torch.equal(gen(z, t, noise), gen(z, t))  # the noise reaches the output
+    assert not torch.equal(gen(z, t, noise), gen(z, t, torch.zeros_like(noise)))  # the noise reaches the output
     # and the distiller builds a generator for it (the probe happens there too)
     d = Distiller(as_denoiser(FixedLengthNet(), num_classes=V + 1, length=L),
                   DiffusionProcess("masked", V + 1, "linear"),

@@ -26,10 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmmd.diffusion.processes import masked_output_rule
-
-NOISE_PER = ("token", "sequence", "pyramid")  # one noise vector per token, per sequence, or a 2-D pyramid
-# the noise's projection at the embedding, also before every block, or that and into the adaLN conditioning
-NOISE_INTO = ("embedding", "blocks", "conditioning")
+from dmmd.models.noise import NOISE_INTO, NOISE_PER, NoiseSpec, check_noise, init_projections
 
 
 @dataclass
@@ -137,8 +134,7 @@ class Denoiser(nn.Module):
         # time conditioning, so it modulates every block multiplicatively (adaLN scale and gate)
         self.cond_noise = (nn.Linear(cfg.noise_dim, cfg.width, bias=False)
                            if noisy and cfg.noise_into == "conditioning" else None)
-        for proj in self.noise_projections():
-            nn.init.zeros_(proj.weight)
+        init_projections(self.noise_projections(), 0.0, None)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(cfg.width, elementwise_affine=False)
         self.ada_out = nn.Linear(cfg.width, 2 * cfg.width)
@@ -162,8 +158,9 @@ class Denoiser(nn.Module):
         b, n = z_t.shape
         if n > cfg.length:
             raise ValueError(f"z_t has {n} tokens; this model was built for at most {cfg.length}")
+        check_noise(self.noise_spec, noise, z_t)
         h = self.embed(z_t) + self.positions()[:n]
-        noise = None if self.noise_proj is None or noise is None else noise.to(h.dtype)
+        noise = None if noise is None else noise.to(h.dtype)
         if noise is not None:
             h = h + self.noise_proj(noise)
         c = self.time(timestep_embedding(t.reshape(b), cfg.width).to(h.dtype))
@@ -203,6 +200,18 @@ class Denoiser(nn.Module):
         h, w, c = self.config.image_shape
         grid = self.pos_row[:, None, None] + self.pos_col[None, :, None] + self.pos_channel[None, None, :]
         return grid.reshape(h * w * c, -1)
+
+    @property
+    def noise_spec(self) -> NoiseSpec | None:
+        """The noise input (None without one)."""
+        cfg = self.config
+        return NoiseSpec(cfg.noise_dim, cfg.noise_per, cfg.noise_into) if cfg.noise_dim > 0 else None
+
+    def draw_noise(self, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """A batch of this model's noise ``[batch, length, noise_dim]`` (:meth:`NoiseSpec.draw`)."""
+        if self.noise_spec is None:
+            raise ValueError("this model has no noise input (noise_dim 0)")
+        return self.noise_spec.draw(batch, length, generator, self.config.image_shape)
 
     def noise_projections(self) -> list[nn.Linear]:
         """Every linear map of the noise input (empty without one)."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dmmd.diffusion.processes import masked_output_rule
-from dmmd.models.denoiser import NOISE_PER
+from dmmd.models.noise import NOISE_PER, NoiseSpec, check_noise, init_projections
 
 
 @dataclass
@@ -213,11 +213,7 @@ class ExternalDenoiser(nn.Module):
         except Exception:
             self.config = ExternalConfig(**before)  # as it was: no noise input
             raise
-        if init > 0:
-            with torch.no_grad():
-                for proj in self.noise_proj:
-                    w = proj.weight
-                    w.copy_(init * torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w.dtype))
+        init_projections(self.noise_proj, init, generator)
 
     def _build_noise(self) -> None:
         cfg = self.config
@@ -225,8 +221,7 @@ class ExternalDenoiser(nn.Module):
         widths = self._output_widths(targets)
         ref = next(self.model.parameters(), None)
         self.noise_proj = nn.ModuleList(nn.Linear(cfg.noise_dim, w, bias=False) for w in widths)
-        for proj in self.noise_proj:
-            nn.init.zeros_(proj.weight)
+        init_projections(self.noise_proj, 0.0, None)
         if ref is not None:
             self.noise_proj.to(device=ref.device, dtype=ref.dtype)
         for i, target in enumerate(targets):
@@ -245,6 +240,18 @@ class ExternalDenoiser(nn.Module):
     def noise_projections(self) -> list[nn.Linear]:
         return [] if self.noise_proj is None else list(self.noise_proj)
 
+    @property
+    def noise_spec(self) -> NoiseSpec | None:
+        """The noise input (None without one); it enters at ``noise_module``'s outputs."""
+        cfg = self.config
+        return NoiseSpec(cfg.noise_dim, cfg.noise_per) if self.noise_proj is not None else None
+
+    def draw_noise(self, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """A batch of this model's noise ``[batch, length, noise_dim]`` (:meth:`NoiseSpec.draw`)."""
+        if self.noise_spec is None:
+            raise ValueError("this model has no noise input (noise_dim 0)")
+        return self.noise_spec.draw(batch, length, generator)
+
     # ---------------------------------------------------------------- the call
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, *,
@@ -257,7 +264,8 @@ class ExternalDenoiser(nn.Module):
         head = self.head_layer() if features else None
         if features and head is None:
             raise ValueError("this model exposes no output layer (name it: as_denoiser(..., head=...))")
-        self._noise = noise if self.noise_proj is not None else None
+        check_noise(self.noise_spec, noise, z_t)
+        self._noise = noise
         if head is not None:  # the output layer passes its input through for this call
             own = head.__dict__.get("forward", _NONE)  # a forward set on the instance (accelerate, PEFT)
             head.forward = _identity

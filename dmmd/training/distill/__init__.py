@@ -20,7 +20,8 @@ each take their rows of the global batch make the same update as one process.
 Where things live (each module imports only those above it):
 
 - :mod:`.options`: :class:`DistillConfig` and the per-process defaults;
-- :mod:`.noise`: the generator's noise, the generator built from the teacher, :func:`student_fn`;
+- :mod:`.noise`: the generator built from the teacher with its noise input (what the noise is:
+  :mod:`dmmd.models.noise`), :func:`student_fn`;
 - :mod:`.algorithm`: Algorithm 1 itself, the batch of a step and the :class:`Distiller`
   (the draws and the two losses);
 - :mod:`.monitor`: the collapse warning;
@@ -29,7 +30,7 @@ Where things live (each module imports only those above it):
 """
 from dmmd.training.distill.algorithm import DistillBatch, Distiller, draw_batch, loss_weight
 from dmmd.training.distill.monitor import CollapseMonitor
-from dmmd.training.distill.noise import build_generator, draw_noise, student_fn
+from dmmd.training.distill.noise import build_generator, student_fn
 from dmmd.training.distill.options import (
     FORMS,
     FUSED_MIN_CLASSES,
@@ -49,5 +50,5 @@ from dmmd.training.distill.teachers import (
 
 __all__ = ["FORMS", "FUSED_MIN_CLASSES", "LR_SCHEDULES", "PROCESS_DEFAULTS", "WEIGHTS", "CollapseMonitor",
            "DistillBatch", "DistillConfig", "DistillTeacher", "Distiller", "build_generator", "distill",
-           "distill_model", "distill_teacher", "draw_batch", "draw_noise", "is_student", "load_distill_teacher",
+           "distill_model", "distill_teacher", "draw_batch", "is_student", "load_distill_teacher",
            "load_student", "loss_weight", "student_fn", "student_state"]

@@ -15,7 +15,8 @@ from dmmd.diffusion.processes import DiffusionProcess
 from dmmd.diffusion.randomness import Stream, distill_draw_offsets, step_generator
 from dmmd.models.denoiser import Denoiser
 from dmmd.models.external import ExternalDenoiser
-from dmmd.training.distill.noise import build_generator, draw_noise
+from dmmd.models.noise import NoiseSpec
+from dmmd.training.distill.noise import build_generator
 from dmmd.training.distill.options import FUSED_MIN_CLASSES, DistillConfig
 
 
@@ -36,7 +37,8 @@ class DistillBatch:
                               for v in (self.x0, self.s, self.t, self.z_t, self.noise, self.rows)))
 
 
-def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim: int, step: int) -> DistillBatch:
+def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise: NoiseSpec | None, step: int
+               ) -> DistillBatch:
     """Algorithm 1 lines 1-2 for the global batch of ``step``."""
     gen = step_generator(cfg.run.seed, step, Stream.DISTILL)
     b = cfg.run.batch_size
@@ -45,10 +47,8 @@ def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise_dim:
     delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps
     t = torch.clamp(s + delta, max=1.0)
     z_t = process.diffuse(x0, t, gen)
-    noise = None
-    if noise_dim > 0:
-        noise = draw_noise(b, x0.shape[1], noise_dim, cfg.noise_per, gen, getattr(source, "shape", None))
-    return DistillBatch(x0, s, t, z_t, noise, torch.arange(b))
+    drawn = None if noise is None else noise.draw(b, x0.shape[1], gen, getattr(source, "shape", None))
+    return DistillBatch(x0, s, t, z_t, drawn, torch.arange(b))
 
 
 def loss_weight(process: DiffusionProcess, kind: str, s: torch.Tensor) -> torch.Tensor:
@@ -81,9 +81,8 @@ class Distiller:
             raise ValueError("noise_per='pyramid' needs an image teacher (trained on image data)")
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
-        self.noise_dim = cfg.noise_dim
-        self.generator = build_generator(teacher, self.noise_dim, cfg.noise_init, cfg.run.seed, cfg.noise_per,
-                                         cfg.noise_into, cfg.noise_module)
+        self.generator = build_generator(teacher, cfg.noise_spec(), cfg.noise_init, cfg.run.seed, cfg.noise_module)
+        self.noise = self.generator.noise_spec  # what draw_batch draws for it (None: no noise input)
         # Dropout (and any other train-mode randomness) off unless asked for: its masks would come
         # from the global RNG, outside the (seed, step) streams that make resume and DDP exact.
         self.generator.train(cfg.dropout).requires_grad_(True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dmmd.data import DataConfig
-from dmmd.models.denoiser import NOISE_INTO, NOISE_PER
+from dmmd.models.noise import NOISE_INTO, NOISE_PER, NoiseSpec
 from dmmd.options import Options, nested, option
 from dmmd.training.loop import RunConfig
 
@@ -146,3 +146,9 @@ class DistillConfig(Options):
         cfg = self.replace(**unset) if unset else self
         cfg.validate(kind)
         return cfg
+
+    def noise_spec(self) -> NoiseSpec | None:
+        """The generator's noise input these (resolved: :meth:`for_process`) options ask for."""
+        if self.noise_dim is None:
+            raise ValueError("noise_spec: resolve the per-process options first (for_process)")
+        return NoiseSpec(self.noise_dim, self.noise_per, self.noise_into) if self.noise_dim > 0 else None
