@@ -506,3 +506,26 @@ def test_entropy_is_logged_per_coarse_step_with_the_noise_norm(kind):
     if kind == "masked":  # the default masked generator has a noise input, started at std 0.1
         norm = math.sqrt(sum(float(p.weight.square().sum()) for p in d.generator.noise_projections()))
         assert stats["noise_proj_norm"] == pytest.approx(norm) and norm > 0
+
+
+def test_fused_soft_targets_made_chunk_by_chunk_give_the_same_loss(monkeypatch):
+    # the fused auxiliary step makes the soft targets' probabilities a chunk of rows at a time
+    # (never [rows, V] at once): chunks of 2 rows give eq. 12 as one chunk does
+    import dmmd.training.distill.algorithm as algorithm
+
+    d, process, cfg, batch = _setup("masked", fused_losses=True, soft_target=True, top_p=0.9)
+    whole, _ = d.aux_loss(batch, 4)
+    whole.backward()
+    want = _grads(d.aux)
+    d.aux.zero_grad()
+    monkeypatch.setattr(algorithm, "chunk_rows_for", lambda vocab, models: 2)
+    calls = []
+    linear = algorithm.dmmd_ops.linear_aux_loss
+    monkeypatch.setattr(algorithm.dmmd_ops, "linear_aux_loss", lambda *a, **k: calls.append(a[0].shape[0]) or
+                        linear(*a, **k))
+    chunked, _ = d.aux_loss(batch, 4)
+    chunked.backward()
+    assert len(calls) > 2 and max(calls) == 2
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    for g, h in zip(_grads(d.aux), want, strict=True):
+        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-14)

@@ -31,12 +31,13 @@ def _generator_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
-def masked_output_rule(logits: torch.Tensor, z_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+def masked_output_rule(logits: torch.Tensor, z_t: torch.Tensor, mask_id: int, *, inplace: bool = False
+                       ) -> torch.Tensor:
     """Masked diffusion's output rule on logits ``[..., L, V]`` at ``z_t [..., L]``: never the
     mask class; an unmasked position is its own token (one finite logit, 0). The one
     implementation, used by every model and the distiller; one new ``[..., V]`` tensor (the
-    copy), the rest is written in place."""
-    out = logits.clone()
+    copy; none with ``inplace``, for logits the caller just made), the rest is written in place."""
+    out = logits if inplace else logits.clone()
     out[..., mask_id] = float("-inf")
     unmasked = z_t != mask_id
     out[unmasked] = float("-inf")
@@ -97,10 +98,12 @@ class DiffusionProcess:
 
     # ------------------------------------------------------------------ what a model may output
 
-    def output_rule(self, logits: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    def output_rule(self, logits: torch.Tensor, z_t: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         """A denoiser's logits at ``z_t`` under the process's rule: masked, never the mask and
         revealed tokens carried over (:func:`masked_output_rule`); uniform, as they are."""
-        return masked_output_rule(logits, z_t, self.mask_id) if self.kind == "masked" else logits
+        if self.kind == "masked":
+            return masked_output_rule(logits, z_t, self.mask_id, inplace=inplace)
+        return logits
 
     def undecided(self, z: torch.Tensor) -> torch.Tensor:
         """Where a denoiser still has a choice at ``z`` (bool, ``z``'s shape): the masked

@@ -18,6 +18,11 @@ from dmmd.models.external import ExternalDenoiser
 from dmmd.models.noise import NoiseSpec
 from dmmd.training.distill.noise import build_generator
 from dmmd.training.distill.options import FUSED_MIN_CLASSES, DistillConfig
+from dmmd_ops.linear import chunk_rows_for
+
+# The generator's output entropy is computed for this many logits at a time (a few [rows, V]
+# float32 temporaries of 16 MiB each).
+ENTROPY_CHUNK = 2 ** 22
 
 
 @dataclass
@@ -92,6 +97,9 @@ class Distiller:
         self.gen_net: torch.nn.Module = self.generator
         self.aux_net: torch.nn.Module = self.aux
         self.fused = self._fused_losses(cfg, teacher)
+        # how the models' outputs become the losses: one path, three heads
+        self.head = FusedHead(self) if self.fused else PosteriorHead(self) if cfg.form == "posterior" else \
+            LogitsHead(self)
         # Rows per Philox stream: a divisor of the batch, so every process holds whole blocks.
         self.draw_block = math.gcd(cfg.draw_block, cfg.run.batch_size)
         k = cfg.student_steps
@@ -103,7 +111,8 @@ class Distiller:
     # ---------------------------------------------------------------- Algorithm 1, lines 3-4
 
     def generate(self, batch: DistillBatch, step: int):
-        """Generator logits at ``z_t``, ``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)``.
+        """The generator's output at ``z_t`` (its logits, or for the fused losses its final hidden
+        states: :attr:`head`), ``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)``.
 
         Draws use Philox ``(seed, offset)`` with one offset per (step, block of ``draw_block``
         global rows), so they do not depend on how the batch is split across processes.
@@ -113,17 +122,9 @@ class Distiller:
     def _generate(self, batch: DistillBatch, step: int):
         """:meth:`generate` and the generator's output-entropy stats (:meth:`_draw`)."""
         fn = self.gen_net if torch.is_grad_enabled() else self.generator
-        logits = fn(batch.z_t, batch.t.float(), batch.noise)
-        return logits, *self._draw(batch, step, lambda rows: logits[rows].detach())
-
-    def generate_features(self, batch: DistillBatch, step: int):
-        """:meth:`generate` for the fused losses: the generator's final hidden states at ``z_t``
-        instead of its logits (those made block by block for the draws), ``x``, ``z_s`` and the
-        generator's output-entropy stats."""
-        fn = self.gen_net if torch.is_grad_enabled() else self.generator
-        h = fn(batch.z_t, batch.t.float(), batch.noise, features=True)
-        return h, *self._draw(batch, step, lambda rows: self._head_logits(self.generator, h[rows].detach(),
-                                                                          batch.z_t[rows]))
+        out = self.head.output(fn, batch.z_t, batch.t.float(), batch.noise)
+        return out, *self._draw(batch, step, lambda rows: self.head.logits(self.generator, out[rows].detach(),
+                                                                           batch.z_t[rows]))
 
     def _draw(self, batch: DistillBatch, step: int, block_logits):
         """``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)`` block by block (``block_logits(rows)``: the
@@ -167,10 +168,11 @@ class Distiller:
     def _head_logits(self, model, h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         """``model``'s logits from its final hidden states ``h`` (what its forward returns)."""
         weight, bias = model.output_head()
-        logits = h @ weight.T + bias
+        logits = h @ weight.T
         if logits.dtype != torch.float64:  # as the models' forward: float32 logits (float64 oracles stay)
             logits = logits.float()
-        return self.process.output_rule(logits, z_t)
+        logits += bias  # in place, as the rule below: one [rows, V] tensor in all
+        return self.process.output_rule(logits, z_t, inplace=True)
 
     @staticmethod
     def _fused_losses(cfg: DistillConfig, teacher) -> bool:
@@ -207,13 +209,6 @@ class Distiller:
                                      f"layer differ from its own forward's by up to {diff:.4g} (it changes its logits "
                                      f"after the output layer?); distill with --fused-losses false")
 
-    def _at_z_s(self, batch: DistillBatch, z_s: torch.Tensor):
-        """What both losses need at ``z_s``: the teacher's logits, ``w(s)`` per token and the
-        positions that carry signal."""
-        with torch.no_grad():
-            t_logits = self.teacher(z_s, batch.s.float())
-        return t_logits, *self._weights(batch, z_s)
-
     def _log_posterior(self, probs: torch.Tensor, z_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Appendix D: ``log pi_{s'}(probs, z_s)`` with ``s' = max(0, s - ds)``, as logits in
         ``probs``' dtype (computed in float64)."""
@@ -230,46 +225,22 @@ class Distiller:
 
     def generator_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 11 (or eq. 24), gradient to the generator only. Returns ``(loss, stats)``."""
-        if self.fused:
-            return self._generator_loss_fused(batch, step)
-        c = self.cfg
-        logits, x, z_s, entropy = self._generate(batch, step)
-        t_logits, w, keep = self._at_z_s(batch, z_s)
+        out, x, z_s, entropy = self._generate(batch, step)
+        w, keep = self._weights(batch, z_s)
         with torch.no_grad():
-            a_logits = self.aux(z_s, batch.s.float())
-        if c.form == "posterior":
-            u = self._log_posterior(torch.softmax(logits, -1), z_s, batch.s)
-            with torch.no_grad():
-                a = self._log_posterior(self._teacher_probs(t_logits), z_s, batch.s)
-                b = self._log_posterior(torch.softmax(a_logits, -1), z_s, batch.s)
-            loss = dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep])
-        else:
-            loss = dmmd_ops.generator_loss(logits[keep], t_logits[keep], a_logits[keep], weight=w[keep],
-                                           temperature=c.temperature, top_p=c.top_p, delta=c.delta)
-        loss = loss / z_s.numel()
+            t_out = self.head.output(self.teacher, z_s, batch.s.float())
+            a_out = self.head.output(self.aux, z_s, batch.s.float())
+        loss = self.head.generator_loss(out, t_out, a_out, keep, w, z_s, batch.s) / z_s.numel()
         return loss, {"gen_loss": float(loss.detach()), **entropy}
 
     def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""
-        if self.fused:
-            return self._aux_loss_fused(batch, step)
-        c, proc = self.cfg, self.process
         with torch.no_grad():
-            logits, x, z_s, entropy = self._generate(batch, step)
-        t_logits, w, keep = self._at_z_s(batch, z_s)
-        a_logits = self.aux_net(z_s, batch.s.float())
-        if c.form == "posterior":
-            b = self._log_posterior(torch.softmax(a_logits, -1), z_s, batch.s)
-            with torch.no_grad():
-                onehot = torch.nn.functional.one_hot(x, proc.num_classes).to(torch.float64)
-                target = torch.exp(self._log_posterior(onehot, z_s, batch.s))
-                target = (target / target.sum(-1, keepdim=True)).to(logits.dtype)
-                a = self._log_posterior(self._teacher_probs(t_logits), z_s, batch.s)
-            loss = dmmd_ops.aux_loss(b[keep], target[keep], a[keep], weight=w[keep])
-        else:
-            target = torch.softmax(logits, -1) if c.soft_target else x
-            loss = dmmd_ops.aux_loss(a_logits[keep], target[keep], t_logits[keep], weight=w[keep],
-                                     temperature=c.temperature, top_p=c.top_p, delta=c.delta)
+            out, x, z_s, entropy = self._generate(batch, step)
+            w, keep = self._weights(batch, z_s)
+            t_out = self.head.output(self.teacher, z_s, batch.s.float())
+        a_out = self.head.output(self.aux_net, z_s, batch.s.float())
+        loss = self.head.aux_loss(a_out, t_out, keep, w, z_s, batch.s, x=x, gen=out.detach(), z_t=batch.z_t)
         loss = loss / z_s.numel()
         return loss, {"aux_loss": float(loss.detach()), **entropy}
 
@@ -277,54 +248,120 @@ class Distiller:
         """The generator's output entropies (nats, float64) ``[rows, L]`` and where it has a
         choice (bool ``[rows, L]``: masked ``z_t`` positions; every position for uniform), paper
         Table 6."""
-        logp = torch.log_softmax(logits.detach().float(), -1)
-        h = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1).double()
-        return h, self.process.undecided(z_t)
-
-    # ---------------------------------------------------------------- the fused losses
-
-    def _generator_loss_fused(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
-        """Eq. 11 through :func:`dmmd_ops.linear_generator_loss` (no ``[rows, V]`` logits)."""
-        c = self.cfg
-        h, x, z_s, entropy = self.generate_features(batch, step)
-        w, keep = self._weights(batch, z_s)
-        with torch.no_grad():
-            ht = self.teacher(z_s, batch.s.float(), features=True)
-            ha = self.aux(z_s, batch.s.float(), features=True)
-            (wt, bt), (wa, ba) = ((w_.detach(), b_.detach()) for w_, b_ in (self.teacher.output_head(),
-                                                                            self.aux.output_head()))
-        ws, bs = self.generator.output_head()
-        loss = dmmd_ops.linear_generator_loss(h[keep], ws, ht[keep], wt, ha[keep], wa, b_student=bs, b_teacher=bt,
-                                              b_aux=ba, weight=w[keep], temperature=c.temperature, top_p=c.top_p,
-                                              delta=c.delta)
-        loss = loss / z_s.numel()
-        return loss, {"gen_loss": float(loss.detach()), **entropy}
-
-    def _aux_loss_fused(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
-        """Eq. 12 through :func:`dmmd_ops.linear_aux_loss` (soft targets: only the kept rows'
-        probabilities are made)."""
-        c = self.cfg
-        with torch.no_grad():
-            h, x, z_s, entropy = self.generate_features(batch, step)
-        w, keep = self._weights(batch, z_s)
-        with torch.no_grad():
-            ht = self.teacher(z_s, batch.s.float(), features=True)
-            wt, bt = (p.detach() for p in self.teacher.output_head())
-            if c.soft_target:  # the kept rows' probabilities only
-                target = torch.softmax(self._head_logits(self.generator, h[keep], batch.z_t[keep]), -1)
-            else:
-                target = x[keep]
-        ha = self.aux_net(z_s, batch.s.float(), features=True)
-        wa, ba = self.aux.output_head()
-        loss = dmmd_ops.linear_aux_loss(ha[keep], wa, target, ht[keep], wt, b_aux=ba, b_teacher=bt, weight=w[keep],
-                                        temperature=c.temperature, top_p=c.top_p, delta=c.delta)
-        loss = loss / z_s.numel()
-        return loss, {"aux_loss": float(loss.detach()), **entropy}
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        h = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
+        step = max(1, ENTROPY_CHUNK // flat.shape[1])
+        for lo in range(0, flat.shape[0], step):  # in chunks: the temporaries stay small
+            logp = torch.log_softmax(flat[lo:lo + step].float(), -1)
+            h[lo:lo + step] = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1).double()
+        return h.reshape(logits.shape[:-1]), self.process.undecided(z_t)
 
     def _weights(self, batch: DistillBatch, z_s: torch.Tensor):
         """``w(s)`` per token and the positions that carry signal."""
         w = loss_weight(self.process, self.cfg.weight, batch.s).unsqueeze(-1).expand_as(z_s)
         return w, self.process.undecided(z_s)  # at a decided z_s teacher and aux both carry the token over
+
+
+class LogitsHead:
+    """How the models' outputs become the losses, with whole logits: each model's forward (its
+    output rule applied), then :func:`dmmd_ops.generator_loss` / :func:`dmmd_ops.aux_loss` on the
+    positions that carry signal. The other heads change only what differs."""
+
+    def __init__(self, d: Distiller):
+        self.d = d
+
+    def output(self, model, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """What ``model`` gives the losses at ``z``: here its logits ``[B, L, V]``."""
+        return model(z, t, noise)
+
+    def logits(self, model, out: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """``model``'s logits from its :meth:`output` ``out`` (rows of it) at ``z_t``."""
+        return out
+
+    def targets(self, x: torch.Tensor, gen: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """The auxiliary model's targets at (rows of) positions: the sample ``x``, or with
+        ``soft_target`` the generator's probabilities from its output ``gen`` at ``z_t``."""
+        if not self.d.cfg.soft_target:
+            return x
+        with torch.no_grad():
+            return torch.softmax(self.logits(self.d.generator, gen, z_t), -1)
+
+    def _teacher_options(self) -> dict:
+        c = self.d.cfg
+        return {"temperature": c.temperature, "top_p": c.top_p, "delta": c.delta}
+
+    def generator_loss(self, u, a, b, keep, w, z_s, s) -> torch.Tensor:
+        """Eq. 11 summed over the kept positions: generator ``u`` at ``z_t``, teacher ``a`` and
+        auxiliary ``b`` at ``z_s``."""
+        return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep], **self._teacher_options())
+
+    def aux_loss(self, b, a, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
+        """Eq. 12 summed over the kept positions: auxiliary ``b`` and teacher ``a`` at ``z_s``,
+        the target (:meth:`targets`) from the sample ``x`` or the generator's output ``gen``."""
+        target = self.targets(x[keep], gen[keep], z_t[keep])
+        return dmmd_ops.aux_loss(b[keep], target, a[keep], weight=w[keep], **self._teacher_options())
+
+
+class PosteriorHead(LogitsHead):
+    """Appendix D (uniform diffusion): the same ops on the log posterior vectors
+    ``log pi_{s'}(x_hat, z_s)`` of each model's probabilities (eq. 24 and 26)."""
+
+    def generator_loss(self, u, a, b, keep, w, z_s, s) -> torch.Tensor:
+        d = self.d
+        u = d._log_posterior(torch.softmax(u, -1), z_s, s)
+        with torch.no_grad():
+            a = d._log_posterior(d._teacher_probs(a), z_s, s)
+            b = d._log_posterior(torch.softmax(b, -1), z_s, s)
+        return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep])
+
+    def aux_loss(self, b, a, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
+        d = self.d
+        b = d._log_posterior(torch.softmax(b, -1), z_s, s)
+        with torch.no_grad():  # the target: the hard sample (uniform diffusion)'s posterior vector
+            onehot = torch.nn.functional.one_hot(x, d.process.num_classes).to(torch.float64)
+            target = torch.exp(d._log_posterior(onehot, z_s, s))
+            target = (target / target.sum(-1, keepdim=True)).to(b.dtype)
+            a = d._log_posterior(d._teacher_probs(a), z_s, s)
+        return dmmd_ops.aux_loss(b[keep], target[keep], a[keep], weight=w[keep])
+
+
+class FusedHead(LogitsHead):
+    """The fused linear losses: each model's final hidden states and output layer go to
+    :func:`dmmd_ops.linear_generator_loss` / :func:`dmmd_ops.linear_aux_loss`, which make the
+    logits chunk by chunk; whole logits are made only for rows that need them (the draws, block
+    by block, and the soft targets of the kept positions)."""
+
+    def output(self, model, z, t, noise=None):
+        return model(z, t, noise, features=True)
+
+    def logits(self, model, out, z_t):
+        return self.d._head_logits(model, out, z_t)
+
+    def generator_loss(self, h, ht, ha, keep, w, z_s, s) -> torch.Tensor:
+        d = self.d
+        with torch.no_grad():
+            (wt, bt), (wa, ba) = ((w_.detach(), b_.detach()) for w_, b_ in (d.teacher.output_head(),
+                                                                            d.aux.output_head()))
+        ws, bs = d.generator.output_head()
+        return dmmd_ops.linear_generator_loss(h[keep], ws, ht[keep], wt, ha[keep], wa, b_student=bs, b_teacher=bt,
+                                              b_aux=ba, weight=w[keep], **self._teacher_options())
+
+    def aux_loss(self, ha, ht, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
+        """Soft targets are made as the op makes its logits, one chunk of rows at a time, so
+        their ``[rows, V]`` probabilities never exist at once either."""
+        d = self.d
+        with torch.no_grad():
+            wt, bt = (p.detach() for p in d.teacher.output_head())
+        wa, ba = d.aux.output_head()
+        ha, ht, w, x, gen, z_t = ha[keep], ht[keep], w[keep], x[keep], gen[keep], z_t[keep]
+        rows = chunk_rows_for(wa.shape[0], 3) if d.cfg.soft_target else max(1, ha.shape[0])
+        loss = None
+        for lo in range(0, max(1, ha.shape[0]), rows):  # (no kept row: one empty call, a zero loss)
+            part = slice(lo, lo + rows)
+            chunk = dmmd_ops.linear_aux_loss(ha[part], wa, self.targets(x[part], gen[part], z_t[part]), ht[part], wt,
+                                             b_aux=ba, b_teacher=bt, weight=w[part], **self._teacher_options())
+            loss = chunk if loss is None else loss + chunk
+        return loss
 
 
 class _Mean:

@@ -1,0 +1,101 @@
+"""One D-MMD distillation step at a language model's vocabulary: time (pytest-benchmark) and the
+peak resident memory the step adds above its inputs (``extra_info``, measured in a fresh
+subprocess per case, as bench_linear_losses does), for a generator step and an auxiliary step
+of the masked defaults (fused linear losses, soft targets, noise), unfused and fused.
+
+What it watches: the fused losses promise never to make the ``[rows, V]`` logits at once, so
+the peak of a fused step must stay well under one ``[rows, V]`` float32 tensor (reported as
+``rows_by_v_bytes`` beside it), while the unfused step makes several.
+
+Sizes: a masked teacher with V = 50257, L = 64, batch 16 (rows = 1024), width 64;
+DMMD_BENCH_QUICK=1 uses V = 8192, L = 16.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.conftest import QUICK, run
+
+V, L, BATCH, WIDTH = (8192, 16, 16, 32) if QUICK else (50257, 64, 16, 64)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_distiller(fused: bool):
+    """A masked teacher (random head: a spread output, not the zero-initialised one) and its
+    Distiller with the masked defaults, fused or unfused."""
+    from dmmd.diffusion.processes import DiffusionProcess
+    from dmmd.models.denoiser import Denoiser, DenoiserConfig
+    from dmmd.training.distill import DistillConfig, Distiller
+
+    torch.manual_seed(0)
+    teacher = Denoiser(DenoiserConfig(num_classes=V, length=L, width=WIDTH, depth=1, heads=2))
+    with torch.no_grad():
+        teacher.head.weight.normal_(0, 0.5)
+    process = DiffusionProcess("masked", V, "linear")
+    cfg = DistillConfig.from_dict({"batch_size": BATCH, "fused_losses": fused, "student_steps": 4})
+    return Distiller(teacher, process, cfg)
+
+
+class _Data:
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, V - 1, (batch, L), generator=generator)
+
+
+def one_step(d, loss: str, batch) -> None:
+    for model in (d.generator, d.aux):
+        model.zero_grad(set_to_none=True)
+    value, _ = d.generator_loss(batch, 0) if loss == "generator" else d.aux_loss(batch, 1)
+    value.backward()
+
+
+def make_batch(d):
+    from dmmd.training.distill import draw_batch
+
+    return draw_batch(_Data(), d.process, d.cfg, d.noise, 0)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_step_bytes(loss: str, fused: bool) -> int:
+    """In this process: the peak resident memory one step adds above its models and batch."""
+    d = make_distiller(fused)
+    batch = make_batch(d)
+    one_step(d, loss, batch)  # the optimizer-free step once: gradients allocated, caches warm
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    base = _status("VmRSS")
+    one_step(d, loss, batch)
+    return _status("VmHWM") - base
+
+
+def measure_in_subprocess(loss: str, fused: bool) -> int:
+    code = (f"import json, bench.bench_distill_step as b; "
+            f"print(json.dumps(b.peak_step_bytes({loss!r}, {fused!r})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT))
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("impl", ["unfused", "fused"])
+@pytest.mark.parametrize("loss", ["generator", "aux"])
+def test_distill_step(benchmark, loss, impl):
+    benchmark.group = f"distill step ({loss}) masked defaults V={V} L={L} batch={BATCH} width={WIDTH} fp32"
+    d = make_distiller(impl == "fused")
+    assert d.fused == (impl == "fused")
+    batch = make_batch(d)
+    run(benchmark, lambda: one_step(d, loss, batch), impl)
+    if not os.environ.get("DMMD_BENCH_NO_MEMORY"):
+        benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(loss, impl == "fused")
+        benchmark.extra_info["rows_by_v_bytes"] = BATCH * L * V * 4
