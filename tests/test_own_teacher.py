@@ -158,6 +158,15 @@ def test_bert_distill_save_load_sample_round_trip(bert_teacher, tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["student"] == str(out / "student")
     assert is_student(str(out / "student")) and is_student(str(out / "checkpoint"))
+    # what each directory holds, decided in one place
+    from dmmd.training import artifacts
+
+    kinds = {p: artifacts.inspect(str(p)).kind for p in (out / "student", out / "checkpoint", bert_teacher / "model",
+                                                        bert_teacher / "checkpoint")}
+    assert list(kinds.values()) == [artifacts.TRANSFORMERS_STUDENT, artifacts.STUDENT, artifacts.TRANSFORMERS,
+                                    artifacts.TEACHER]
+    with pytest.raises(ValueError, match=r"is not a D-MMD student \(a transformers directory"):
+        load_student(str(bert_teacher / "model"))
     assert {"config.json", "model.safetensors", "noise.safetensors", "dmmd.json", "tokenizer.json"} <= \
         set(os.listdir(out / "student"))
     # one call loads the transformers directory; it is the checkpoint's EMA generator

@@ -169,34 +169,24 @@ def _check_sample_args(args) -> None:
 def data_of(path: str):
     """The data config a teacher or student at ``path`` (a dmmd checkpoint or a transformers
     directory) was trained on; ``None`` when it does not say."""
-    from dmmd.data import DataConfig
-    from dmmd.training.checkpoint import read_state
-    from dmmd.training.masked_lm import is_masked_lm_dir, read_meta
+    from dmmd.training.artifacts import inspect
 
-    if is_masked_lm_dir(path):
-        state = read_meta(path)
-    else:
-        state = read_state(path)
-    if state.get("source"):
-        return DataConfig.from_dict(state["source"])
-    if state.get("teacher_config"):
-        return TeacherConfig.from_dict(state["teacher_config"]).source
-    if state.get("kind") != "student" and state.get("config"):
-        return TeacherConfig.from_dict(state["config"]).source
-    return None
+    return inspect(path).data()
 
 
 def cmd_sample(args) -> int:
     from dmmd.data import ByteText
     from dmmd.diffusion.sampling import sample
-    from dmmd.training.distill import is_student, load_student, student_fn
+    from dmmd.training.artifacts import inspect
+    from dmmd.training.distill import load_student, student_fn
     from dmmd.training.teacher import load_teacher
 
     _check_sample_args(args)
-    source_cfg = data_of(args.checkpoint)
+    artifact = inspect(args.checkpoint)
+    source_cfg = artifact.data()
     if source_cfg is None and args.length is None:
         raise ValueError(f"--length: {args.checkpoint} does not say what data it was trained on; give the length")
-    if is_student(args.checkpoint):
+    if artifact.is_student:
         model, process, _ = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
         model_fn = student_fn(model, args.seed)
     else:

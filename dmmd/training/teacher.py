@@ -21,12 +21,12 @@ from dmmd.diffusion.schedules import get_schedule
 from dmmd.models.denoiser import Denoiser, DenoiserConfig
 from dmmd.models.external import ExternalDenoiser
 from dmmd.options import Options, nested, option
-from dmmd.training.checkpoint import load_tensors, read_state
+from dmmd.training.artifacts import inspect
+from dmmd.training.checkpoint import load_tensors
 from dmmd.training.loop import RunConfig, RunLoop, Trained, Update, run_context, warmup_cosine
 from dmmd.training.masked_lm import (
     build_masked_lm,
     is_masked_lm,
-    is_masked_lm_dir,
     load_masked_lm,
     masked_lm_state,
     rebuild_masked_lm,
@@ -230,7 +230,8 @@ def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_i
     checkpoint or a transformers masked-LM directory (``mask_id``: its mask token, when no
     tokenizer saved there names it; the schedule is the one dmmd saved there, else loglinear).
     The state's ``source`` is the teacher's data config (``None`` when not known)."""
-    if is_masked_lm_dir(path):
+    artifact = inspect(path)
+    if artifact.is_transformers:
         model, _, meta = load_masked_lm(path, mask_id=mask_id, device=device)
         mc = model.config
         schedule = meta.get("schedule", "loglinear")
@@ -238,7 +239,7 @@ def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_i
         return model, process, {"source": meta.get("source"), "schedule": schedule}
     if mask_id is not None:
         raise ValueError(f"mask_id is for a transformers teacher; the dmmd checkpoint {path} has its own")
-    state = read_state(path)
+    state = artifact.state
     model = rebuild_model(state)
     model.load_state_dict(load_tensors(path, "ema" if use_ema else "model"))
     cfg = TeacherConfig.from_dict(state["config"])

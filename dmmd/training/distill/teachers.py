@@ -13,9 +13,10 @@ from dmmd.data import DataConfig, make_source
 from dmmd.diffusion.processes import DiffusionProcess
 from dmmd.models.denoiser import Denoiser
 from dmmd.models.external import ExternalDenoiser
-from dmmd.training.checkpoint import load_tensors, read_state
+from dmmd.training.artifacts import inspect
+from dmmd.training.checkpoint import load_tensors
 from dmmd.training.distill.options import DistillConfig
-from dmmd.training.masked_lm import is_masked_lm_dir, load_masked_lm, read_meta
+from dmmd.training.masked_lm import load_masked_lm
 from dmmd.training.teacher import TeacherConfig, load_teacher, model_state, rebuild_model
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ class DistillTeacher:
 def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> DistillTeacher:
     """The teacher ``cfg.teacher`` names (a dmmd checkpoint or a transformers masked-LM
     directory), its process and the data to distil on; every mismatch a ``ValueError`` naming it."""
-    if is_masked_lm_dir(cfg.teacher):
+    if inspect(cfg.teacher).is_transformers:
         if cfg.teacher_raw_weights:
             raise ValueError(f"teacher_raw_weights: the transformers directory {cfg.teacher} holds one set of weights")
         model, tokenizer, meta = load_masked_lm(cfg.teacher, mask_id=cfg.mask_id, device=str(device))
@@ -81,9 +82,7 @@ def student_state(d: Distiller, cfg: DistillConfig, teacher: DistillTeacher) -> 
 
 
 def is_student(path: str) -> bool:
-    if is_masked_lm_dir(path):
-        return read_meta(path).get("kind") == "student"
-    return read_state(path).get("kind") == "student"
+    return inspect(path).is_student
 
 
 def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model: torch.nn.Module | None = None
@@ -92,18 +91,17 @@ def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model:
     checkpoint or a transformers student directory (``OUT/student``). A student of your own
     module (:func:`distill_model`) needs ``model``: an instance of that module's class, whose
     weights are replaced by the student's."""
-    if is_masked_lm_dir(path):
-        student, _, meta = load_masked_lm(path, device=device)
-        if meta.get("kind") != "student":
-            raise ValueError(f"{path} is not a D-MMD student (see dmmd distill)")
+    artifact = inspect(path)
+    if not artifact.is_student:
+        raise ValueError(f"{path} is not a D-MMD student (a {artifact.kind}; see dmmd distill)")
+    if artifact.is_transformers:
         if not use_ema:
             raise ValueError(f"{path} holds the student's EMA weights only; the raw generator is in its run's "
                              f"checkpoint")
+        student, _, meta = load_masked_lm(path, device=device)
         mc = student.config
         return student, DiffusionProcess("masked", mc.num_classes, meta["schedule"], mask_id=mc.mask_id), meta
-    state = read_state(path)
-    if state.get("kind") != "student":
-        raise ValueError(f"{path} is not a D-MMD student checkpoint (see dmmd distill)")
+    state = artifact.state
     student = rebuild_model(state, module=model)
     student.load_state_dict(load_tensors(path, "ema" if use_ema else "generator"))
     mc = student.config
