@@ -80,7 +80,7 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
 
     cfg = part_configs(DemoConfig.from_dict({"out": out}), quick=True)["digits"]
     with OutputLock(classifier_config(cfg).run.out):
-        demo_digits.run_process_job(cfg, "masked", progress=False, log=lambda *_: None)
+        demo_digits.run_job(cfg, "masked", progress=False, log=lambda *_: None)
 
 
 def test_quick_text_demo_end_to_end_and_resume(tmp_path, capsys):

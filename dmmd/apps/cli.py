@@ -175,10 +175,11 @@ def data_of(path: str):
 
 
 def cmd_sample(args) -> int:
+    from dmmd.apps.draws import model_fn
     from dmmd.data import ByteText
     from dmmd.diffusion.sampling import sample
     from dmmd.training.artifacts import inspect
-    from dmmd.training.distill import load_student, student_fn
+    from dmmd.training.distill import load_student
     from dmmd.training.teacher import load_teacher
 
     _check_sample_args(args)
@@ -186,12 +187,8 @@ def cmd_sample(args) -> int:
     source_cfg = artifact.data()
     if source_cfg is None and args.length is None:
         raise ValueError(f"--length: {args.checkpoint} does not say what data it was trained on; give the length")
-    if artifact.is_student:
-        model, process, _ = load_student(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
-        model_fn = student_fn(model, args.seed)
-    else:
-        model, process, _ = load_teacher(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
-        model_fn = lambda z, t: model(z, t)  # noqa: E731
+    load = load_student if artifact.is_student else load_teacher
+    model, process, _ = load(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
     data = None if source_cfg is None else source_cfg.data
     pictures = None
     from dmmd.data.config import is_image_data
@@ -207,7 +204,7 @@ def cmd_sample(args) -> int:
     length = args.length or (source_cfg.length if source_cfg is not None and source_cfg.length else
                              model.config.length)
     block = args.block_size if args.block_size is not None else model.config.block_size
-    x = sample(model_fn, process, args.num, length, args.steps, seed=args.seed,
+    x = sample(model_fn(model, args.seed), process, args.num, length, args.steps, seed=args.seed,
                temperature=args.temperature, top_p=args.top_p, block_size=block, device=args.device,
                progress=True)
     result = {"steps": args.steps, "tokens": x.tolist()}

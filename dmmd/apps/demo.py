@@ -30,20 +30,39 @@ from dataclasses import dataclass, fields
 import torch
 
 from dmmd.apps import demo_digits, demo_text, demo_words
-from dmmd.apps.image_study import ImageStudyConfig, results_json
+from dmmd.apps.image_study import ImageStudyConfig
 from dmmd.extras import require
 from dmmd.options import Options, field_default, option
 from dmmd.training.checkpoint import write_json_atomic
 
 PARTS = ("digits", "words", "text")
-# each part's config class and its defaults (the digits part: the image study's with the demo's sizes)
-PART_CONFIGS = {"digits": (ImageStudyConfig, demo_digits.DEFAULTS), "words": (demo_words.WordsDemoConfig, {}),
-                "text": (demo_text.TextDemoConfig, {})}
-# the optional packages each part needs (checked before any work)
-NEEDS = {"digits": (("sklearn", "the digits data"), ("PIL", "the demo's image grids"),
-                    ("matplotlib", "the demo's plots")),
-         "words": (("matplotlib", "the demo's plots"),),
-         "text": (("transformers", "the demo's reference LM"), ("matplotlib", "the demo's plots"))}
+
+
+@dataclass(frozen=True)
+class DemoPart:
+    """What the demo knows of a part: its config class and defaults, the optional packages it
+    needs (checked before any work), and its module, which has ``jobs(cfg)`` (the independent
+    jobs a worker process can run), ``run_job(cfg, job, progress=, log=)``, ``report(cfg,
+    progress=, log=)`` (resumes every stage; returns the results for results.json, the markdown
+    table and the verdict lines) and optionally ``prepare(cfg, progress=, log=)`` (what its jobs
+    read, made in this process first)."""
+
+    config: type[Options]
+    defaults: dict
+    needs: tuple[tuple[str, str], ...]
+    module: object
+
+
+# the parts (the digits part: the image study with the demo's sizes)
+DEMO_PARTS = {
+    "digits": DemoPart(ImageStudyConfig, demo_digits.DEFAULTS, (("sklearn", "the digits data"),
+                       ("PIL", "the demo's image grids"), ("matplotlib", "the demo's plots")), demo_digits),
+    "words": DemoPart(demo_words.WordsDemoConfig, {}, (("matplotlib", "the demo's plots"),), demo_words),
+    "text": DemoPart(demo_text.TextDemoConfig, {}, (("transformers", "the demo's reference LM"),
+                     ("matplotlib", "the demo's plots")), demo_text),
+}
+# the order the independent jobs start in: the longest first
+JOB_ORDER = ("words", "digits", "text")
 # demo setting -> the field it sets in each part's config (a part without it: the setting does not apply)
 SETTINGS = {
     "process": {"digits": "processes", "words": "process"},
@@ -82,7 +101,7 @@ QUICK = {
 
 def part_default(part: str, name: str):
     """The default of demo setting ``name`` in ``part`` (``process`` of digits: its one process)."""
-    cls, defaults = PART_CONFIGS[part]
+    cls, defaults = DEMO_PARTS[part].config, DEMO_PARTS[part].defaults
     target = SETTINGS[name][part]
     value = defaults.get(target, next(field_default(f) for f in fields(cls) if f.name == target))
     return value[0] if name == "process" and part == "digits" else value
@@ -149,7 +168,7 @@ def part_configs(cfg: DemoConfig, quick: bool = False) -> dict[str, Options]:
     out = cfg.out or ("runs/demo-quick" if quick else "runs/demo")
     configs = {}
     for part in cfg.data:
-        cls, defaults = PART_CONFIGS[part]
+        cls, defaults = DEMO_PARTS[part].config, DEMO_PARTS[part].defaults
         values = {**defaults, **(QUICK[part] if quick else {}),
                   "out": os.path.join(out, part), "device": cfg.device, "seed": cfg.seed}
         for name, value in given.items():
@@ -163,54 +182,51 @@ def part_configs(cfg: DemoConfig, quick: bool = False) -> dict[str, Options]:
     return configs
 
 
-def _jobs(configs: dict[str, Options]) -> list[tuple[str, str | None]]:
-    """The independent jobs of the parts that run: ``(part, process)``, the words part first
-    (the longest), then each digits process, then text."""
-    out = [("words", None)] if "words" in configs else []
-    if "digits" in configs:
-        out += [("digits", p) for p in configs["digits"].processes]
-    return out + ([("text", None)] if "text" in configs else [])
+def _jobs(configs: dict[str, Options]) -> list[tuple[str, object]]:
+    """The independent jobs of the parts that run, ``(part, job)``, in :data:`JOB_ORDER`."""
+    return [(part, job) for part in JOB_ORDER if part in configs
+            for job in DEMO_PARTS[part].module.jobs(configs[part])]
 
 
-def _run_job(part: str, config: dict, process: str | None, threads: int) -> None:
+def _run_job(part: str, config: dict, job, threads: int) -> None:
     """One job in a worker process (its progress: one line per finished stage)."""
     torch.set_num_threads(threads)
-    cfg = PART_CONFIGS[part][0].from_dict(config)
-    label = part if process is None else f"{part} {process}"
+    cfg = DEMO_PARTS[part].config.from_dict(config)
+    label = part if job is None else f"{part} {job}"
 
     def log(line: str) -> None:
         print(f"[{label}] {line}", flush=True)
 
-    if part == "digits":
-        demo_digits.run_process_job(cfg, process, progress=False, log=log)
-    elif part == "words":
-        demo_words.run_words(cfg, progress=False, log=log)
-    else:
-        demo_text.run_text(cfg, progress=False, log=log)
+    DEMO_PARTS[part].module.run_job(cfg, job, progress=False, log=log)
     log("done")
 
 
 def run_jobs(configs: dict[str, Options], workers: int, *, progress: bool = True, log=print) -> None:
     """Run the parts' independent jobs side by side in ``workers`` processes (spawned: no
-    inherited threads or CUDA state), the digits classifier in this process meanwhile (both
-    digits jobs read it). The first job to fail stops the others and its error is raised here."""
+    inherited threads or CUDA state), meanwhile in this process what a part's jobs read (its
+    ``prepare``: the digits classifier, which both digits jobs read). The first job to fail
+    stops the others and its error is raised here."""
     jobs = _jobs(configs)
     workers = min(workers, len(jobs))
     threads = max(1, (os.cpu_count() or 1) // workers)
     log(f"running {len(jobs)} jobs in {workers} processes, {threads} thread(s) each")
     with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving it terminates the workers
 
-        def submit(part, process):
-            return pool.apply_async(_run_job, (part, configs[part].to_dict(), process, threads))
+        def submit(part, job):
+            return pool.apply_async(_run_job, (part, configs[part].to_dict(), job, threads))
 
-        running = [submit(part, process) for part, process in jobs if part != "digits"]
-        if "digits" in configs:
-            demo_digits.prepare(configs["digits"], progress=progress, log=lambda line: log(f"[digits] {line}"))
-            running += [submit(part, process) for part, process in jobs if part == "digits"]
+        def prepared(part) -> bool:
+            return hasattr(DEMO_PARTS[part].module, "prepare")
+
+        running = [submit(part, job) for part, job in jobs if not prepared(part)]
+        for part in dict.fromkeys(part for part, _ in jobs if prepared(part)):  # (meanwhile, in this process)
+            DEMO_PARTS[part].module.prepare(configs[part], progress=progress,
+                                            log=lambda line, part=part: log(f"[{part}] {line}"))
+            running += [submit(p, job) for p, job in jobs if p == part]
         while running:
-            for job in [j for j in running if j.ready()]:
-                job.get()  # raises the job's error
-                running.remove(job)
+            for finished in [j for j in running if j.ready()]:
+                finished.get()  # raises the job's error
+                running.remove(finished)
             time.sleep(0.2)
         pool.close()
         pool.join()
@@ -221,7 +237,7 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, progress: bool = True, log
     ``results.json``) and writes and prints ``table.md``."""
     configs = part_configs(cfg, quick)
     for part in configs:  # a missing optional package, named, before any work
-        for module, purpose in NEEDS[part]:
+        for module, purpose in DEMO_PARTS[part].needs:
             require(module, purpose)
     out = os.path.dirname(next(iter(configs.values())).out)
     os.makedirs(out, exist_ok=True)
@@ -233,22 +249,9 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, progress: bool = True, log
     for part, pcfg in configs.items():
         log(f"== {part}")
         t0 = time.perf_counter()
-        if part == "digits":
-            res = demo_digits.run_digits(pcfg, progress=progress, log=log)
-            results[part] = results_json(res)
-            tables.append(demo_digits.markdown_table(res, pcfg))
-            lines += demo_digits.verdicts(res, pcfg)
-        elif part == "words":
-            rows = demo_words.run_words(pcfg, progress=progress, log=log)
-            demo_words.plot(rows, os.path.join(pcfg.out, "words_by_steps.png"), pcfg)
-            results[part] = rows
-            tables.append(demo_words.markdown_table(rows, pcfg))
-            lines += demo_words.verdicts(rows)
-        else:
-            rows = demo_text.run_text(pcfg, progress=progress, log=log)["rows"]
-            results[part] = rows
-            tables.append(demo_text.markdown_tables(rows, pcfg))
-            lines += [f"text, {v}" for v in demo_text.verdicts(rows)]
+        results[part], table, verdict_lines = DEMO_PARTS[part].module.report(pcfg, progress=progress, log=log)
+        tables.append(table)
+        lines += verdict_lines
         seconds[part] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - start, 1)
     result = {"config": cfg.to_dict(), "quick": quick, "parts": results, "verdicts": lines, "seconds": seconds}
@@ -260,4 +263,4 @@ def run_demo(cfg: DemoConfig, *, quick: bool = False, progress: bool = True, log
     return result
 
 
-__all__ = ["PARTS", "QUICK", "DemoConfig", "part_configs", "run_demo"]
+__all__ = ["DEMO_PARTS", "PARTS", "QUICK", "DemoConfig", "DemoPart", "part_configs", "run_demo"]

@@ -3,11 +3,19 @@ study (:mod:`dmmd.apps.image_study`) with both processes (uniform and masked) an
 smaller sizes: the FID classifier, per process a teacher sampled with 1-64 steps and a D-MMD
 student per ``k``, FID by steps, a grid per sampler, side-by-side grids (data | teacher at k |
 student at k | teacher at 64 steps) and the plot, all under ``out`` and resumed from what is
-there. Each process's stages are one job (:func:`run_process_job`), so the two can run side
+there. Each process's stages are one job (:func:`run_job`), so the two can run side
 by side once the classifier exists (:func:`prepare`)."""
 from __future__ import annotations
 
-from dmmd.apps.image_study import ImageStudyConfig, Scorer, markdown_tables, report, run_image_study, run_process
+from dmmd.apps.image_study import (
+    ImageStudyConfig,
+    Scorer,
+    markdown_tables,
+    results_json,
+    run_image_study,
+    run_process,
+)
+from dmmd.apps.image_study import report as study_report
 from dmmd.apps.verdicts import against_teacher
 
 # The demo's image settings: ImageStudyConfig fields (the rest keep the study's defaults)
@@ -24,9 +32,9 @@ def digits_config(**settings) -> ImageStudyConfig:
 
 
 def run_digits(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> dict:
-    """Run (or resume) the image part; returns the study's results (:func:`report`)."""
+    """Run (or resume) the image part; returns the study's results (:func:`dmmd.apps.image_study.report`)."""
     run_image_study(cfg, progress=progress, log=log)
-    return report(cfg)
+    return study_report(cfg)
 
 
 def prepare(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> None:
@@ -35,9 +43,21 @@ def prepare(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> None:
     log(f"FID classifier: held-out accuracy {Scorer(cfg, progress=progress).accuracy:.3f}")
 
 
-def run_process_job(cfg: ImageStudyConfig, process: str, *, progress: bool = True, log=print) -> None:
+def jobs(cfg: ImageStudyConfig) -> list[str]:
+    """The part's independent jobs (:mod:`dmmd.apps.demo`): one per process."""
+    return list(cfg.processes)
+
+
+def run_job(cfg: ImageStudyConfig, process: str, *, progress: bool = True, log=print) -> None:
     """One process's teacher, FIDs and students (after :func:`prepare`, whose classifier it reads)."""
     run_process(cfg, process, Scorer(cfg, progress=progress, train=False), progress=progress, log=log)
+
+
+def report(cfg: ImageStudyConfig, *, progress: bool = True, log=print) -> tuple[dict, str, list[str]]:
+    """The part's results (for results.json), its markdown tables and its verdict lines, with
+    its grids and plot written (every stage resumed)."""
+    res = run_digits(cfg, progress=progress, log=log)
+    return results_json(res), markdown_table(res, cfg), verdicts(res, cfg)
 
 
 def _fid(e: tuple[float, float]) -> str:
@@ -65,4 +85,5 @@ def markdown_table(res: dict, cfg: ImageStudyConfig) -> str:
     return head + "\n\n" + markdown_tables(cfg, res)
 
 
-__all__ = ["DEFAULTS", "digits_config", "markdown_table", "prepare", "run_digits", "run_process_job", "verdicts"]
+__all__ = ["DEFAULTS", "digits_config", "jobs", "markdown_table", "prepare", "report", "run_digits", "run_job",
+           "verdicts"]

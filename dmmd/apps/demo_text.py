@@ -27,16 +27,16 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dmmd.apps.draws import draw
 from dmmd.apps.stages import cached, keyed_file, place
 from dmmd.apps.verdicts import against_teacher
 from dmmd.data import ByteText, make_source
-from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
 from dmmd.metrics.evaluate import evaluate_set
 from dmmd.models.reference_lm import load_reference
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
-from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.distill import DistillConfig, distill, load_student
 from dmmd.training.reference import ReferenceConfig, train_reference
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
@@ -137,13 +137,13 @@ def _draw(cfg: TextDemoConfig, spec: dict, teacher) -> torch.Tensor:
     seed = cfg.seed + 1000 + spec["steps"]
     if spec["model"] == "teacher":
         model, process = teacher
-        fn, kw = (lambda z, t: model(z, t)), {"temperature": cfg.temperature, "top_p": cfg.top_p}
+        kw = {"temperature": cfg.temperature, "top_p": cfg.top_p}
     else:
         model, process, _ = load_student(os.path.join(distill_config(cfg, spec["steps"]).run.out, "checkpoint"),
                                          device=cfg.device)
-        fn, kw = student_fn(model, seed), {}
-    return sample(fn, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, device=cfg.device,
-                  batch_size=256, **kw).cpu()
+        kw = {}
+    return draw(model, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, noise_seed=seed,
+                device=cfg.device, batch_size=256, **kw)
 
 
 def run_text(cfg: TextDemoConfig, *, progress: bool = True, log=print) -> dict:
@@ -278,3 +278,18 @@ def plot(rows: list[dict], path: str, cfg: TextDemoConfig) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+def jobs(cfg: TextDemoConfig) -> list[None]:
+    """The part's independent jobs (:mod:`dmmd.apps.demo`): one, the whole part."""
+    return [None]
+
+
+def run_job(cfg: TextDemoConfig, job: None, *, progress: bool = True, log=print) -> None:
+    run_text(cfg, progress=progress, log=log)
+
+
+def report(cfg: TextDemoConfig, *, progress: bool = True, log=print) -> tuple[list[dict], str, list[str]]:
+    """The part's rows (for results.json), its markdown tables and its verdict lines."""
+    rows = run_text(cfg, progress=progress, log=log)["rows"]
+    return rows, markdown_tables(rows, cfg), [f"text, {v}" for v in verdicts(rows)]
+
+

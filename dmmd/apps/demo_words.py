@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dmmd.apps.draws import draw
 from dmmd.apps.stages import cached, keyed_file, place
 from dmmd.apps.verdicts import against_teacher
 from dmmd.data import make_source
-from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
 from dmmd.metrics.exact import chain_quality
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
-from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.distill import DistillConfig, distill, load_student
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
 # DistillConfig keys this part sets itself (refused in ``distill``, by name)
@@ -150,13 +150,11 @@ def _samples(cfg: WordsDemoConfig, spec: dict, teacher, source) -> torch.Tensor:
     else:
         if spec["model"] == "teacher":
             model, process = teacher
-            fn = lambda z, t: model(z, t)  # noqa: E731
         else:
             model, process, _ = load_student(os.path.join(distill_config(cfg, spec["steps"]).run.out, "checkpoint"),
                                              device=cfg.device)
-            fn = student_fn(model, seed)
-        x = sample(fn, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, device=cfg.device,
-                   batch_size=1000).cpu()
+        x = draw(model, process, cfg.num_samples, cfg.length, spec["steps"], seed=seed, noise_seed=seed,
+                 device=cfg.device)
     words = source.to_words(x) if cfg.vocab_size <= 64 else None
     write_json_atomic(path, {**spec, "tokens": x.tolist(), **({"words": words} if words else {})})
     return x
@@ -231,6 +229,23 @@ def plot(rows: list[dict], path: str, cfg: WordsDemoConfig) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def jobs(cfg: WordsDemoConfig) -> list[None]:
+    """The part's independent jobs (:mod:`dmmd.apps.demo`): one, the whole part."""
+    return [None]
+
+
+def run_job(cfg: WordsDemoConfig, job: None, *, progress: bool = True, log=print) -> None:
+    run_words(cfg, progress=progress, log=log)
+
+
+def report(cfg: WordsDemoConfig, *, progress: bool = True, log=print) -> tuple[list[dict], str, list[str]]:
+    """The part's rows (for results.json), its markdown table and its verdict lines, with its
+    plot written (every stage resumed)."""
+    rows = run_words(cfg, progress=progress, log=log)
+    plot(rows, os.path.join(cfg.out, "words_by_steps.png"), cfg)
+    return rows, markdown_table(rows, cfg), verdicts(rows)
 
 
 __all__ = ["WordsDemoConfig", "markdown_table", "plot", "run_words", "verdicts"]

@@ -23,16 +23,16 @@ from functools import partial
 
 import torch
 
+from dmmd.apps.draws import draw
 from dmmd.apps.stages import cached, keyed_file, place
 from dmmd.data import make_source
 from dmmd.data.images import save_grid
-from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
 from dmmd.metrics.evaluate import ImageFID
 from dmmd.models.image_classifier import CONFIG_FILE, is_classifier
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
-from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.distill import DistillConfig, distill, load_student
 from dmmd.training.reference import reference_config, train_reference
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
@@ -175,13 +175,9 @@ class Scorer:
         return {"fid": d.value, "fid_stderr": d.stderr, "samples": d.samples}
 
 
-def _draw(model_fn, process, cfg: ImageStudyConfig, length: int, steps: int, seed: int) -> torch.Tensor:
-    return sample(model_fn, process, cfg.samples, length, steps, seed=seed, batch_size=1000,
-                  device=cfg.device).cpu()
-
-
 def _score_teacher(cfg: ImageStudyConfig, scorer: Scorer, teacher, proc, process: str, steps: int) -> dict:
-    x = _draw(lambda z, t: teacher(z, t), proc, cfg, scorer.source.length, steps, cfg.seed + 1)
+    x = draw(teacher, proc, cfg.samples, scorer.source.length, steps, seed=cfg.seed + 1, noise_seed=cfg.seed + 2,
+             device=cfg.device)
     save_grid(scorer.source.to_images(x[:GRID]), os.path.join(cfg.out, "grids", f"teacher_{process}_{steps}.png"))
     return {"steps": steps, **scorer(x, cfg.seed)}
 
@@ -192,7 +188,8 @@ def _score_student(cfg: ImageStudyConfig, scorer: Scorer, dcfg: DistillConfig, p
     seconds = result["train_seconds"]  # all of the training, resumed or not
     student, _, _ = load_student(result["checkpoint"], device=cfg.device)
     k = dcfg.student_steps
-    x = _draw(student_fn(student, cfg.seed + 2), proc, cfg, scorer.source.length, k, cfg.seed + 1)
+    x = draw(student, proc, cfg.samples, scorer.source.length, k, seed=cfg.seed + 1, noise_seed=cfg.seed + 2,
+             device=cfg.device)
     save_grid(scorer.source.to_images(x[:GRID]), os.path.join(cfg.out, "grids", f"{name}.png"))
     return {"steps": k, "distill_seconds": round(seconds, 1), **scorer(x, cfg.seed)}
 

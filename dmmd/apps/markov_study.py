@@ -16,13 +16,13 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from dmmd.apps.draws import draw
 from dmmd.apps.stages import place
 from dmmd.data import make_source
-from dmmd.diffusion.sampling import sample
 from dmmd.metrics import total_variation
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
-from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.distill import DistillConfig, distill, load_student
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
 # DistillConfig keys the study sets itself (refused in ``distill``, by name)
@@ -72,9 +72,9 @@ def _distill_config(cfg: StudyConfig, kind: str, k: int, seed: int) -> DistillCo
         "out": "", **cfg.distill}), cfg.out, f"student_{kind}_k{k}_seed{seed}")
 
 
-def _tv(model_fn, process, source, cfg: StudyConfig, steps: int, seed: int) -> dict:
-    x = sample(model_fn, process, cfg.samples, cfg.length, steps, seed=seed, batch_size=25_000,
-               device=cfg.device).cpu()
+def _tv(model, noise_seed: int, process, source, cfg: StudyConfig, steps: int, seed: int) -> dict:
+    x = draw(model, process, cfg.samples, cfg.length, steps, seed=seed, noise_seed=noise_seed, batch_size=25_000,
+             device=cfg.device)
     d = total_variation(x, source)
     return {"tv": d.value, "tv_stderr": d.stderr}
 
@@ -101,7 +101,6 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log=print) -> list[dic
         train_teacher(tcfg, progress=progress)
         teacher, process, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
         source = make_source(tcfg.source)
-        teacher_fn = lambda z, t, m=teacher: m(z, t)  # noqa: E731
         log(f"{kind}: teacher ready ({time.perf_counter() - t0:.0f} s)")
         for k in cfg.ks:
             students, seconds = [], 0.0
@@ -109,11 +108,11 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log=print) -> list[dic
                 result = distill(_distill_config(cfg, kind, k, seed), progress=progress)
                 seconds += result["train_seconds"]  # all of the training, resumed or not
                 student, _, _ = load_student(result["checkpoint"], device=cfg.device)
-                students.append(_tv(student_fn(student, seed + 2), process, source, cfg, k, cfg.seed + 1 + seed))
+                students.append(_tv(student, seed + 2, process, source, cfg, k, cfg.seed + 1 + seed))
             samplings = [cfg.seed + 1 + seed for seed in cfg.seeds]
             row = {"process": kind, "k": k, "seeds": list(cfg.seeds), "distill_seconds": round(seconds, 1),
-                   "teacher_k": summarize([_tv(teacher_fn, process, source, cfg, k, s) for s in samplings]),
-                   "teacher_4k": summarize([_tv(teacher_fn, process, source, cfg, 4 * k, s) for s in samplings]),
+                   "teacher_k": summarize([_tv(teacher, 0, process, source, cfg, k, s) for s in samplings]),
+                   "teacher_4k": summarize([_tv(teacher, 0, process, source, cfg, 4 * k, s) for s in samplings]),
                    "student_k": summarize(students)}
             row["reduction"] = 1 - row["student_k"]["tv"] / row["teacher_k"]["tv"]
             log(format_row(row))

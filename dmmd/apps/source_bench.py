@@ -26,14 +26,14 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
+from dmmd.apps.draws import draw
 from dmmd.apps.stages import cached, keyed_file, place, settings_key
 from dmmd.data import make_source
-from dmmd.diffusion.sampling import sample
 from dmmd.extras import require
 from dmmd.metrics import total_variation
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import checkpoint_exists, read_state, write_json_atomic
-from dmmd.training.distill import DistillConfig, distill, load_student, student_fn
+from dmmd.training.distill import DistillConfig, distill, load_student
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
 # name -> the DataConfig that builds it; each small enough to enumerate (V^L <= 2e6)
@@ -124,17 +124,18 @@ class BenchConfig(Options):
         return place(cfg, os.path.join(self.out, "students"), f"{name}_k{k}_seed{seed}")
 
 
-def _tv(model_fn, process, source, device: str, samples: int, steps: int, seed: int) -> dict:
-    x = sample(model_fn, process, samples, source.length, steps, seed=seed, batch_size=25_000, device=device).cpu()
+def _tv(model, noise_seed: int, process, source, device: str, samples: int, steps: int, seed: int) -> dict:
+    x = draw(model, process, samples, source.length, steps, seed=seed, noise_seed=noise_seed, batch_size=25_000,
+             device=device)
     d = total_variation(x, source)
     return {"tv": d.value, "tv_stderr": d.stderr}
 
 
-def _teacher_tv(cfg: BenchConfig, out: str, teacher_fn, process, source, steps: int) -> dict:
+def _teacher_tv(cfg: BenchConfig, out: str, teacher, process, source, steps: int) -> dict:
     """The teacher's TV at ``steps`` from one sampling seed (its spread over seeds is about its
     sampling standard error), cached in its directory."""
     key = {"steps": steps, "samples": cfg.samples, "seed": cfg.seed + 1}
-    r = cached(keyed_file(out, "tv", key), partial(_tv, teacher_fn, process, source, cfg.device, cfg.samples, steps,
+    r = cached(keyed_file(out, "tv", key), partial(_tv, teacher, 0, process, source, cfg.device, cfg.samples, steps,
                                                    cfg.seed + 1))
     return {"mean": r["tv"], "stderr": r["tv_stderr"]}
 
@@ -172,7 +173,7 @@ def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int
         student, process, state = load_student(checkpoint, device=cfg.device)
         train_seconds = state.get("train_seconds", train_seconds)
         reading = cached(keyed_file(dcfg.run.out, "tv", key), partial(
-            _tv, student_fn(student, seed + 2), process, source, cfg.device, samples, k, cfg.seed + 1 + seed))
+            _tv, student, seed + 2, process, source, cfg.device, samples, k, cfg.seed + 1 + seed))
         curve.append({"step": at, **reading})
     return {"seed": seed, "tv": curve[-1]["tv"], "curve": curve, "train_seconds": train_seconds,
             "entropy": _read_log(os.path.join(dcfg.run.out, "log.jsonl")), "out": dcfg.run.out}
@@ -203,14 +204,13 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
             train_teacher(tcfg, progress=progress)
             teacher, process, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
             source = make_source(tcfg.source)
-            teacher_fn = lambda z, t, m=teacher: m(z, t)  # noqa: E731
             log(f"{src} {kind}: teacher ready ({time.perf_counter() - t0:.0f} s)")
             for k in cfg.ks:
                 students = [run_student(cfg, tcfg, source, f"{src}_{kind}_{name_tag}", k, seed, progress)
                             for seed in cfg.seeds]
                 row = {"source": src, "process": kind, "k": k, "distill": cfg.distill,
-                       "teacher_k": _teacher_tv(cfg, tcfg.run.out, teacher_fn, process, source, k),
-                       "teacher_4k": _teacher_tv(cfg, tcfg.run.out, teacher_fn, process, source, 4 * k),
+                       "teacher_k": _teacher_tv(cfg, tcfg.run.out, teacher, process, source, k),
+                       "teacher_4k": _teacher_tv(cfg, tcfg.run.out, teacher, process, source, 4 * k),
                        "student_k": summarize([s["tv"] for s in students]), "students": students}
                 row["vs_teacher_k"] = row["student_k"]["mean"] / row["teacher_k"]["mean"]
                 row["vs_teacher_4k"] = row["student_k"]["mean"] / row["teacher_4k"]["mean"]
