@@ -12,18 +12,15 @@ DMMD_BENCH_QUICK=1 uses V = 8192, L = 16.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from bench.conftest import QUICK, run
+from bench.memory import in_subprocess, peak_bytes
 
 V, L, BATCH, WIDTH = (8192, 16, 16, 32) if QUICK else (50257, 64, 16, 64)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_distiller(fused: bool):
@@ -60,32 +57,16 @@ def make_batch(d):
     return draw_batch(_Data(), d.process, d.cfg, d.noise, 0)
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_step_bytes(loss: str, fused: bool) -> int:
     """In this process: the peak resident memory one step adds above its models and batch."""
     d = make_distiller(fused)
     batch = make_batch(d)
-    one_step(d, loss, batch)  # the optimizer-free step once: gradients allocated, caches warm
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    base = _status("VmRSS")
-    one_step(d, loss, batch)
-    return _status("VmHWM") - base
+    one_step(d, loss, batch)  # once first: gradients allocated, caches warm
+    return peak_bytes(lambda: one_step(d, loss, batch))
 
 
 def measure_in_subprocess(loss: str, fused: bool) -> int:
-    code = (f"import json, bench.bench_distill_step as b; "
-            f"print(json.dumps(b.peak_step_bytes({loss!r}, {fused!r})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
-    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+    return in_subprocess("bench.bench_distill_step", f"peak_step_bytes({loss!r}, {fused!r})")
 
 
 @pytest.mark.parametrize("impl", ["unfused", "fused"])

@@ -9,10 +9,7 @@ rows = 512, d = 64, V = 8192.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,9 +17,9 @@ import torch.nn.functional as F
 
 import dmmd_ops
 from bench.conftest import QUICK, run
+from bench.memory import in_subprocess, peak_bytes
 
 ROWS, D, V = (512, 64, 8192) if QUICK else (8192, 512, 50257)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_inputs(rows: int, d: int, v: int, seed: int = 0):
@@ -76,30 +73,14 @@ STEPS = {"unfused": unfused_step, "fused": fused_step}
 AUX_STEPS = {"unfused": unfused_aux_step, "fused": fused_aux_step}
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_step_bytes(loss: str, impl: str, rows: int, d: int, v: int) -> int:
-    """In this process: the peak resident memory one step adds above its inputs (VmHWM reset)."""
+    """In this process: the peak resident memory one step adds above its inputs."""
     models = make_inputs(rows, d, v)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident size
-    base = _status("VmRSS")
-    LOSSES[loss][impl](models)
-    return _status("VmHWM") - base
+    return peak_bytes(lambda: LOSSES[loss][impl](models))
 
 
 def measure_in_subprocess(loss: str, impl: str) -> int:
-    code = (f"import json, bench.bench_linear_losses as b; "
-            f"print(json.dumps(b.peak_step_bytes({loss!r}, {impl!r}, {ROWS}, {D}, {V})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=ROOT))
-    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+    return in_subprocess("bench.bench_linear_losses", f"peak_step_bytes({loss!r}, {impl!r}, {ROWS}, {D}, {V})")
 
 
 LOSSES = {"generator": STEPS, "aux": AUX_STEPS}
