@@ -75,6 +75,13 @@ class DiffusionProcess:
         elif self.mask_id is not None:
             raise ValueError("mask_id is only meaningful for masked diffusion")
 
+    @classmethod
+    def of(cls, model_config, schedule: Schedule | str) -> DiffusionProcess:
+        """The process of a model whose config (any denoiser's: ``process``, ``num_classes``,
+        ``mask_id``) is the one record of them; the schedule is the run's."""
+        mask_id = model_config.mask_id if model_config.process == "masked" else None
+        return cls(model_config.process, model_config.num_classes, schedule, mask_id=mask_id)
+
     # ------------------------------------------------------------------ schedule
 
     @property

@@ -104,7 +104,7 @@ def build(cfg: TeacherConfig, vocab_size: int, image_shape: tuple[int, int, int]
         torch.manual_seed(cfg.run.seed)
         model, _ = build_masked_lm(cfg.model_config, v, cfg.source.length)
         mc = model.config
-        return DiffusionProcess("masked", mc.num_classes, cfg.schedule, mask_id=mc.mask_id), model
+        return DiffusionProcess.of(mc, cfg.schedule), model
     num_classes = v + 1 if cfg.process == "masked" else v
     process = DiffusionProcess(cfg.process, num_classes, cfg.schedule)
     torch.manual_seed(cfg.run.seed)
@@ -235,7 +235,7 @@ def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_i
         model, _, meta = load_masked_lm(path, mask_id=mask_id, device=device)
         mc = model.config
         schedule = meta.get("schedule", "loglinear")
-        process = DiffusionProcess("masked", mc.num_classes, schedule, mask_id=mc.mask_id)
+        process = DiffusionProcess.of(mc, schedule)
         return model, process, {"source": meta.get("source"), "schedule": schedule}
     if mask_id is not None:
         raise ValueError(f"mask_id is for a transformers teacher; the dmmd checkpoint {path} has its own")
@@ -244,5 +244,5 @@ def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_i
     model.load_state_dict(load_tensors(path, "ema" if use_ema else "model"))
     cfg = TeacherConfig.from_dict(state["config"])
     mc = model.config
-    process = DiffusionProcess(mc.process, mc.num_classes, cfg.schedule, mask_id=mc.mask_id)
+    process = DiffusionProcess.of(mc, cfg.schedule)
     return model.to(device).eval(), process, {**state, "source": cfg.source.to_dict(), "schedule": cfg.schedule}

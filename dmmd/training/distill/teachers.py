@@ -56,7 +56,7 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu")
                              f"classes")
         if mc.length is not None and data.length > mc.length:
             raise ValueError(f"length: the teacher takes at most {mc.length} tokens, got {data.length}")
-        process = DiffusionProcess("masked", mc.num_classes, meta.get("schedule", "loglinear"), mask_id=mc.mask_id)
+        process = DiffusionProcess.of(mc, meta.get("schedule", "loglinear"))
         return DistillTeacher(model, process, source, data, None, tokenizer)
     changed = _data_options_set(cfg)
     if changed:
@@ -100,10 +100,10 @@ def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model:
                              f"checkpoint")
         student, _, meta = load_masked_lm(path, device=device)
         mc = student.config
-        return student, DiffusionProcess("masked", mc.num_classes, meta["schedule"], mask_id=mc.mask_id), meta
+        return student, DiffusionProcess.of(mc, meta["schedule"]), meta
     state = artifact.state
     student = rebuild_model(state, module=model)
     student.load_state_dict(load_tensors(path, "ema" if use_ema else "generator"))
     mc = student.config
-    process = DiffusionProcess(mc.process, mc.num_classes, state["schedule"], mask_id=mc.mask_id)
+    process = DiffusionProcess.of(mc, state["schedule"])
     return student.to(device).eval(), process, state
