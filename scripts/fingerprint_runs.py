@@ -1,7 +1,7 @@
 """Fingerprints of short runs, to prove a restructure changes no behaviour: a 30-step teacher per
-process, a 30-step distillation of each (masked: unfused and fused; uniform: xhat and posterior),
-and a student's draws; one SHA-256 per stage over its weights (every tensor of its checkpoint,
-in name order) and its samples. With ``--demo DIR``: every checkpoint under a finished demo's
+process, 30-step distillations of each (masked: unfused and fused; uniform: unfused, fused and
+Appendix D's posterior form) and a student's draws; one SHA-256 per stage over its weights
+(every tensor of its checkpoint, in name order) and its samples. With ``--demo DIR``: every checkpoint under a finished demo's
 directory and its results (timings left out). Run it at two commits and compare the lines:
 
     python scripts/fingerprint_runs.py --out /tmp/fp > before.txt   # at the old commit
@@ -26,7 +26,7 @@ from dmmd.training.teacher import TeacherConfig, train_teacher
 
 TEACHER = dict(data="markov", vocab_size=5, length=8, width=32, depth=1, heads=2, batch_size=16, steps=30,
                warmup=2, eval_every=0, save_every=30, seed=3)
-STUDENTS = {"masked": [{}, {"fused_losses": True}], "uniform": [{}, {"form": "posterior"}]}
+STUDENTS = {"masked": [{}, {"fused_losses": True}], "uniform": [{}, {"fused_losses": True}, {"form": "posterior"}]}
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
