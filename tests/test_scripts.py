@@ -1,5 +1,6 @@
-"""The GPU check's pieces that run without a GPU: the sanitizer command lines (--dry-run) and
-the sanitizer probe's cases, run here on the CPU kernels."""
+"""The scripts' pieces that run without a GPU: the GPU check's sanitizer command lines (--dry-run),
+the sanitizer probe's cases on the CPU kernels, the ptxas report, and the fingerprints of short
+runs that prove a restructure changes nothing."""
 import os
 import subprocess
 import sys
@@ -126,3 +127,24 @@ def test_barrier_mutations_say_what_caught_a_mutant():
         "divergent barrier"
     assert bm.classify("FAILED tests/x.py::t - AssertionError: Tensor-likes are not close!\n") == \
         ("wrong value", "tests/x.py::t - AssertionError: Tensor-likes are not close!")
+
+
+def test_fingerprints_of_short_runs_are_reproducible_and_see_a_change(tmp_path):
+    # two runs of the same code print the same hashes; a changed weight changes its line
+    def run(out):
+        return subprocess.run([sys.executable, "scripts/fingerprint_runs.py", "--out", str(out)], cwd=ROOT,
+                              capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT)).stdout.splitlines()
+
+    first = run(tmp_path / "a")
+    assert len(first) == 7 and first[0].startswith("teacher masked: ") and "samples" in first[1]
+    assert run(tmp_path / "b") == first
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "a" / "student_masked_0" / "checkpoint" / "weights.safetensors"
+    tensors = load_file(str(weights))
+    name = next(k for k in sorted(tensors) if k.startswith("ema/"))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(weights))
+    changed = run(tmp_path / "a")  # every run found finished: the hashes of what is on disk
+    assert changed[1] != first[1] and changed[0] == first[0]
