@@ -1,6 +1,7 @@
 """Models: the bidirectional transformer denoiser (:mod:`.denoiser`) that teachers, D-MMD
 generators and auxiliary models share, and any other model under the same protocol
-(:mod:`.external`: your own module or a transformers masked LM). May import torch and the
+(:mod:`.external`: your own module or a transformers masked LM), with a generator's noise input
+(:mod:`.noise`). May import torch and the
 process's output rule (:func:`dmmd.diffusion.processes.masked_output_rule`) only;
 training, sampling and the applications import it."""
 from dmmd.models.denoiser import Denoiser, DenoiserConfig, block_causal_mask

@@ -1,7 +1,10 @@
 """Algorithm 1 (docs/design.md §5): one step's global batch (:func:`draw_batch`, lines 1-2) and
 the :class:`Distiller`, which holds the three models (teacher, generator, auxiliary) and computes
-the generator's draws (lines 3-4) and the two losses, eq. 11 and eq. 12 (or Appendix D's eq. 24
-and 26), unfused or through the fused linear ops. Knows nothing of runs, files or the loop."""
+the generator's draws (lines 3-4) and the two losses, eq. 11 and eq. 12, along one path: each
+model gives its output and a head turns outputs into a loss (:class:`LogitsHead`: whole logits;
+:class:`PosteriorHead`: Appendix D's eq. 24 and 26; :class:`FusedHead`: final hidden states into
+the fused linear ops). Imports the models, the process, the ops and the options; knows nothing
+of runs, files or the loop."""
 from __future__ import annotations
 
 import copy
