@@ -7,8 +7,9 @@ What it watches: the fused losses promise never to make the ``[rows, V]`` logits
 the peak of a fused step must stay well under one ``[rows, V]`` float32 tensor (reported as
 ``rows_by_v_bytes`` beside it), while the unfused step makes several.
 
-Sizes: a masked teacher with V = 50257, L = 64, batch 16 (rows = 1024), width 64;
-DMMD_BENCH_QUICK=1 uses V = 8192, L = 16.
+Sizes: a masked teacher with V = 50257, batch 16, width 64, L = 64 and 256 (rows = 1024 and
+4096: the peak of a fused step must not grow with the rows); DMMD_BENCH_QUICK=1 uses V = 8192,
+L = 16.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ import torch
 from bench.conftest import QUICK, run
 from bench.memory import in_subprocess, peak_bytes
 
-V, L, BATCH, WIDTH = (8192, 16, 16, 32) if QUICK else (50257, 64, 16, 64)
+V, BATCH, WIDTH = (8192, 16, 32) if QUICK else (50257, 16, 64)
+LENGTHS = (16,) if QUICK else (64, 256)
 
 
-def make_distiller(fused: bool):
+def make_distiller(fused: bool, length: int):
     """A masked teacher (random head: a spread output, not the zero-initialised one) and its
     Distiller with the masked defaults, fused or unfused."""
     from dmmd.diffusion.processes import DiffusionProcess
@@ -31,7 +33,7 @@ def make_distiller(fused: bool):
     from dmmd.training.distill import DistillConfig, Distiller
 
     torch.manual_seed(0)
-    teacher = Denoiser(DenoiserConfig(num_classes=V, length=L, width=WIDTH, depth=1, heads=2))
+    teacher = Denoiser(DenoiserConfig(num_classes=V, length=length, width=WIDTH, depth=1, heads=2))
     with torch.no_grad():
         teacher.head.weight.normal_(0, 0.5)
     process = DiffusionProcess("masked", V, "linear")
@@ -40,8 +42,11 @@ def make_distiller(fused: bool):
 
 
 class _Data:
+    def __init__(self, length: int):
+        self.length = length
+
     def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, V - 1, (batch, L), generator=generator)
+        return torch.randint(0, V - 1, (batch, self.length), generator=generator)
 
 
 def one_step(d, loss: str, batch) -> None:
@@ -54,29 +59,30 @@ def one_step(d, loss: str, batch) -> None:
 def make_batch(d):
     from dmmd.training.distill import draw_batch
 
-    return draw_batch(_Data(), d.process, d.cfg, d.noise, 0)
+    return draw_batch(_Data(d.teacher.config.length), d.process, d.cfg, d.noise, 0)
 
 
-def peak_step_bytes(loss: str, fused: bool) -> int:
+def peak_step_bytes(loss: str, fused: bool, length: int) -> int:
     """In this process: the peak resident memory one step adds above its models and batch."""
-    d = make_distiller(fused)
+    d = make_distiller(fused, length)
     batch = make_batch(d)
     one_step(d, loss, batch)  # once first: gradients allocated, caches warm
     return peak_bytes(lambda: one_step(d, loss, batch))
 
 
-def measure_in_subprocess(loss: str, fused: bool) -> int:
-    return in_subprocess("bench.bench_distill_step", f"peak_step_bytes({loss!r}, {fused!r})")
+def measure_in_subprocess(loss: str, fused: bool, length: int) -> int:
+    return in_subprocess("bench.bench_distill_step", f"peak_step_bytes({loss!r}, {fused!r}, {length})")
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("impl", ["unfused", "fused"])
 @pytest.mark.parametrize("loss", ["generator", "aux"])
-def test_distill_step(benchmark, loss, impl):
-    benchmark.group = f"distill step ({loss}) masked defaults V={V} L={L} batch={BATCH} width={WIDTH} fp32"
-    d = make_distiller(impl == "fused")
+def test_distill_step(benchmark, loss, impl, length):
+    benchmark.group = f"distill step ({loss}) masked defaults V={V} L={length} batch={BATCH} width={WIDTH} fp32"
+    d = make_distiller(impl == "fused", length)
     assert d.fused == (impl == "fused")
     batch = make_batch(d)
     run(benchmark, lambda: one_step(d, loss, batch), impl)
     if not os.environ.get("DMMD_BENCH_NO_MEMORY"):
-        benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(loss, impl == "fused")
-        benchmark.extra_info["rows_by_v_bytes"] = BATCH * L * V * 4
+        benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(loss, impl == "fused", length)
+        benchmark.extra_info["rows_by_v_bytes"] = BATCH * length * V * 4

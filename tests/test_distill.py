@@ -529,3 +529,22 @@ def test_fused_soft_targets_made_chunk_by_chunk_give_the_same_loss(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
     for g, h in zip(_grads(d.aux), want, strict=True):
         torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_draws_in_chunks_of_token_rows_stay_exact_and_independent_of_the_split(monkeypatch, fused):
+    # a block's logits are made a chunk of token rows at a time (each chunk its own Philox
+    # offset, the first the block's own): the first chunk draws as the whole block did, a
+    # rank's rows draw what they draw in the whole batch, and the losses are still eq. 11/12
+    import dmmd.training.distill.algorithm as algorithm
+
+    d, process, cfg, batch = _setup("masked", fused_losses=fused)  # blocks of 3 sequences x 5 tokens
+    _, whole, _ = d.generate(batch, 4)
+    monkeypatch.setattr(algorithm, "DRAW_CHUNK_BYTES", 4 * process.num_classes * 4)  # 4 token rows
+    _, x, z_s = d.generate(batch, 4)
+    assert torch.equal(x.reshape(2, 15)[:, :4], whole.reshape(2, 15)[:, :4])  # chunk 0 of each block
+    assert not torch.equal(x, whole) and int(x.max()) < process.mask_id
+    half = batch.take(slice(3, 6), "cpu")  # the second block, as the second of two ranks holds it
+    _, x_half, z_half = d.generate(half, 4)
+    assert torch.equal(x_half, x[3:]) and torch.equal(z_half, z_s[3:])
+    assert_step_matches_eq11_eq12(d, process, batch, step=4)

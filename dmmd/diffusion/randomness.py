@@ -15,7 +15,8 @@ stream              torch.Generator seed               Philox offsets
 teacher step i      ``(seed * 1000003 + i) * 7 + 0``   -
 distill step i      ``(seed * 1000003 + i) * 7 + 1``   ``2 * (i * B / b + r)`` draw x, ``+ 1``
                                                        draw z_s; ``b`` rows per block, ``r``
-                                                       the block of global rows (DDP-proof)
+                                                       the block of global rows (DDP-proof);
+                                                       x's chunk c of token rows: ``+ c * 2^40``
 reference step i    ``(seed * 1000003 + i) * 7 + 2``   -
 teacher validation  ``seed + 12345``                   -
 reference valid.    ``seed + 999``                     -
@@ -72,6 +73,19 @@ def distill_draw_offsets(step: int, blocks_per_batch: int, block: int) -> tuple[
     draws, so they do not depend on how the batch is split across processes."""
     base = 2 * (step * blocks_per_batch + block)
     return base, base + 1
+
+
+# A block's categorical draws too large for one call are made in chunks of its token rows; chunk
+# c > 0 draws from offset + c * CHUNK_OFFSET (above every block's own offset, 2^40 apart).
+CHUNK_OFFSET = 1 << 40
+
+
+def chunk_offset(offset: int, chunk: int) -> int:
+    """The Philox offset of chunk ``chunk`` of the token rows a draw at ``offset`` covers (chunk 0:
+    ``offset`` itself, so a block drawn in one call draws as it always did)."""
+    if offset >= CHUNK_OFFSET:
+        raise ValueError(f"offset {offset} leaves no room for chunks (must be < 2^40)")
+    return offset + chunk * CHUNK_OFFSET
 
 
 def student_noise_generator(seed: int) -> torch.Generator:

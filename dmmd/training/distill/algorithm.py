@@ -15,17 +15,20 @@ import torch
 
 import dmmd_ops
 from dmmd.diffusion.processes import DiffusionProcess
-from dmmd.diffusion.randomness import Stream, distill_draw_offsets, step_generator
+from dmmd.diffusion.randomness import Stream, chunk_offset, distill_draw_offsets, step_generator
 from dmmd.models.denoiser import Denoiser
 from dmmd.models.external import ExternalDenoiser
 from dmmd.models.noise import NoiseSpec
 from dmmd.training.distill.noise import build_generator
 from dmmd.training.distill.options import FUSED_MIN_CLASSES, DistillConfig
-from dmmd_ops.linear import chunk_rows_for
+from dmmd_ops.linear import DEFAULT_CHUNK_BYTES, chunk_rows_for
 
 # The generator's output entropy is computed for this many logits at a time (a few [rows, V]
 # float32 temporaries of 16 MiB each).
 ENTROPY_CHUNK = 2 ** 22
+# The draws make the generator's logits this many bytes (float32) at a time, the fused linear
+# ops' chunk budget: a block of draw_block sequences that fits is drawn in one call.
+DRAW_CHUNK_BYTES = DEFAULT_CHUNK_BYTES
 
 
 @dataclass
@@ -126,39 +129,56 @@ class Distiller:
         """:meth:`generate` and the generator's output-entropy stats (:meth:`_draw`)."""
         fn = self.gen_net if torch.is_grad_enabled() else self.generator
         out = self.head.output(fn, batch.z_t, batch.t.float(), batch.noise)
-        return out, *self._draw(batch, step, lambda rows: self.head.logits(self.generator, out[rows].detach(),
-                                                                           batch.z_t[rows]))
 
-    def _draw(self, batch: DistillBatch, step: int, block_logits):
-        """``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)`` block by block (``block_logits(rows)``: the
-        generator's logits of those rows), with the generator's output entropy (:meth:`_entropy_stats`).
+        def chunk_logits(rows: slice, tokens: slice) -> torch.Tensor:
+            flat = out[rows].detach().reshape(-1, out.shape[-1])[tokens]
+            return self.head.logits(self.generator, flat, batch.z_t[rows].reshape(-1)[tokens])
+
+        return out, *self._draw(batch, step, chunk_logits)
+
+    def _draw(self, batch: DistillBatch, step: int, chunk_logits):
+        """``x ~ Cat`` and ``z_s ~ q(z_s | z_t, x)`` block by block of ``draw_block`` sequences,
+        with the generator's output entropy (:meth:`_entropies`). A block's token rows are drawn
+        in chunks of at most :data:`DRAW_CHUNK_BYTES` of float32 logits (``chunk_logits(rows,
+        tokens)``: the generator's logits of those token rows of those sequences), so no draw
+        makes the ``[rows, V]`` logits of a block at once.
 
         Draws use Philox ``(seed, offset)`` with one offset per (step, block of ``draw_block``
-        global rows), so they do not depend on how the batch is split across processes."""
+        global rows) and per chunk (:func:`~dmmd.diffusion.randomness.chunk_offset`), so they
+        do not depend on how the batch is split across processes."""
         a_s = self.process.alpha(batch.s).unsqueeze(-1).expand(batch.z_t.shape)
         a_t = self.process.alpha(batch.t).unsqueeze(-1).expand(batch.z_t.shape)
         k = self.cfg.student_steps
         # the student's sampling step that t falls in: j covers t in (j/k, (j+1)/k], j = 0 the last
         coarse = (torch.ceil(batch.t * k).long() - 1).clamp(0, k - 1)
         blk = self.draw_block
+        per_chunk = max(1, DRAW_CHUNK_BYTES // (4 * self.process.num_classes))
         x, z_s, entropy, by_step = [], [], _Mean(), [_Mean() for _ in range(k)]
         with torch.no_grad():
             for lo in range(0, batch.z_t.shape[0], blk):
                 rows = slice(lo, lo + blk)
-                logits = block_logits(rows)
+                z_flat = batch.z_t[rows].reshape(-1)
+                step_of = coarse[rows].unsqueeze(-1).expand(batch.z_t[rows].shape).reshape(-1)
                 x_offset, z_offset = distill_draw_offsets(step, self.cfg.run.batch_size // blk,
                                                           int(batch.rows[lo]) // blk)
-                xb = dmmd_ops.sample_categorical(logits, seed=self.cfg.run.seed, offset=x_offset)
+                xb = []
+                for c, first in enumerate(range(0, z_flat.numel(), per_chunk)):
+                    tokens = slice(first, first + per_chunk)
+                    logits = chunk_logits(rows, tokens)
+                    xb.append(dmmd_ops.sample_categorical(logits, seed=self.cfg.run.seed,
+                                                          offset=chunk_offset(x_offset, c)))
+                    h, chosen = self._entropies(logits, z_flat[tokens])
+                    entropy.add(h[chosen])
+                    chunk_step = step_of[tokens].to(h.device)
+                    for j in range(k):
+                        by_step[j].add(h[chosen & (chunk_step == j)])
+                    del logits
+                xb = torch.cat(xb).reshape(batch.z_t[rows].shape)
                 z_s.append(dmmd_ops.posterior_sample(
                     batch.z_t[rows], xb, a_s[rows], a_t[rows], process=self.process.kind,
                     mask_id=self.process.mask_id, num_classes=self.process.num_classes, seed=self.cfg.run.seed,
                     offset=z_offset))
                 x.append(xb)
-                h, chosen = self._entropies(logits, batch.z_t[rows])
-                entropy.add(h[chosen])
-                step_of = coarse[rows].to(h.device).unsqueeze(-1).expand_as(h)
-                for j in range(k):
-                    by_step[j].add(h[chosen & (step_of == j)])
         stats = {"gen_entropy": entropy.value(), "gen_entropy_by_step": [m.value(none=True) for m in by_step],
                  "noise_proj_norm": self._noise_norm()}
         return torch.cat(x), torch.cat(z_s), stats
@@ -350,21 +370,53 @@ class FusedHead(LogitsHead):
                                               b_aux=ba, weight=w[keep], **self._teacher_options())
 
     def aux_loss(self, ha, ht, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
-        """Soft targets are made as the op makes its logits, one chunk of rows at a time, so
-        their ``[rows, V]`` probabilities never exist at once either."""
+        """Soft targets are made as the op makes its logits, a chunk of rows at a time, and made
+        again in the backward pass (:class:`_RecomputedChunks`), so their ``[rows, V]``
+        probabilities never exist at once either."""
         d = self.d
         with torch.no_grad():
             wt, bt = (p.detach() for p in d.teacher.output_head())
         wa, ba = d.aux.output_head()
         ha, ht, w, x, gen, z_t = ha[keep], ht[keep], w[keep], x[keep], gen[keep], z_t[keep]
-        rows = chunk_rows_for(wa.shape[0], 3) if d.cfg.soft_target else max(1, ha.shape[0])
-        loss = None
-        for lo in range(0, max(1, ha.shape[0]), rows):  # (no kept row: one empty call, a zero loss)
-            part = slice(lo, lo + rows)
-            chunk = dmmd_ops.linear_aux_loss(ha[part], wa, self.targets(x[part], gen[part], z_t[part]), ht[part], wt,
-                                             b_aux=ba, b_teacher=bt, weight=w[part], **self._teacher_options())
-            loss = chunk if loss is None else loss + chunk
-        return loss
+
+        def chunk_loss(rows: slice, h, weight, bias) -> torch.Tensor:
+            return dmmd_ops.linear_aux_loss(h, weight, self.targets(x[rows], gen[rows], z_t[rows]), ht[rows], wt,
+                                            b_aux=bias, b_teacher=bt, weight=w[rows], **self._teacher_options())
+
+        rows = chunk_rows_for(wa.shape[0], 3)
+        if not d.cfg.soft_target or ha.shape[0] <= rows:  # hard targets: ids, the op chunks the rest
+            return chunk_loss(slice(None), ha, wa, ba)
+        return _RecomputedChunks.apply(ha, wa, ba, chunk_loss, rows)
+
+
+class _RecomputedChunks(torch.autograd.Function):
+    """``sum_c chunk_loss(rows_c, h[rows_c], weight, bias)`` over chunks of ``rows`` rows, each
+    chunk's loss (and whatever it makes, such as its soft targets) made once in the forward pass
+    without a graph and again, with one, in the backward pass: nothing of a chunk is kept."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, chunk_loss, rows):
+        ctx.save_for_backward(h, weight, bias)
+        ctx.chunk_loss, ctx.rows = chunk_loss, rows
+        total = None
+        for lo in range(0, h.shape[0], rows):
+            part = chunk_loss(slice(lo, lo + rows), h[lo:lo + rows], weight, bias)
+            total = part if total is None else total + part
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias = ctx.saved_tensors
+        grads = [torch.zeros_like(h), torch.zeros_like(weight), torch.zeros_like(bias)]
+        for lo in range(0, h.shape[0], ctx.rows):
+            with torch.enable_grad():
+                inputs = [t.detach().requires_grad_() for t in (h[lo:lo + ctx.rows], weight, bias)]
+                loss = ctx.chunk_loss(slice(lo, lo + ctx.rows), *inputs)
+                g_h, g_w, g_b = torch.autograd.grad(loss, inputs, grad)
+            grads[0][lo:lo + ctx.rows] = g_h
+            grads[1] += g_w
+            grads[2] += g_b
+        return (*grads, None, None)
 
 
 class _Mean:
