@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmmd.diffusion.processes import masked_output_rule
-from dmmd.models.noise import NOISE_INTO, NOISE_PER, NoiseSpec, check_noise, init_projections
+from dmmd.models.noise import NoiseSpec, check_noise, check_noise_options, init_projections
 
 
 @dataclass
@@ -53,10 +53,7 @@ class DenoiserConfig:
             raise ValueError(f"process must be 'masked' or 'uniform', got {self.process!r}")
         if self.process == "masked" and self.mask_id is None:
             self.mask_id = self.num_classes - 1
-        if self.noise_per not in NOISE_PER:
-            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.noise_per!r}")
-        if self.noise_into not in NOISE_INTO:
-            raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {self.noise_into!r}")
+        check_noise_options(self.noise_per, self.noise_into)
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
         if self.image_shape is not None:

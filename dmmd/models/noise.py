@@ -32,10 +32,7 @@ class NoiseSpec:
     def __post_init__(self):
         if self.dim < 1:
             raise ValueError(f"noise_dim must be >= 1, got {self.dim}")
-        if self.per not in NOISE_PER:
-            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.per!r}")
-        if self.into not in NOISE_INTO:
-            raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {self.into!r}")
+        check_noise_options(self.per, self.into)
 
     def draw(self, batch: int, length: int, generator: torch.Generator,
              image_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -66,6 +63,14 @@ class NoiseSpec:
             maps.append(m[:, rows][:, :, cols])
         pixel = torch.cat(maps, dim=-1)  # [batch, H, W, dim]
         return pixel.unsqueeze(3).expand(batch, h, w, c, dim).reshape(batch, length, dim)
+
+
+def check_noise_options(per: str | None, into: str | None) -> None:
+    """``ValueError`` naming ``noise_per`` or ``noise_into`` when out of its choices (None: unset)."""
+    if per is not None and per not in NOISE_PER:
+        raise ValueError(f"noise_per must be one of {NOISE_PER}, got {per!r}")
+    if into is not None and into not in NOISE_INTO:
+        raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {into!r}")
 
 
 def init_projections(projections: Iterable[nn.Linear], std: float, generator: torch.Generator | None) -> None:

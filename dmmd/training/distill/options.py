@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dmmd.data import DataConfig
-from dmmd.models.noise import NOISE_INTO, NOISE_PER, NoiseSpec
+from dmmd.models.noise import NoiseSpec, check_noise_options
 from dmmd.options import Options, nested, option
 from dmmd.training.loop import RunConfig
 
@@ -114,10 +114,7 @@ class DistillConfig(Options):
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.noise_per is not None and self.noise_per not in NOISE_PER:
-            raise ValueError(f"noise_per must be one of {NOISE_PER}, got {self.noise_per!r}")
-        if self.noise_into is not None and self.noise_into not in NOISE_INTO:
-            raise ValueError(f"noise_into must be one of {NOISE_INTO}, got {self.noise_into!r}")
+        check_noise_options(self.noise_per, self.noise_into)
         if self.noise_dim is not None and self.noise_dim < 0:
             raise ValueError(f"noise_dim must be >= 0, got {self.noise_dim}")
         if self.noise_init is not None and self.noise_init < 0:
