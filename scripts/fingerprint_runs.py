@@ -2,7 +2,8 @@
 process, 30-step distillations of each (masked: unfused and fused; uniform: unfused, fused and
 Appendix D's posterior form) and a student's draws; one SHA-256 per stage over its weights
 (every tensor of its checkpoint, in name order) and its samples. With ``--demo DIR``: every
-checkpoint under a finished demo's directory and its results (timings left out). Run it at two commits and compare the lines:
+checkpoint under a finished demo's directory and its results (timings left out). Run it at two
+commits and compare the lines:
 
     python scripts/fingerprint_runs.py --out /tmp/fp > before.txt   # at the old commit
     python scripts/fingerprint_runs.py --out /tmp/fp2 > after.txt   # at the new one
