@@ -416,6 +416,18 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line
         print(f"dmmd {name}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Under ``torchrun``: leave the process group the run joined before the process exits (a
+    rank that exits with gloo's threads still up can abort with "terminate called without an
+    active exception", failing a run that succeeded)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
