@@ -83,6 +83,6 @@ def test_distill_step(benchmark, loss, impl, length):
     assert d.fused == (impl == "fused")
     batch = make_batch(d)
     run(benchmark, lambda: one_step(d, loss, batch), impl)
-    if not os.environ.get("DMMD_BENCH_NO_MEMORY"):
+    if not QUICK and not os.environ.get("DMMD_BENCH_NO_MEMORY"):  # (the smoke run: the step only)
         benchmark.extra_info["peak_step_bytes"] = measure_in_subprocess(loss, impl == "fused", length)
         benchmark.extra_info["rows_by_v_bytes"] = BATCH * length * V * 4

@@ -129,22 +129,27 @@ def test_barrier_mutations_say_what_caught_a_mutant():
         ("wrong value", "tests/x.py::t - AssertionError: Tensor-likes are not close!")
 
 
-def test_fingerprints_of_short_runs_are_reproducible_and_see_a_change(tmp_path):
-    # two runs of the same code print the same hashes; a changed weight changes its line
-    def run(out):
-        return subprocess.run([sys.executable, "scripts/fingerprint_runs.py", "--out", str(out)], cwd=ROOT,
-                              capture_output=True, text=True, check=True,
-                              env=dict(os.environ, PYTHONPATH=ROOT)).stdout.splitlines()
-
-    first = run(tmp_path / "a")
-    assert len(first) == 7 and first[0].startswith("teacher masked: ") and "samples" in first[1]
-    assert run(tmp_path / "b") == first
+def test_fingerprints_hash_what_the_runs_left_and_see_a_change(tmp_path):
+    # the script's lines; the same hashes read again from what it left; a changed weight changes its line
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import fingerprint_runs
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "runs"
+    lines = subprocess.run([sys.executable, "scripts/fingerprint_runs.py", "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONPATH=ROOT)).stdout.splitlines()
+    assert len(lines) == 7 and lines[0].startswith("teacher masked: ") and "samples" in lines[1]
+    checkpoint = out / "student_masked_0" / "checkpoint"
+    names = ("generator", "aux", "ema")
+    digest = fingerprint_runs.checkpoint_digest(str(checkpoint), names)
+    assert f"weights {digest} " in lines[1]
     from safetensors.torch import load_file, save_file
 
-    weights = tmp_path / "a" / "student_masked_0" / "checkpoint" / "weights.safetensors"
+    weights = checkpoint / "weights.safetensors"
     tensors = load_file(str(weights))
     name = next(k for k in sorted(tensors) if k.startswith("ema/"))
     tensors[name] = tensors[name] + 1
     save_file(tensors, str(weights))
-    changed = run(tmp_path / "a")  # every run found finished: the hashes of what is on disk
-    assert changed[1] != first[1] and changed[0] == first[0]
+    assert fingerprint_runs.checkpoint_digest(str(checkpoint), names) != digest
