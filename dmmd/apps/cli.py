@@ -175,11 +175,10 @@ def data_of(path: str):
 
 
 def cmd_sample(args) -> int:
-    from dmmd.apps.draws import model_fn
     from dmmd.data import ByteText
     from dmmd.diffusion.sampling import sample
     from dmmd.training.artifacts import inspect
-    from dmmd.training.distill import load_student
+    from dmmd.training.distill import load_student, student_fn
     from dmmd.training.teacher import load_teacher
 
     _check_sample_args(args)
@@ -204,7 +203,7 @@ def cmd_sample(args) -> int:
     length = args.length or (source_cfg.length if source_cfg is not None and source_cfg.length else
                              model.config.length)
     block = args.block_size if args.block_size is not None else model.config.block_size
-    x = sample(model_fn(model, args.seed), process, args.num, length, args.steps, seed=args.seed,
+    x = sample(student_fn(model, args.seed), process, args.num, length, args.steps, seed=args.seed,
                temperature=args.temperature, top_p=args.top_p, block_size=block, device=args.device,
                progress=True)
     result = {"steps": args.steps, "tokens": x.tolist()}

@@ -45,8 +45,9 @@ def build_generator(teacher: Denoiser | ExternalDenoiser, noise: NoiseSpec | Non
 
 
 def student_fn(model: Denoiser | ExternalDenoiser, seed: int):
-    """A generator as the sampler's ``model_fn(z_t, t)``: each call draws fresh Gaussian noise from
-    a ``torch.Generator`` seeded with ``seed`` (so sampling stays reproducible)."""
+    """A generator (or a teacher: no noise input, nothing drawn) as the sampler's
+    ``model_fn(z_t, t)``: each call draws fresh Gaussian noise from a ``torch.Generator`` seeded
+    with ``seed`` (so sampling stays reproducible)."""
     gen = student_noise_generator(seed)
     noisy = model.noise_spec is not None
 
