@@ -156,6 +156,7 @@ DDP_STOP = textwrap.dedent("""
     net = loop.wrap_ddp()["model"]
     result = loop.run(lambda i: Update(net(torch.randn(2, 3)).square().mean(), "model", {}), progress=False)
     print(f"rank {ctx.rank} stopped after step {result['step']}", flush=True)
+    loop_module.leave_process_group(0)
 """)
 
 
@@ -170,6 +171,29 @@ def test_ddp_ranks_agree_on_the_time_limit(tmp_path):
     steps = sorted(line for line in done.stdout.splitlines() if "stopped after step" in line)
     assert len(steps) == 2 and steps[0].split()[-1] == steps[1].split()[-1], done.stdout
 
+
+
+LEAVE = textwrap.dedent("""
+    import sys, tempfile, time, torch, torch.distributed as dist
+    from dmmd.training.loop import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+    # a collective whose completion callback still runs on gloo's thread when the main thread ends:
+    # left to the interpreter's shutdown, the process aborts
+    dist.all_reduce(torch.ones(3), async_op=True).get_future().then(lambda f: time.sleep(0.5))
+    print("done", flush=True)
+    leave_process_group(int(sys.argv[1]))
+    print("not reached", flush=True)
+""")
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_leaving_the_process_group_ends_the_process_with_the_runs_status(tmp_path, code):
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE)
+    done = subprocess.run([sys.executable, str(script), str(code)], env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (code, "done\n"), done.stderr[-2000:]
 
 def test_distill_model_leaves_the_callers_module_as_it_was(tmp_path):
     from dmmd.data import MarkovSource

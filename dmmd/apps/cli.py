@@ -32,7 +32,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 
 from dmmd.training.distill import DistillConfig
-from dmmd.training.loop import RunFailed
+from dmmd.training.loop import RunFailed, leave_process_group
 from dmmd.training.reference import CLASSIFIER_DEFAULTS, ReferenceConfig
 from dmmd.training.teacher import TeacherConfig
 
@@ -392,6 +392,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit status (under ``torchrun``: end the process with it,
+    leave_process_group says why)."""
+    try:
+        code = _command(argv)
+    except BaseException:
+        leave_process_group()
+        raise
+    return leave_process_group(code)
+
+
+def _command(argv: list[str] | None) -> int:
     ap, parsers = _parser()
     args, unknown = ap.parse_known_args(argv)
     name = args.command + (f" {args.reference_command}" if args.command == "reference" else "")
@@ -415,18 +426,6 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line
         print(f"dmmd {name}: error: {message}", file=sys.stderr)
         return 2
-    finally:
-        leave_process_group()
-
-
-def leave_process_group() -> None:
-    """Under ``torchrun``: leave the process group the run joined before the process exits (a
-    rank that exits with gloo's threads still up can abort with "terminate called without an
-    active exception", failing a run that succeeded)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,6 +137,27 @@ def run_context(cfg: RunConfig) -> RunContext:
         dev = torch.device("cuda", rank % torch.cuda.device_count())
     return RunContext(rank, world, dev)
 
+
+
+def leave_process_group(code: int | None = None) -> int | None:
+    """Leave the process group ``run_context`` joined (nothing when none was joined); with an exit
+    ``code``, also end this process at once with it.
+
+    A rank that exits while C++ threads of the group still run can abort in the interpreter's
+    shutdown ("terminate called without an active exception", SIGABRT: a thread that needs the
+    GIL then is ended inside C++), failing a rank whose run succeeded. So: after a success every
+    rank waits for the others (no rank tears the group down while a peer still works), the group
+    is destroyed, and ``os._exit`` (after flushing the output) skips the interpreter's shutdown."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    if code == 0:
+        dist.barrier()
+    dist.destroy_process_group()
+    if code is None:
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 # ---------------------------------------------------------------- the output directory's lock
 
