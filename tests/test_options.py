@@ -50,7 +50,15 @@ def test_help_shows_each_default_once_and_booleans_as_true_false(command, capsys
     text = capsys.readouterr().out
     assert "--out" in text and "(default: None) (default" not in text
     if command == ["distill"]:
-        assert "--soft-target {true,false}" in text
+        assert "--soft-target [{true,false}]" in text  # alone, a boolean flag means true
+
+
+def test_a_boolean_flag_alone_means_true():
+    from dmmd.apps.cli import _parser
+
+    ap, _ = _parser()
+    args, _ = ap.parse_known_args(["distill", "--trust-remote-code", "--soft-target", "false", "--dropout"])
+    assert (args.trust_remote_code, args.soft_target, args.dropout) == (True, False, True)
 
 
 def _text(**settings) -> TextDemoConfig:

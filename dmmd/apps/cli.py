@@ -36,6 +36,9 @@ from dmmd.training.loop import RunFailed, leave_process_group
 from dmmd.training.reference import CLASSIFIER_DEFAULTS, ReferenceConfig
 from dmmd.training.teacher import TeacherConfig
 
+# a boolean flag takes true or false, and alone means true (--trust-remote-code)
+BARE_TRUE = {"metavar": "{true,false}", "nargs": "?", "const": True}
+
 
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
@@ -70,11 +73,11 @@ def _config_parser(sub, name: str, config_cls, *, resumable: bool = True, **kw):
         elif isinstance(default, dict) or str(f.type).startswith("dict"):
             kind = json.loads
         elif isinstance(default, bool):
-            kind, extra = _parse_bool, {"metavar": "{true,false}"}
+            kind, extra = _parse_bool, BARE_TRUE
         elif default is None:  # optional values: the annotation names the type
             kind = next((k for k in (float, bool, str, int) if k.__name__ in str(f.type)), int)
             if kind is bool:
-                kind, extra = _parse_bool, {"metavar": "{true,false}"}
+                kind, extra = _parse_bool, BARE_TRUE
         else:
             kind = type(default)
         help_text = f.metadata.get("help", "")
@@ -129,6 +132,9 @@ def _sample_parser(sub) -> None:
     p.add_argument("--out", help="write the samples as JSON here (token ids, and text for byte data)")
     p.add_argument("--png", help="image data: write the samples as a PNG grid here")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="a transformers directory whose model is code shipped with it (an MDLM, DUO, LLaDA or Dream "
+                        "teacher, or its student): run that code")
 
 
 def cmd_train_teacher(args) -> int:
@@ -187,7 +193,8 @@ def cmd_sample(args) -> int:
     if source_cfg is None and args.length is None:
         raise ValueError(f"--length: {args.checkpoint} does not say what data it was trained on; give the length")
     load = load_student if artifact.is_student else load_teacher
-    model, process, _ = load(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+    model, process, _ = load(args.checkpoint, use_ema=not args.raw_weights, device=args.device,
+                             trust_remote_code=args.trust_remote_code)
     data = None if source_cfg is None else source_cfg.data
     pictures = None
     from dmmd.data.config import is_image_data

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dmmd.diffusion.processes import masked_output_rule
+from dmmd.diffusion.schedules import get_schedule
 from dmmd.models.noise import NOISE_PER, NoiseSpec, check_noise, init_projections
 
 
@@ -37,7 +38,11 @@ class ExternalConfig:
     num_classes: int                 # V, the model's output classes (with the mask and any padding)
     process: str = "masked"
     mask_id: int | None = None       # masked: the mask class (default V - 1)
-    time_input: bool = True          # whether the model takes t
+    time_input: bool = True          # whether the model takes a time
+    time_as: str = "t"               # the time it takes: t in [0, 1], or sigma = -log alpha_t (MDLM, DUO)
+    time_arg: str = ""               # the time's keyword argument ("": the second positional argument)
+    schedule: str = ""               # the schedule that turns t into sigma (time_as "sigma")
+    shift_logits: bool = False       # output i predicts token i + 1 (Dream): realigned before use
     never: list[int] = field(default_factory=list)  # classes never drawn (logit -inf), besides the mask
     noise_dim: int = 0
     noise_per: str = "sequence"
@@ -68,6 +73,13 @@ class ExternalConfig:
         if self.process == "uniform" and self.never:
             raise ValueError("uniform diffusion draws every class of the model (its prior is uniform over them): "
                              "classes that are never drawn need masked diffusion")
+        if self.time_as not in ("t", "sigma"):
+            raise ValueError(f"time_as must be 't' or 'sigma', got {self.time_as!r}")
+        if self.time_input and self.time_as == "sigma":
+            schedule = get_schedule(self.schedule)  # names the schedule when it is unknown
+            if not float(schedule.alpha(torch.ones(()))) > 0:
+                raise ValueError(f"schedule: sigma = -log alpha_t is infinite at t = 1 under the {self.schedule} "
+                                 f"schedule; a model that takes sigma was trained with another (MDLM: loglinear)")
         if self.noise_per not in NOISE_PER or self.noise_per == "pyramid":
             raise ValueError(f"noise_per must be 'token' or 'sequence' for a wrapped model, got {self.noise_per!r}")
 
@@ -136,8 +148,7 @@ class ExternalDenoiser(nn.Module):
                 except AttributeError:
                     raise ValueError(f"noise_module: the model has no submodule {name!r}") from None
             return found
-        get = getattr(self.model, "get_input_embeddings", None)
-        embed = get() if callable(get) else None
+        embed = _ask(self.model, "get_input_embeddings")
         if embed is None:
             embed = next((m for m in self.model.modules() if isinstance(m, nn.Embedding)), None)
         if embed is None:
@@ -173,7 +184,7 @@ class ExternalDenoiser(nn.Module):
         n = 2 if self.config.length is None else self.config.length
         z = torch.full((1, n), fill, device=device)
         try:
-            self.model(z, torch.full((1,), 0.5, device=device)) if self.config.time_input else self.model(z)
+            self._call(z, torch.full((1,), 0.5, device=device))
         except Exception as e:  # the probe is ours: say what it was and how to make it fit the model
             hint = (" (a model that takes a fixed number of tokens: give it as as_denoiser(..., length=L))"
                     if self.config.length is None else "")
@@ -270,7 +281,7 @@ class ExternalDenoiser(nn.Module):
             own = head.__dict__.get("forward", _NONE)  # a forward set on the instance (accelerate, PEFT)
             head.forward = _identity
         try:
-            out = self.model(z_t, t) if cfg.time_input else self.model(z_t)
+            out = self._call(z_t, t)
         finally:
             self._noise = None
             if head is not None:  # exactly what was there before
@@ -278,9 +289,11 @@ class ExternalDenoiser(nn.Module):
                     del head.forward
                 else:
                     head.forward = own
-        if features:
-            return _logits_of(out)
         logits = _logits_of(out)
+        if cfg.shift_logits:  # output i predicted token i + 1: position i's is output i - 1 (the first keeps its own)
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        if features:
+            return logits
         want = (*z_t.shape, cfg.num_classes)
         if tuple(logits.shape) != want:
             raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; expected [B, L, V] = "
@@ -293,6 +306,17 @@ class ExternalDenoiser(nn.Module):
             logits = masked_output_rule(logits, z_t, cfg.mask_id)
         return logits
 
+    def _call(self, z_t: torch.Tensor, t: torch.Tensor):
+        """The wrapped model called as its family expects: no time, ``t``, or ``sigma =
+        -log alpha_t``, positional or by keyword."""
+        cfg = self.config
+        if not cfg.time_input:
+            return self.model(z_t)
+        value = t
+        if cfg.time_as == "sigma":
+            value = -torch.log(get_schedule(cfg.schedule).alpha(t.double())).to(t.dtype)
+        return self.model(z_t, **{cfg.time_arg: value}) if cfg.time_arg else self.model(z_t, value)
+
     def head_layer(self) -> nn.Linear | None:
         """The model's output layer: ``head`` by name, else its output embeddings (transformers
         models), if that is an ``nn.Linear`` to the model's classes; else ``None``."""
@@ -302,8 +326,7 @@ class ExternalDenoiser(nn.Module):
             except AttributeError:
                 raise ValueError(f"head: the model has no submodule {self.config.head!r}") from None
         else:
-            get = getattr(self.model, "get_output_embeddings", None)
-            layer = get() if callable(get) else None
+            layer = _ask(self.model, "get_output_embeddings")
         if isinstance(layer, nn.Linear) and layer.out_features == self.config.num_classes:
             return layer
         if self.config.head:
@@ -326,6 +349,18 @@ class ExternalDenoiser(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _ask(model: nn.Module, method: str):
+    """``model.method()`` (a transformers model's input or output embeddings), or ``None`` when
+    the model has no such method or it cannot say (custom code need not implement it)."""
+    get = getattr(model, method, None)
+    if not callable(get):
+        return None
+    try:
+        return get()
+    except NotImplementedError:
+        return None
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 
 from dmmd.extras import require
-from dmmd.models.external import ExternalConfig, ExternalDenoiser
+from dmmd.models.conventions import OVERRIDES, TeacherConventions, resolve_conventions
+from dmmd.models.external import ExternalConfig, ExternalDenoiser, _logits_of
 from dmmd.training.checkpoint import make_readable, replace_directory, write_json_atomic
 
 META = "dmmd.json"
@@ -57,73 +59,110 @@ def is_masked_lm(model) -> bool:
     return isinstance(model, ExternalDenoiser) and hasattr(model.model, "save_pretrained")
 
 
+def read_meta_file(file: str) -> dict:
+    """A JSON object file, every failure a ``ValueError`` naming it."""
+    try:
+        with open(file) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is unreadable ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return values
+
+
 def read_meta(path: str) -> dict:
     """The ``dmmd.json`` dmmd saved in a transformers directory (``{}`` when there is none)."""
     file = os.path.join(path, META)
-    if not os.path.isfile(file):
-        return {}
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} is unreadable ({e})") from None
+    return read_meta_file(file) if os.path.isfile(file) else {}
 
 
-def _tokenizer(path: str):
+def _tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer saved in ``path``, or ``None`` when there is none."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
                                                                "vocab.txt", "vocab.json")):
         return None
     try:
-        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                             trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: its tokenizer does not load ({e})") from None
 
 
-def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
-                   ) -> tuple[ExternalDenoiser, object, dict]:
-    """The masked LM in the transformers directory ``path`` as a denoiser without a time input,
-    its tokenizer (``None`` when none is saved there) and dmmd's ``dmmd.json`` (``{}`` if none).
+def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu", trust_remote_code: bool = False,
+                   conventions: dict | None = None) -> tuple[ExternalDenoiser, object, dict]:
+    """The diffusion LM in the transformers directory ``path`` as a denoiser, its tokenizer
+    (``None`` when none is saved there) and dmmd's ``dmmd.json`` (``{}`` if none), with the
+    conventions it was used by under ``meta["conventions"]``.
 
-    Raises ``ValueError`` naming what is wrong: no such directory, no masked LM in it, a mask id
-    outside the vocabulary or none to be found, a tokenizer larger than the model's output."""
+    A model of a known family (:data:`dmmd.models.conventions.FAMILIES`, by the config's
+    ``model_type``) is called as that family is (its time input, shifted logits, mask, schedule,
+    process); ``conventions`` (keys of :data:`~dmmd.models.conventions.OVERRIDES`) and
+    ``mask_id`` override them. Code shipped in the directory (``auto_map``) runs only with
+    ``trust_remote_code``. The model classes tried, in order: AutoModelForMaskedLM, AutoModel,
+    AutoModelForCausalLM (``meta["loaded_by"]`` says which).
+
+    Raises ``ValueError`` naming what is wrong: no such directory, no model in it, remote code
+    without ``trust_remote_code``, logits whose width matches neither the config nor the
+    tokenizer, a mask id outside the vocabulary or none to be found, a tokenizer larger than
+    the model's output, a mask id for a uniform-state model."""
     if not os.path.isdir(path):
         raise ValueError(f"teacher {path!r}: no such directory")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
         raise ValueError(f"teacher {path}: holds no transformers model (no config.json) and no dmmd checkpoint")
     transformers = _transformers()
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"teacher {path}: its config.json does not load ({e})") from None
-    try:
-        with _quiet():
-            model = transformers.AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e):
-            raise ValueError(f"teacher {path}: holds a {config.model_type} model, which is not a masked LM "
-                             f"(AutoModelForMaskedLM has no class for it)") from None
-        raise ValueError(f"teacher {path}: the masked LM does not load ({e})") from None
-    except OSError as e:
-        raise ValueError(f"teacher {path}: the masked LM's weights do not load ({e})") from None
-    tokenizer = _tokenizer(path)
+    raw = read_meta_file(file)
+    model_type = str(raw.get("model_type", ""))
+    remote = "auto_map" in raw and model_type not in transformers.CONFIG_MAPPING
+    if remote and not trust_remote_code:
+        raise ValueError(f"teacher {path}: its {model_type or 'model'} is code shipped in the directory (config.json "
+                         f"auto_map); running it needs --trust-remote-code (trust_remote_code=True in Python)")
     meta = read_meta(path)
-    num_classes = model.get_output_embeddings().out_features
+    # what dmmd saved with the model (a student's conventions, a teacher's schedule), then the caller's
+    given = {k: meta.get(k) for k in ("schedule", "mask_id")} | meta.get("conventions", {})
+    given = {k: v for k, v in given.items() if k in OVERRIDES and v is not None}
+    given |= {k: v for k, v in (conventions or {}).items() if v is not None and v != ""}
+    if mask_id is not None:
+        given["mask_id"] = mask_id
+    conv = resolve_conventions(model_type, **given)
+    if conv.block_diffusion:
+        raise ValueError(f"teacher {path}: {conv.family} is a block-diffusion model; distilling it block by block "
+                         f"through its own training interface is not supported yet")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True,
+                                                         trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise ValueError(f"teacher {path}: its config.json does not load ({e})") from None
+    # a diffusion LM's code may register it as any of the Auto classes; a plain transformers
+    # architecture is a teacher only as a masked LM (a GPT-2 is not a diffusion model)
+    model, loaded_by = _load_model(path, config, trust_remote_code, LOADERS if remote or conv.family else LOADERS[:1])
+    tokenizer = _tokenizer(path, trust_remote_code)
+    num_classes = _num_classes(path, model, config, tokenizer, conv)
     never: list[int] = list(meta.get("never", []))
-    if tokenizer is not None:
-        if len(tokenizer) > num_classes:
-            raise ValueError(f"teacher {path}: its tokenizer has {len(tokenizer)} tokens but the model outputs "
-                             f"{num_classes} classes; the tokenizer does not belong to the model")
-        never += range(len(tokenizer), num_classes)  # padding of the output layer
-    if mask_id is None:
-        mask_id = meta.get("mask_id", getattr(tokenizer, "mask_token_id", None))
-        if mask_id is None:
+    if conv.process == "uniform":
+        never, mask = [], None
+    else:
+        if tokenizer is not None:
+            if len(tokenizer) > num_classes:
+                raise ValueError(f"teacher {path}: its tokenizer has {len(tokenizer)} tokens but the model outputs "
+                                 f"{num_classes} classes; the tokenizer does not belong to the model")
+            never += range(len(tokenizer), num_classes)  # padding of the output layer
+        mask = conv.mask_id
+        if mask is None:
+            mask = getattr(tokenizer, "mask_token_id", None)
+        if mask is None and conv.mask_is_last:
+            mask = num_classes - 1
+        if mask is None:
             raise ValueError(f"teacher {path}: no tokenizer with a mask token there; pass the mask id (--mask-id)")
-    if not 0 <= mask_id < num_classes:
-        raise ValueError(f"mask_id {mask_id} is outside the vocabulary of {path} ({num_classes} classes)")
+        if not 0 <= mask < num_classes:
+            raise ValueError(f"mask_id {mask} is outside the vocabulary of {path} ({num_classes} classes)")
+    conv = replace(conv, mask_id=mask, mask_is_last=False)
     noise = meta.get("noise", {})
     denoiser = ExternalDenoiser(model, ExternalConfig(
-        num_classes=num_classes, process="masked", mask_id=mask_id, time_input=False, never=never,
+        num_classes=num_classes, process=conv.process, mask_id=mask, never=never,
+        time_input=conv.time_input != "none", time_as="t" if conv.time_input == "none" else conv.time_input,
+        time_arg=conv.time_arg, schedule=conv.schedule, shift_logits=conv.shift_logits,
         noise_module=noise.get("module", ""), length=_max_length(config)))
     if noise.get("dim", 0) > 0:
         safetensors = require("safetensors.torch", "a student's noise weights")
@@ -133,14 +172,70 @@ def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
             denoiser.noise_proj.load_state_dict(safetensors.load_file(weights))
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{weights}: the student's noise weights do not load ({e})") from None
+    meta = {**meta, "conventions": conv.to_dict(), "loaded_by": loaded_by, "remote_code": remote,
+            "schedule": conv.schedule}
     return denoiser.to(device).eval(), tokenizer, meta
 
 
-def save_masked_lm(denoiser: ExternalDenoiser, path: str, *, meta: dict, tokenizer=None) -> None:
+LOADERS = ("AutoModelForMaskedLM", "AutoModel", "AutoModelForCausalLM")
+
+
+def _load_model(path: str, config, trust_remote_code: bool, loaders: tuple[str, ...]):
+    """The model in ``path`` and the Auto class that loaded it (the first of ``loaders`` that
+    has a class for its config)."""
+    transformers = _transformers()
+    for name in loaders:
+        try:
+            with _quiet():
+                model = getattr(transformers, name).from_pretrained(path, local_files_only=True,
+                                                                    trust_remote_code=trust_remote_code)
+            return model, name
+        except ValueError as e:
+            if "Unrecognized configuration class" in str(e) or "does not appear to have" in str(e):
+                continue
+            raise ValueError(f"teacher {path}: the model does not load ({e})") from None
+        except OSError as e:
+            raise ValueError(f"teacher {path}: the model's weights do not load ({e})") from None
+    if loaders == LOADERS[:1]:
+        raise ValueError(f"teacher {path}: holds a {config.model_type} model, which is not a masked LM "
+                         f"(AutoModelForMaskedLM has no class for it)")
+    raise ValueError(f"teacher {path}: holds a {config.model_type} model that none of {', '.join(loaders)} loads")
+
+
+def _num_classes(path: str, model, config, tokenizer, conv: TeacherConventions) -> int:
+    """The width of the model's logits, from one call on a short all-zero sequence; it must be
+    the config's vocab_size or the tokenizer's length (else the model is not what its directory
+    says)."""
+    import torch
+
+    probe = ExternalDenoiser(model, ExternalConfig(
+        num_classes=2, process="uniform", time_input=conv.time_input != "none",
+        time_as="t" if conv.time_input == "none" else conv.time_input, time_arg=conv.time_arg,
+        schedule=conv.schedule))
+    ref = next(model.parameters(), None)
+    z = torch.zeros((1, 2), dtype=torch.long, device=ref.device if ref is not None else "cpu")
+    try:
+        with torch.no_grad():
+            width = int(_logits_of(probe._call(z, torch.full((1,), 0.5, device=z.device))).shape[-1])
+    except Exception as e:
+        raise ValueError(f"teacher {path}: a call with {conv.describe()} failed ({type(e).__name__}: {e}); set the "
+                         f"conventions that fit the model (--time-input, --time-arg)") from None
+    expected = {getattr(config, "vocab_size", None), None if tokenizer is None else len(tokenizer)} - {None}
+    if expected and width not in expected:
+        raise ValueError(f"teacher {path}: its logits have {width} classes, matching neither the config's vocab_size "
+                         f"({getattr(config, 'vocab_size', None)}) nor the tokenizer "
+                         f"({None if tokenizer is None else len(tokenizer)})")
+    return width
+
+
+def save_masked_lm(denoiser: ExternalDenoiser, path: str, *, meta: dict, tokenizer=None,
+                   code_from: str | None = None) -> None:
     """Write ``denoiser``'s masked LM to ``path`` as a transformers directory
     (``save_pretrained``), its tokenizer, its noise projection (``noise.safetensors``) and
-    ``meta`` with the noise settings as ``dmmd.json``; all or nothing (a temporary directory
-    renamed into place)."""
+    ``meta`` with the noise settings and the conventions it is called by as ``dmmd.json``; the
+    ``.py`` files of ``code_from`` (the teacher's directory: a model whose code ships with it)
+    too, so the directory loads with the same ``from_pretrained`` call as the teacher's; all or
+    nothing (a temporary directory renamed into place)."""
     from safetensors.torch import save_file
 
     cfg = denoiser.config
@@ -152,13 +247,20 @@ def save_masked_lm(denoiser: ExternalDenoiser, path: str, *, meta: dict, tokeniz
             denoiser.model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if code_from is not None:
+            for name in sorted(os.listdir(code_from)):
+                if name.endswith(".py") and not os.path.exists(os.path.join(tmp, name)):
+                    shutil.copyfile(os.path.join(code_from, name), os.path.join(tmp, name))
         noise = {}
         if denoiser.noise_proj is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in denoiser.noise_proj.state_dict().items()},
                       os.path.join(tmp, NOISE))
             noise = {"dim": cfg.noise_dim, "per": cfg.noise_per, "module": cfg.noise_module}
+        conventions = {"time_input": cfg.time_as if cfg.time_input else "none", "time_arg": cfg.time_arg,
+                       "shift_logits": cfg.shift_logits, "mask_id": cfg.mask_id,
+                       "schedule": meta.get("schedule") or cfg.schedule or None}
         write_json_atomic(os.path.join(tmp, META), {**meta, "mask_id": cfg.mask_id, "never": cfg.never,
-                                                     "noise": noise})
+                                                     "noise": noise, "conventions": conventions})
         make_readable(tmp)
         os.chmod(tmp, 0o755)
         replace_directory(tmp, path)

@@ -224,19 +224,20 @@ def rebuild_model(state: dict, module: torch.nn.Module | None = None) -> Denoise
     return Denoiser(DenoiserConfig(**state["model"]))
 
 
-def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_id: int | None = None
-                 ) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
+def load_teacher(path: str, *, use_ema: bool = True, device: str = "cpu", mask_id: int | None = None,
+                 trust_remote_code: bool = False) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
     """A trained teacher (EMA weights by default), its process and its state, from a dmmd
-    checkpoint or a transformers masked-LM directory (``mask_id``: its mask token, when no
-    tokenizer saved there names it; the schedule is the one dmmd saved there, else loglinear).
-    The state's ``source`` is the teacher's data config (``None`` when not known)."""
+    checkpoint or a transformers directory (called by its family's conventions,
+    :func:`~dmmd.training.masked_lm.load_masked_lm`; ``mask_id``: its mask token, when neither
+    its family nor a tokenizer saved there names it; ``trust_remote_code``: run model code
+    shipped in the directory). The state's ``source`` is the teacher's data config (``None``
+    when not known)."""
     artifact = inspect(path)
     if artifact.is_transformers:
-        model, _, meta = load_masked_lm(path, mask_id=mask_id, device=device)
-        mc = model.config
-        schedule = meta.get("schedule", "loglinear")
-        process = DiffusionProcess.of(mc, schedule)
-        return model, process, {"source": meta.get("source"), "schedule": schedule}
+        model, _, meta = load_masked_lm(path, mask_id=mask_id, device=device, trust_remote_code=trust_remote_code)
+        process = DiffusionProcess.of(model.config, meta["schedule"])
+        return model, process, {"source": meta.get("source"), "schedule": meta["schedule"],
+                                "conventions": meta["conventions"]}
     if mask_id is not None:
         raise ValueError(f"mask_id is for a transformers teacher; the dmmd checkpoint {path} has its own")
     state = artifact.state

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dmmd.data import DataConfig
+from dmmd.diffusion.schedules import SCHEDULES
+from dmmd.models.conventions import TIME_INPUTS
 from dmmd.models.noise import NoiseSpec, check_noise_options
 from dmmd.options import Options, nested, option
 from dmmd.training.loop import RunConfig
@@ -41,6 +43,16 @@ class DistillConfig(Options):
                                                      "transformers masked-LM directory (save_pretrained)")
     mask_id: int | None = option(None, "a transformers teacher: its mask token id (default: the mask token of the "
                                        "tokenizer saved with it)")
+    trust_remote_code: bool = option(False, "a transformers teacher whose model is code shipped in its directory "
+                                            "(MDLM, BD3-LM, DUO, LLaDA, Dream): run that code")
+    time_input: str = option("", "a transformers teacher: what its time argument is, none, t or sigma "
+                                 "(-log alpha_t) (default: its family's, by model_type; none for others)")
+    time_arg: str = option("", "a transformers teacher: the keyword of its time argument (default: its family's; "
+                               "none: the second positional argument)")
+    shift_logits: bool | None = option(None, "a transformers teacher whose output i predicts token i + 1 (Dream): "
+                                             "realign its logits (default: its family's)")
+    schedule: str = option("", "a transformers teacher: the noise schedule it was trained with (default: its "
+                               "family's, or what dmmd saved with it; loglinear for others)")
     source: DataConfig = nested(DataConfig, data="")
     student_steps: int = option(4, "k, the student's sampling steps")
     teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
@@ -89,6 +101,11 @@ class DistillConfig(Options):
                                   "no longer bit-identical and torchrun no longer equals one process")
     run: RunConfig = nested(RunConfig, batch_size=64, steps=2000, warmup=50, save_every=500, out="runs/student")
 
+    def conventions(self) -> dict:
+        """The teacher conventions these options set (the others: the teacher's family's)."""
+        return {"time_input": self.time_input, "time_arg": self.time_arg, "shift_logits": self.shift_logits,
+                "schedule": self.schedule}
+
     def validate(self, kind: str | None = None) -> None:
         """Raise ``ValueError`` naming the first option out of its domain, or (given the
         process ``kind``, ``"masked"`` or ``"uniform"``) the first that does not fit it."""
@@ -121,6 +138,12 @@ class DistillConfig(Options):
             raise ValueError(f"noise_init must be >= 0, got {self.noise_init}")
         if self.mask_id is not None and self.mask_id < 0:
             raise ValueError(f"mask_id must be >= 0, got {self.mask_id}")
+        if self.time_input not in ("", *TIME_INPUTS):
+            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {self.time_input!r}")
+        if self.time_arg and not self.time_arg.isidentifier():
+            raise ValueError(f"time_arg must be an argument name, got {self.time_arg!r}")
+        if self.schedule and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
         if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:

@@ -4,10 +4,12 @@ model given in Python (:func:`distill_model`) or one already loaded (:func:`dist
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 from dmmd.diffusion.processes import DiffusionProcess
+from dmmd.models.conventions import TeacherConventions
 from dmmd.models.denoiser import Denoiser
 from dmmd.models.external import ExternalDenoiser
 from dmmd.training.distill.algorithm import Distiller, draw_batch
@@ -76,6 +78,9 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
     d.check_fused_head(draw_batch(source, process, cfg, d.noise, 0))  # before any work
+    if teacher.conventions is not None and ctx.rank == 0:  # what the teacher is taken to be, said before any work
+        print(f"distill: teacher conventions: {TeacherConventions(**teacher.conventions).describe()}",
+              file=sys.stderr, flush=True)
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
@@ -119,8 +124,8 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if is_masked_lm(d.ema):
         if ctx.rank == 0:  # the student as its teacher came: a transformers directory
             result["student"] = os.path.join(run.out, "student")
-            save_masked_lm(d.ema, result["student"], tokenizer=teacher.tokenizer,
-                           meta={"kind": "student", "process": "masked", "schedule": process.schedule_name,
+            save_masked_lm(d.ema, result["student"], tokenizer=teacher.tokenizer, code_from=teacher.directory,
+                           meta={"kind": "student", "process": process.kind, "schedule": process.schedule_name,
                                  "source": None if teacher.data is None else teacher.data.to_dict(),
                                  "student_steps": cfg.student_steps, "step": result["step"]})
     return result

@@ -32,6 +32,8 @@ class DistillTeacher:
     data: DataConfig | None = None        # the source's config (None: a source given in Python)
     teacher_config: dict | None = None    # a dmmd teacher's TeacherConfig
     tokenizer: object = None              # a transformers teacher's, saved with the student
+    conventions: dict | None = None       # a transformers teacher's (TeacherConventions), saved with the student
+    directory: str | None = None          # a transformers teacher's: its remote code is copied to the student
 
 
 def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu") -> DistillTeacher:
@@ -40,7 +42,9 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu")
     if inspect(cfg.teacher).is_transformers:
         if cfg.teacher_raw_weights:
             raise ValueError(f"teacher_raw_weights: the transformers directory {cfg.teacher} holds one set of weights")
-        model, tokenizer, meta = load_masked_lm(cfg.teacher, mask_id=cfg.mask_id, device=str(device))
+        model, tokenizer, meta = load_masked_lm(cfg.teacher, mask_id=cfg.mask_id, device=str(device),
+                                                trust_remote_code=cfg.trust_remote_code,
+                                                conventions=cfg.conventions())
         if cfg.source.data:
             data = DataConfig.from_dict(cfg.source.to_dict())
         elif meta.get("source"):  # the data dmmd trained it on, with the data options given
@@ -56,8 +60,14 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu")
                              f"classes")
         if mc.length is not None and data.length > mc.length:
             raise ValueError(f"length: the teacher takes at most {mc.length} tokens, got {data.length}")
-        process = DiffusionProcess.of(mc, meta.get("schedule", "loglinear"))
-        return DistillTeacher(model, process, source, data, None, tokenizer)
+        process = DiffusionProcess.of(mc, meta["schedule"])
+        return DistillTeacher(model, process, source, data, None, tokenizer, meta["conventions"], cfg.teacher)
+    conventions = [name for name, value in cfg.conventions().items() if value not in (None, "")]
+    if cfg.trust_remote_code:
+        conventions.insert(0, "trust_remote_code")
+    if conventions:
+        raise ValueError(f"{conventions[0]}: the dmmd teacher checkpoint {cfg.teacher} is dmmd's own model (that "
+                         f"option is for a transformers teacher)")
     changed = _data_options_set(cfg)
     if changed:
         raise ValueError(f"{changed[0]}: the dmmd teacher checkpoint {cfg.teacher} distils on the data it was "
@@ -85,12 +95,13 @@ def is_student(path: str) -> bool:
     return inspect(path).is_student
 
 
-def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model: torch.nn.Module | None = None
-                 ) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
+def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model: torch.nn.Module | None = None,
+                 trust_remote_code: bool = False) -> tuple[Denoiser | ExternalDenoiser, DiffusionProcess, dict]:
     """A distilled generator (EMA weights by default), its process and its state, from a run's
-    checkpoint or a transformers student directory (``OUT/student``). A student of your own
-    module (:func:`distill_model`) needs ``model``: an instance of that module's class, whose
-    weights are replaced by the student's."""
+    checkpoint or a transformers student directory (``OUT/student``; one whose model is code
+    shipped in the directory, as its teacher's was, needs ``trust_remote_code``). A student of
+    your own module (:func:`distill_model`) needs ``model``: an instance of that module's class,
+    whose weights are replaced by the student's."""
     artifact = inspect(path)
     if not artifact.is_student:
         raise ValueError(f"{path} is not a D-MMD student (a {artifact.kind}; see dmmd distill)")
@@ -98,7 +109,7 @@ def load_student(path: str, *, use_ema: bool = True, device: str = "cpu", model:
         if not use_ema:
             raise ValueError(f"{path} holds the student's EMA weights only; the raw generator is in its run's "
                              f"checkpoint")
-        student, _, meta = load_masked_lm(path, device=device)
+        student, _, meta = load_masked_lm(path, device=device, trust_remote_code=trust_remote_code)
         mc = student.config
         return student, DiffusionProcess.of(mc, meta["schedule"]), meta
     state = artifact.state

@@ -1,0 +1,244 @@
+"""Published diffusion teachers as they are published: a remote-code directory per family (MDLM,
+DUO, LLaDA, Dream; BD3-LM refused by name), written here with the test's own tiny model that has
+that family's model_type, auto_map, forward signature, time argument and output convention.
+Nothing is downloaded and no third-party model code is used."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dmmd.apps.cli import main
+from dmmd.diffusion.processes import masked_output_rule
+from dmmd.models.conventions import FAMILIES, resolve_conventions
+from dmmd.training.masked_lm import load_masked_lm, source_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG_PY = '''
+from transformers import PretrainedConfig
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "{model_type}"
+
+    def __init__(self, vocab_size=8, hidden=8, model_length=16, extra_classes=0, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.hidden = hidden
+        self.model_length = model_length
+        self.extra_classes = extra_classes
+'''
+
+MODEL_PY = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyModel(PreTrainedModel):
+    config_class = TinyConfig
+    base_model_prefix = "tiny"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden)
+        self.pos = nn.Embedding(config.model_length, config.hidden)
+        self.time = nn.Linear(1, config.hidden)
+        self.mix = nn.Linear(2 * config.hidden, config.hidden)
+        self.out = nn.Linear(config.hidden, config.vocab_size + config.extra_classes)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, 0.5)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.normal_(0.0, 0.5)
+
+    def body(self, input_ids, time=None):
+        h = self.embed(input_ids) + self.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
+        if time is not None:
+            h = h + self.time(time.float()[:, None, None])
+        h = torch.cat([h, h.mean(1, keepdim=True).expand_as(h)], -1)  # every position sees all of them
+        return self.out(torch.tanh(self.mix(h)))
+
+{forward}
+'''
+
+FORWARDS = {  # each family's forward signature and return value (from its public modelling code)
+    "sigma": '''
+    def forward(self, input_ids=None, timesteps=None, output_hidden_states=None, return_dict=None):
+        if timesteps is None:
+            timesteps = torch.zeros(input_ids.shape[0], device=input_ids.device)
+        logits = self.body(input_ids, timesteps)
+        return MaskedLMOutput(logits=logits) if return_dict else logits
+''',
+    "none": '''
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        return MaskedLMOutput(logits=self.body(input_ids))
+''',
+}
+
+# family -> (model_type as the family's config spells it, forward, auto classes, vocab, tokenizer)
+FAMILY_DIRS = {
+    "mdlm": ("mdlm", "sigma", ("AutoModelForMaskedLM",), 9, False),          # 8 tokens + the mask (last)
+    "duo": ("DUO", "sigma", ("AutoModelForMaskedLM",), 8, False),            # uniform: no mask class
+    "llada": ("llada", "none", ("AutoModel", "AutoModelForCausalLM"), 126464, False),  # mask 126336, padded
+    "dream": ("Dream", "none", ("AutoModel",), 10, True),                    # shifted; mask from its tokenizer
+    "bd3lm": ("bd3lm", "sigma", ("AutoModelForMaskedLM",), 9, False),
+}
+
+
+def write_family(root, family: str, *, extra_classes: int = 0, seed: int = 0) -> str:
+    """A remote-code directory of a tiny random model of ``family`` (see FAMILY_DIRS)."""
+    model_type, forward, autos, vocab, with_tokenizer = FAMILY_DIRS[family]
+    path = os.path.join(str(root), f"{family}-teacher")
+    os.makedirs(path)
+    with open(os.path.join(path, "configuration_tiny.py"), "w") as f:
+        f.write(CONFIG_PY.format(model_type=model_type))
+    with open(os.path.join(path, "modeling_tiny.py"), "w") as f:
+        f.write(MODEL_PY.format(forward=FORWARDS[forward]))
+    hidden = 4 if vocab > 1000 else 8
+    config = {"model_type": model_type, "vocab_size": vocab, "hidden": hidden, "model_length": 16,
+              "extra_classes": extra_classes, "architectures": ["TinyModel"],
+              "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                           **{auto: "modeling_tiny.TinyModel" for auto in autos}}}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    model_cls = transformers.dynamic_module_utils.get_class_from_dynamic_module(
+        "modeling_tiny.TinyModel", path, local_files_only=True)
+    torch.manual_seed(seed)
+    model = model_cls(transformers.AutoConfig.from_pretrained(path, trust_remote_code=True, local_files_only=True))
+    model.save_pretrained(path)
+    if with_tokenizer:
+        source_tokenizer(vocab - 2).save_pretrained(path)  # ids 0 .. 7, [MASK] 8, [PAD] 9
+    return path
+
+
+DISTILL = ["--data", "markov", "--vocab-size", "4", "--length", "6", "--student-steps", "2", "--steps", "2",
+           "--batch-size", "8", "--draw-block", "4", "--warmup", "1", "--save-every", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("family", ["mdlm", "duo", "llada", "dream"])
+def test_each_family_distils_loads_with_its_own_call_and_samples(tmp_path, capsys, family):
+    teacher = write_family(tmp_path, family)
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", teacher, "--trust-remote-code", "--out", str(out), *DISTILL]) == 0
+    err = capsys.readouterr().err
+    expected = resolve_conventions(FAMILY_DIRS[family][0])
+    assert f"teacher conventions: family {family}, {expected.process}" in err
+    student = str(out / "student")
+    meta = json.load(open(os.path.join(student, "dmmd.json")))
+    assert meta["kind"] == "student" and meta["process"] == expected.process
+    assert meta["conventions"]["time_input"] == expected.time_input
+    assert meta["conventions"]["shift_logits"] == expected.shift_logits
+    # the student loads with the call the family's users make for the teacher
+    auto = getattr(transformers, FAMILY_DIRS[family][2][0])
+    loaded = auto.from_pretrained(student, trust_remote_code=True, local_files_only=True)
+    assert type(loaded).__name__ == "TinyModel"
+    weights = dict(loaded.named_parameters())
+    model, _, _ = load_masked_lm(student, trust_remote_code=True)
+    for name, p in model.model.named_parameters():
+        assert torch.equal(p, weights[name]), name
+    assert model.noise_proj is not None or expected.process == "uniform"
+    samples = tmp_path / "samples.json"
+    assert main(["sample", "--checkpoint", student, "--trust-remote-code", "--steps", "2", "--num", "3",
+                 "--out", str(samples)]) == 0
+    tokens = torch.tensor(json.load(open(samples))["tokens"])
+    assert tokens.shape == (3, 6)
+    if expected.process == "masked":
+        assert not (tokens == model.config.mask_id).any()
+
+
+def test_remote_code_without_the_flag_is_refused_in_one_line_and_writes_nothing(tmp_path, capsys):
+    teacher = write_family(tmp_path, "mdlm")
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", teacher, "--out", str(out), *DISTILL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trust-remote-code" in err and "mdlm" in err
+    assert not out.exists()
+    assert main(["sample", "--checkpoint", teacher, "--steps", "2", "--length", "6"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+
+
+def _subs(logits: torch.Tensor, z: torch.Tensor, mask_id: int) -> torch.Tensor:
+    return masked_output_rule(logits.double(), z, mask_id)
+
+
+def test_a_sigma_teacher_is_called_with_minus_log_alpha_t(tmp_path):
+    teacher = write_family(tmp_path, "mdlm")
+    model, _, meta = load_masked_lm(teacher, trust_remote_code=True)
+    assert meta["conventions"]["family"] == "mdlm" and meta["loaded_by"] == "AutoModelForMaskedLM"
+    assert model.config.mask_id == 8 and meta["schedule"] == "loglinear"
+    torch.manual_seed(1)
+    z = torch.randint(0, 9, (3, 6))
+    z[:, :2] = 8
+    t = torch.tensor([0.05, 0.5, 0.97])
+    sigma = -torch.log1p(-(1 - 1e-3) * t.double())  # MDLM's log-linear schedule, in float64
+    got = model(z, t)
+    want = _subs(model.model(input_ids=z, timesteps=sigma.float()), z, 8)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    wrong = _subs(model.model(input_ids=z, timesteps=t), z, 8)  # t passed as sigma: not what the teacher means
+    assert not torch.allclose(got.double(), wrong, atol=1e-3)
+
+
+def test_a_shifted_teacher_is_realigned(tmp_path):
+    teacher = write_family(tmp_path, "dream")
+    model, tokenizer, meta = load_masked_lm(teacher, trust_remote_code=True)
+    assert meta["loaded_by"] == "AutoModel" and model.config.shift_logits
+    assert model.config.mask_id == tokenizer.mask_token_id == 8 and model.config.never == []
+    torch.manual_seed(2)
+    z = torch.randint(0, 8, (2, 6))
+    z[:, 1:4] = 8
+    raw = model.model(z).logits.double()
+    realigned = torch.cat([raw[:, :1], raw[:, :-1]], 1)  # position i's prediction is output i - 1
+    got = model(z, torch.rand(2)).double()
+    assert torch.allclose(got, _subs(realigned, z, 8), atol=1e-5)
+    assert not torch.allclose(got, _subs(raw, z, 8), atol=1e-3)
+
+
+def test_family_conventions_and_flags_for_an_unknown_model(tmp_path):
+    assert FAMILIES["llada"].mask_id == 126336 and FAMILIES["duo"].process == "uniform"
+    # the flags alone describe a model of no known family
+    conv = resolve_conventions("my-diffusion-lm", time_input="sigma", time_arg="noise_level", shift_logits=True,
+                               schedule="loglinear", mask_id=3)
+    assert (conv.family, conv.time_input, conv.time_arg, conv.shift_logits, conv.mask_id) == \
+        ("", "sigma", "noise_level", True, 3)
+    # a flag overrides the family
+    assert not resolve_conventions("Dream", shift_logits=False).shift_logits
+    assert resolve_conventions("mdlm", time_input="none").time_arg == ""
+
+
+def test_bad_teachers_are_named_in_one_line(tmp_path, capsys):
+    wide = write_family(tmp_path / "wide", "mdlm", extra_classes=3)
+    duo = write_family(tmp_path / "duo", "duo")
+    bd3 = write_family(tmp_path / "bd3", "bd3lm")
+    mdlm = write_family(tmp_path / "mdlm", "mdlm")
+    capsys.readouterr()
+    cases = [
+        ([wide], "its logits have 12 classes, matching neither the config's vocab_size (9)"),
+        ([duo, "--mask-id", "3"], "uniform-state"),
+        ([bd3], "block-diffusion"),
+        ([mdlm, "--mask-id", "40"], "mask_id 40 is outside the vocabulary"),
+        ([mdlm, "--time-input", "sigma", "--schedule", "linear"], "sigma = -log alpha_t is infinite"),
+        ([mdlm, "--time-arg", "noise_level"], "noise_level"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        code = main(["distill", "--teacher", extra[0], *extra[1:], "--trust-remote-code", "--out", str(out),
+                     *DISTILL])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, (extra, err)
+        assert not out.exists()
+
+
+def test_conventions_describe_every_value():
+    line = FAMILIES["mdlm"].describe()
+    assert "sigma as timesteps" in line and "loglinear" in line and "aligned" in line
+    assert len(line.split(", ")) == 6
