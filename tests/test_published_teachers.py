@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from dmmd.apps.cli import main
-from dmmd.diffusion.processes import masked_output_rule
+from dmmd.diffusion.processes import DiffusionProcess, masked_output_rule
 from dmmd.models.conventions import FAMILIES, resolve_conventions
+from dmmd.training.distill import DistillConfig, Distiller, draw_batch
 from dmmd.training.masked_lm import load_masked_lm, source_tokenizer
+from tests.test_distill import _perturb, _Source, _teacher_logprobs, _xlogy
 
 transformers = pytest.importorskip("transformers")
 
@@ -63,7 +65,7 @@ class TinyModel(PreTrainedModel):
     def body(self, input_ids, time=None):
         h = self.embed(input_ids) + self.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
         if time is not None:
-            h = h + self.time(time.float()[:, None, None])
+            h = h + self.time(time.to(h.dtype)[:, None, None])
         h = torch.cat([h, h.mean(1, keepdim=True).expand_as(h)], -1)  # every position sees all of them
         return self.out(torch.tanh(self.mix(h)))
 
@@ -78,6 +80,10 @@ FORWARDS = {  # each family's forward signature and return value (from its publi
         logits = self.body(input_ids, timesteps)
         return MaskedLMOutput(logits=logits) if return_dict else logits
 ''',
+    "noise_level": '''
+    def forward(self, input_ids, noise_level):
+        return self.body(input_ids, noise_level)
+''',
     "none": '''
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         return MaskedLMOutput(logits=self.body(input_ids))
@@ -91,6 +97,7 @@ FAMILY_DIRS = {
     "llada": ("llada", "none", ("AutoModel", "AutoModelForCausalLM"), 126464, False),  # mask 126336, padded
     "dream": ("Dream", "none", ("AutoModel",), 10, True),                    # shifted; mask from its tokenizer
     "bd3lm": ("bd3lm", "sigma", ("AutoModelForMaskedLM",), 9, False),
+    "fork": ("my-fork", "noise_level", ("AutoModelForMaskedLM",), 10, True),  # no known family: flags only
 }
 
 
@@ -242,3 +249,89 @@ def test_conventions_describe_every_value():
     line = FAMILIES["mdlm"].describe()
     assert "sigma as timesteps" in line and "loglinear" in line and "aligned" in line
     assert len(line.split(", ")) == 6
+
+
+def _raw_teacher(model, family: str, z: torch.Tensor, s: torch.Tensor, *, right: bool = True) -> torch.Tensor:
+    """The family's teacher called as its own code is, written out (``right=False``: t passed as
+    sigma, or the logits left unshifted), with the never-drawn classes and the carry-over rule."""
+    raw = model.model
+    if family == "mdlm":
+        # (in float32, as the distiller's times are)
+        sigma = -torch.log(1 - (1 - 1e-3) * s.float().double()) if right else s.double()
+        logits = raw(input_ids=z, timesteps=sigma.float())
+    else:
+        logits = raw(z).logits
+        if right:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+    logits = logits.double().index_fill(-1, torch.tensor(model.config.never, dtype=torch.long), float("-inf"))
+    return masked_output_rule(logits, z, model.config.mask_id)
+
+
+@pytest.mark.parametrize("family", ["mdlm", "dream"])
+def test_one_step_losses_equal_eq11_and_eq12_with_the_familys_call_written_out(tmp_path, family):
+    """Eq. 11 and eq. 12 in float64 with the teacher called as its family's code is (MDLM: sigma =
+    -log alpha_t as timesteps; Dream: logits realigned); the same with t passed as sigma, or the
+    shift left out, does not match (the check can fail)."""
+    teacher, _, meta = load_masked_lm(write_family(tmp_path, family), trust_remote_code=True)
+    teacher = teacher.double()
+    process = DiffusionProcess.of(teacher.config, meta["schedule"])
+    cfg = DistillConfig.from_dict({"batch_size": 6, "student_steps": 2, "draw_block": 3, "seed": 3})
+    d = Distiller(teacher, process, cfg)
+    _perturb(d.generator, 0.2, 1)
+    _perturb(d.aux, 0.2, 2)
+    batch = draw_batch(_Source(8, 5), process, d.cfg, d.noise, step=4)
+    gen_loss, _ = d.generator_loss(batch, 4)
+    aux_loss, _ = d.aux_loss(batch, 4)
+    with torch.no_grad():
+        _, x, z_s = d.generate(batch, 4)
+        u = d.generator(batch.z_t, batch.t.float(), batch.noise)
+        b = d.aux(z_s, batch.s.float())
+    rows = z_s == process.mask_id
+    assert rows.any() and (~rows).any()
+    p, la = torch.softmax(u[rows], -1), torch.log_softmax(b[rows], -1)
+
+    def by_hand(right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            a = _raw_teacher(teacher, family, z_s, batch.s, right=right)
+        lt = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta)
+        gen = -(_xlogy(p, lt) - _xlogy(p, la)).sum(-1).sum() / z_s.numel()
+        target = p if d.cfg.soft_target else torch.nn.functional.one_hot(x[rows], process.num_classes).double()
+        aux = -(_xlogy(target, la) + _xlogy(lt.exp(), la)).sum(-1).sum() / z_s.numel()
+        return gen, aux
+
+    gen, aux = by_hand(right=True)
+    torch.testing.assert_close(gen_loss.detach().double(), gen, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(aux_loss.detach().double(), aux, rtol=1e-10, atol=1e-12)
+    wrong_gen, wrong_aux = by_hand(right=False)
+    assert abs(float(wrong_gen - gen)) > 1e-4 and abs(float(wrong_aux - aux)) > 1e-4
+
+
+README_TEACHERS = {"mdlm-owt": "mdlm", "duo-owt": "duo", "LLaDA-8B-Base": "llada", "Dream-v0-Base-7B": "dream",
+                   "my-fork": "fork"}
+
+
+def test_the_readme_commands_for_published_teachers_run(tmp_path, monkeypatch, capsys):
+    """Each command of the README's "Distill MDLM / BD3-LM / DUO / LLaDA / Dream", on the tiny
+    model of its family, with our small data and two steps instead of the user's data and run."""
+    import re
+    import shlex
+
+    from tests.test_readme_examples import _blocks, _section
+
+    (script,) = _blocks(_section("Distill MDLM / BD3-LM / DUO / LLaDA / Dream"), "bash")
+    commands = [line for line in script.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 6
+    dirs = {name: write_family(tmp_path / name, family) for name, family in README_TEACHERS.items()}
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        for name, path in dirs.items():
+            command = command.replace(f"path/to/{name}", path)
+        assert "path/to/" not in command, command
+        argv = shlex.split(command)[1:]
+        if argv[0] == "distill":
+            command = re.sub(r"--data \S+ --vocab-size \d+ --length \d+", "--data markov --vocab-size 4 --length 6",
+                             " ".join(argv))
+            argv = [*command.split(), "--steps", "2", "--batch-size", "8", "--draw-block", "4", "--warmup", "1",
+                    "--save-every", "2", "--no-progress"]
+        assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
+    assert sorted(os.listdir(tmp_path / "runs")) == ["dream_k16", "duo_k8", "fork_k4", "llada_k16", "mdlm_k8"]
