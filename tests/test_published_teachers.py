@@ -335,3 +335,62 @@ def test_the_readme_commands_for_published_teachers_run(tmp_path, monkeypatch, c
                     "--save-every", "2", "--no-progress"]
         assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
     assert sorted(os.listdir(tmp_path / "runs")) == ["dream_k16", "duo_k8", "fork_k4", "llada_k16", "mdlm_k8"]
+
+
+class _Counting:
+    """Sequences that count modulo V from a random start: each token follows from its neighbour."""
+
+    def __init__(self, v: int, length: int):
+        self.vocab_size, self.length = v, length
+
+    def sample(self, batch, generator, split="train"):
+        start = torch.randint(0, self.vocab_size, (batch, 1), generator=generator)
+        return (start + torch.arange(self.length)) % self.vocab_size
+
+
+class _Oracle(torch.nn.Module):
+    """A trained model of the counting data: output i predicts token i from token i - 1
+    (aligned), or token i + 1 from token i (shifted, as Dream's outputs are)."""
+
+    def __init__(self, v: int, shifted: bool):
+        super().__init__()
+        self.v, self.shifted = v, shifted
+        self.scale = torch.nn.Parameter(torch.tensor(8.0))
+
+    def forward(self, ids):
+        known = ids if self.shifted else torch.roll(ids, 1, dims=1)
+        return self.scale * torch.nn.functional.one_hot((known + 1) % self.v, self.v + 1).float()
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_a_teacher_read_with_the_wrong_alignment_is_refused(shifted):
+    from dmmd.models.external import ExternalConfig, ExternalDenoiser
+    from dmmd.training.distill.teachers import check_alignment
+
+    source = _Counting(6, 8)
+
+    def wrapped(model, shift):
+        return ExternalDenoiser(model, ExternalConfig(num_classes=7, mask_id=6, time_input=False, shift_logits=shift))
+
+    check_alignment(wrapped(_Oracle(6, shifted), shifted), source, "oracle")  # read as it is: fine
+    with pytest.raises(ValueError, match=f"looks {'shifted' if shifted else 'aligned'}.*--shift-logits "
+                                         f"{'true' if shifted else 'false'}"):
+        check_alignment(wrapped(_Oracle(6, shifted), not shifted), source, "oracle")
+    torch.manual_seed(0)
+    untrained = torch.nn.Sequential(torch.nn.Embedding(7, 8), torch.nn.Linear(8, 7))
+    check_alignment(wrapped(untrained, not shifted), source, "untrained")  # nothing to judge by: not refused
+
+
+def test_a_published_teachers_run_resumes_and_refuses_other_conventions(tmp_path, capsys):
+    teacher = write_family(tmp_path, "mdlm")
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", teacher, "--trust-remote-code", "--out", str(out), *DISTILL]
+    assert main(args) == 0
+    assert main([*args, "--steps", "4"]) == 0  # the same run, continued
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert json.load(open(out / "student" / "dmmd.json"))["step"] == 4
+    capsys.readouterr()
+    assert main([*args, "--steps", "6", "--time-input", "t"]) == 2  # another reading of the teacher: another run
+    err = capsys.readouterr().err
+    assert "time_input" in err and len(err.strip().splitlines()) == 1

@@ -317,6 +317,26 @@ class ExternalDenoiser(nn.Module):
             value = -torch.log(get_schedule(cfg.schedule).alpha(t.double())).to(t.dtype)
         return self.model(z_t, **{cfg.time_arg: value}) if cfg.time_arg else self.model(z_t, value)
 
+    @torch.no_grad()
+    def alignment_nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[float, float]:
+        """How well the model predicts a token of clean data ``x [B, L]`` masked alone at an inner
+        position ``i`` (masked diffusion): the mean NLL (nats) of ``x_i`` under output ``i`` and
+        under output ``i - 1``, i.e. with the logits aligned and with them shifted (output ``i``
+        predicting token ``i + 1``), read before any realignment."""
+        cfg = self.config
+        b, n = x.shape
+        if cfg.process != "masked" or n < 3:
+            raise ValueError("alignment_nll needs masked diffusion and sequences of at least 3 tokens")
+        rows = torch.arange(b, device=x.device)
+        i = torch.randint(1, n - 1, (b,), generator=generator).to(x.device)
+        z = x.clone()
+        z[rows, i] = cfg.mask_id
+        logits = _logits_of(self._call(z, torch.full((b,), 1.0 / n, device=x.device))).double()
+        never = torch.tensor([*cfg.never, cfg.mask_id], device=logits.device)
+        logp = torch.log_softmax(logits.index_fill(-1, never, float("-inf")), -1)
+        target = x[rows, i]
+        return (float(-logp[rows, i, target].mean()), float(-logp[rows, i - 1, target].mean()))
+
     def head_layer(self) -> nn.Linear | None:
         """The model's output layer: ``head`` by name, else its output embeddings (transformers
         models), if that is an ``nn.Linear`` to the model's classes; else ``None``."""

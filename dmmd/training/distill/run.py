@@ -78,9 +78,6 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
     d.check_fused_head(draw_batch(source, process, cfg, d.noise, 0))  # before any work
-    if teacher.conventions is not None and ctx.rank == 0:  # what the teacher is taken to be, said before any work
-        print(f"distill: teacher conventions: {TeacherConventions(**teacher.conventions).describe()}",
-              file=sys.stderr, flush=True)
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
@@ -104,6 +101,9 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
                    state=lambda done: student_state(d, cfg, teacher), settings=cfg.to_dict())
     if resume:
         loop.resume()
+    if teacher.conventions is not None and ctx.rank == 0:  # what the teacher is taken to be, before the steps
+        print(f"distill: teacher conventions: {TeacherConventions(**teacher.conventions).describe()}",
+              file=sys.stderr, flush=True)
     nets = loop.wrap_ddp()
     d.gen_net, d.aux_net = nets["generator"], nets["aux"]
     monitor = CollapseMonitor(cfg.collapse_entropy)

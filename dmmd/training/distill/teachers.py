@@ -4,6 +4,7 @@ masked-LM directory, or a model given in Python) with its process and data
 (:func:`load_student`). Imports the options, never the algorithm or the run."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,7 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu")
         if mc.length is not None and data.length > mc.length:
             raise ValueError(f"length: the teacher takes at most {mc.length} tokens, got {data.length}")
         process = DiffusionProcess.of(mc, meta["schedule"])
+        check_alignment(model, source, cfg.teacher)
         return DistillTeacher(model, process, source, data, None, tokenizer, meta["conventions"], cfg.teacher)
     conventions = [name for name, value in cfg.conventions().items() if value not in (None, "")]
     if cfg.trust_remote_code:
@@ -76,6 +78,36 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu")
                                          device=str(device))
     tcfg = TeacherConfig.from_dict(state["config"])
     return DistillTeacher(model, process, make_source(tcfg.source), tcfg.source, tcfg.to_dict())
+
+
+# A masked teacher read with the wrong alignment is refused when the other reading predicts the
+# data better by this many nats per token, and well (this far below the uniform guess): an
+# untrained model is not judged.
+ALIGNMENT_MARGIN = 1.0
+ALIGNMENT_PROBE = 32  # data sequences, one token masked in each
+
+
+def check_alignment(model: ExternalDenoiser, source, name: str) -> None:
+    """Refuse a masked transformers teacher whose logits the run reads shifted when they are
+    aligned, or aligned when they are shifted (a Dream-style model without ``--shift-logits``):
+    on a few data sequences with one inner token masked, the other reading must not predict that
+    token clearly better (:data:`ALIGNMENT_MARGIN`)."""
+    cfg = model.config
+    x = source.sample(ALIGNMENT_PROBE, torch.Generator().manual_seed(0))
+    if cfg.process != "masked" or x.shape[1] < 3:
+        return
+    ref = next(model.parameters(), None)
+    as_read, other = model.alignment_nll(x.to(ref.device if ref is not None else "cpu"),
+                                         torch.Generator().manual_seed(1))
+    if cfg.shift_logits:
+        as_read, other = other, as_read
+    guess = math.log(cfg.num_classes - len(cfg.never) - 1)
+    if other < as_read - ALIGNMENT_MARGIN and other < guess - ALIGNMENT_MARGIN:
+        now, then = ("shifted", "aligned") if cfg.shift_logits else ("aligned", "shifted")
+        meaning = {"aligned": "output i predicts token i", "shifted": "output i predicts token i + 1"}
+        raise ValueError(f"shift_logits: the teacher {name} looks {then} ({meaning[then]}), not {now}: a masked data "
+                         f"token costs {as_read:.2f} nats read {now} and {other:.2f} read {then}; set --shift-logits "
+                         f"{'false' if cfg.shift_logits else 'true'}")
 
 
 def _data_options_set(cfg: DistillConfig) -> list[str]:
