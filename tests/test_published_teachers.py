@@ -80,6 +80,21 @@ FORWARDS = {  # each family's forward signature and return value (from its publi
         logits = self.body(input_ids, timesteps)
         return MaskedLMOutput(logits=logits) if return_dict else logits
 ''',
+    "bd3lm": '''
+    def forward(self, input_ids=None, timesteps=None, sample_mode=False, store_kv=False):
+        # training interface: [x_t, x_0]; a block of x_t sees itself and the blocks of x_0 before it
+        n = input_ids.shape[1] if sample_mode else input_ids.shape[1] // 2
+        block = torch.arange(n, device=input_ids.device) // self.config.block_size
+        same = (block[:, None] == block[None, :]).float()
+        before = (block[None, :] < block[:, None]).float()
+        e = self.embed(input_ids)  # one embedding call on the whole input, as BD3-LM's backbone makes
+        et, e0 = (e, e) if sample_mode else (e[:, :n], e[:, n:])
+        h = et + self.pos(torch.arange(n, device=input_ids.device)) + (same / same.sum(-1, keepdim=True)) @ et
+        if timesteps is not None:
+            h = h + self.time(timesteps.to(h.dtype)[:, None, None])
+        context = (before / before.sum(-1, keepdim=True).clamp_min(1)) @ e0
+        return self.out(torch.tanh(self.mix(torch.cat([h, context], -1))))
+''',
     "noise_level": '''
     def forward(self, input_ids, noise_level):
         return self.body(input_ids, noise_level)
@@ -96,7 +111,7 @@ FAMILY_DIRS = {
     "duo": ("DUO", "sigma", ("AutoModelForMaskedLM",), 8, False),            # uniform: no mask class
     "llada": ("llada", "none", ("AutoModel", "AutoModelForCausalLM"), 126464, False),  # mask 126336, padded
     "dream": ("Dream", "none", ("AutoModel",), 10, True),                    # shifted; mask from its tokenizer
-    "bd3lm": ("bd3lm", "sigma", ("AutoModelForMaskedLM",), 9, False),
+    "bd3lm": ("bd3lm", "bd3lm", ("AutoModelForMaskedLM",), 9, False),   # blocks of 2, [x_t, x_0] input
     "fork": ("my-fork", "noise_level", ("AutoModelForMaskedLM",), 10, True),  # no known family: flags only
 }
 
@@ -113,6 +128,7 @@ def write_family(root, family: str, *, extra_classes: int = 0, seed: int = 0) ->
     hidden = 4 if vocab > 1000 else 8
     config = {"model_type": model_type, "vocab_size": vocab, "hidden": hidden, "model_length": 16,
               "extra_classes": extra_classes, "architectures": ["TinyModel"],
+              **({"block_size": 2, "cross_attn": True} if family == "bd3lm" else {}),
               "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
                            **{auto: "modeling_tiny.TinyModel" for auto in autos}}}
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -131,7 +147,7 @@ DISTILL = ["--data", "markov", "--vocab-size", "4", "--length", "6", "--student-
            "--batch-size", "8", "--draw-block", "4", "--warmup", "1", "--save-every", "2", "--no-progress"]
 
 
-@pytest.mark.parametrize("family", ["mdlm", "duo", "llada", "dream"])
+@pytest.mark.parametrize("family", ["mdlm", "duo", "llada", "dream", "bd3lm"])
 def test_each_family_distils_loads_with_its_own_call_and_samples(tmp_path, capsys, family):
     teacher = write_family(tmp_path, family)
     out = tmp_path / "run"
@@ -231,15 +247,15 @@ def test_bad_teachers_are_named_in_one_line(tmp_path, capsys):
     cases = [
         ([wide], "its logits have 12 classes, matching neither the config's vocab_size (9)"),
         ([duo, "--mask-id", "3"], "uniform-state"),
-        ([bd3], "block-diffusion"),
+        ([bd3, "--length", "7"], "blocks of 2 tokens (its block_size); 7 is not a whole number of blocks"),
         ([mdlm, "--mask-id", "40"], "mask_id 40 is outside the vocabulary"),
         ([mdlm, "--time-input", "sigma", "--schedule", "linear"], "sigma = -log alpha_t is infinite"),
         ([mdlm, "--time-arg", "noise_level"], "noise_level"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"
-        code = main(["distill", "--teacher", extra[0], *extra[1:], "--trust-remote-code", "--out", str(out),
-                     *DISTILL])
+        code = main(["distill", "--teacher", extra[0], "--trust-remote-code", "--out", str(out), *DISTILL,
+                     *extra[1:]])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, (extra, err)
         assert not out.exists()
@@ -306,8 +322,8 @@ def test_one_step_losses_equal_eq11_and_eq12_with_the_familys_call_written_out(t
     assert abs(float(wrong_gen - gen)) > 1e-4 and abs(float(wrong_aux - aux)) > 1e-4
 
 
-README_TEACHERS = {"mdlm-owt": "mdlm", "duo-owt": "duo", "LLaDA-8B-Base": "llada", "Dream-v0-Base-7B": "dream",
-                   "my-fork": "fork"}
+README_TEACHERS = {"mdlm-owt": "mdlm", "bd3lm-owt": "bd3lm", "duo-owt": "duo", "LLaDA-8B-Base": "llada",
+                   "Dream-v0-Base-7B": "dream", "my-fork": "fork"}
 
 
 def test_the_readme_commands_for_published_teachers_run(tmp_path, monkeypatch, capsys):
@@ -320,7 +336,7 @@ def test_the_readme_commands_for_published_teachers_run(tmp_path, monkeypatch, c
 
     (script,) = _blocks(_section("Distill MDLM / BD3-LM / DUO / LLaDA / Dream"), "bash")
     commands = [line for line in script.splitlines() if line and not line.startswith("#")]
-    assert len(commands) == 6
+    assert len(commands) == 7
     dirs = {name: write_family(tmp_path / name, family) for name, family in README_TEACHERS.items()}
     monkeypatch.chdir(tmp_path)
     for command in commands:
@@ -334,7 +350,8 @@ def test_the_readme_commands_for_published_teachers_run(tmp_path, monkeypatch, c
             argv = [*command.split(), "--steps", "2", "--batch-size", "8", "--draw-block", "4", "--warmup", "1",
                     "--save-every", "2", "--no-progress"]
         assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
-    assert sorted(os.listdir(tmp_path / "runs")) == ["dream_k16", "duo_k8", "fork_k4", "llada_k16", "mdlm_k8"]
+    runs = ["bd3lm_k4", "dream_k16", "duo_k8", "fork_k4", "llada_k16", "mdlm_k8"]
+    assert sorted(os.listdir(tmp_path / "runs")) == runs
 
 
 class _Counting:
@@ -394,3 +411,30 @@ def test_a_published_teachers_run_resumes_and_refuses_other_conventions(tmp_path
     assert main([*args, "--steps", "6", "--time-input", "t"]) == 2  # another reading of the teacher: another run
     err = capsys.readouterr().err
     assert "time_input" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_block_diffusion_teacher_is_distilled_block_by_block(tmp_path):
+    """BD3-LM: called through its [x_t, x_0] interface with z_t as both halves (the blocks before
+    a noisy one are clean), one block per sequence diffused in each batch, sampled block by block."""
+    teacher, _, meta = load_masked_lm(write_family(tmp_path, "bd3lm"), trust_remote_code=True)
+    cfg_t = teacher.config
+    assert (cfg_t.block_size, cfg_t.clean_context, cfg_t.mask_id) == (2, True, 8)
+    torch.manual_seed(3)
+    z = torch.randint(0, 8, (3, 6))
+    z[:, 2:] = 8  # block 0 clean, blocks 1 and 2 masked
+    t = torch.tensor([0.2, 0.6, 0.9])
+    sigma = (-torch.log(1 - (1 - 1e-3) * t.double())).float()
+    raw = teacher.model(torch.cat([z, z], 1), sigma).double()
+    torch.testing.assert_close(teacher(z, t).double(), _subs(raw, z, 8))
+    # block 1's logits do not depend on block 2 (block-causal): a sampler's masked later blocks are harmless
+    later = z.clone()
+    later[:, 4:] = 3
+    torch.testing.assert_close(teacher(z, t)[:, :4], teacher(later, t)[:, :4])
+
+    process = DiffusionProcess.of(cfg_t, meta["schedule"])
+    cfg = DistillConfig.from_dict({"batch_size": 16, "student_steps": 2, "draw_block": 4, "seed": 5})
+    batch = draw_batch(_Source(8, 6), process, cfg, None, step=3, block_size=2)
+    changed = (batch.z_t != batch.x0).reshape(16, 3, 2).any(-1)
+    assert changed.sum(-1).le(1).all() and changed.any()  # one noisy block per sequence at most
+    with pytest.raises(ValueError, match="whole number of blocks of 4"):
+        draw_batch(_Source(8, 6), process, cfg, None, step=3, block_size=4)

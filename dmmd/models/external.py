@@ -49,9 +49,14 @@ class ExternalConfig:
     noise_module: str = ""           # submodules (comma-separated) the noise is added to ("": input embeddings)
     head: str = ""                   # the output layer (an nn.Linear): "" its output embeddings, if it has them
     length: int | None = None        # the most tokens the model takes (None: not known)
+    # block diffusion (BD3-LM): blocks of this many tokens, each denoised given the clean blocks
+    # before it; with clean_context the model takes [z_t, x_0] (2L tokens) and returns the first
+    # L positions' logits, and the wrapper passes z_t as both halves (the blocks before a noisy
+    # one are clean in z_t, and a block sees only the clean blocks before it)
+    block_size: int | None = None
+    clean_context: bool = False
     # what dmmd's own denoiser has and a wrapped model does not
     image_shape = None
-    block_size = None
 
     def __post_init__(self):
         if self.process not in ("masked", "uniform"):
@@ -73,6 +78,11 @@ class ExternalConfig:
         if self.process == "uniform" and self.never:
             raise ValueError("uniform diffusion draws every class of the model (its prior is uniform over them): "
                              "classes that are never drawn need masked diffusion")
+        if self.clean_context and (self.block_size is None or self.process != "masked"):
+            raise ValueError("clean_context (block diffusion's [x_t, x_0] input) needs masked diffusion and a "
+                             "block_size")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.time_as not in ("t", "sigma"):
             raise ValueError(f"time_as must be 't' or 'sigma', got {self.time_as!r}")
         if self.time_input and self.time_as == "sigma":
@@ -183,6 +193,7 @@ class ExternalDenoiser(nn.Module):
         fill = self.config.mask_id if self.config.mask_id is not None else 0
         n = 2 if self.config.length is None else self.config.length
         z = torch.full((1, n), fill, device=device)
+        wide = 2 * n if self.config.clean_context else n  # what the named modules see
         try:
             self._call(z, torch.full((1,), 0.5, device=device))
         except Exception as e:  # the probe is ours: say what it was and how to make it fit the model
@@ -199,10 +210,11 @@ class ExternalDenoiser(nn.Module):
             raise ValueError(f"noise_module: {names[missing[0]]} ({type(targets[missing[0]]).__name__}) is not called "
                              f"in the model's forward; name a submodule that is")
         for i, shape in shapes.items():
-            if len(shape) != 3 or shape[:2] != (1, n):
+            if len(shape) != 3 or shape[:2] != (1, wide):
                 raise ValueError(f"noise_module: {names[i]} ({type(targets[i]).__name__}) outputs shape "
-                                 f"{list(shape)} for one sequence of {n} tokens; the noise is added per token, so it "
-                                 f"needs [B, L, width] = [1, {n}, width]: name a submodule with per-token outputs")
+                                 f"{list(shape)} for one sequence of {wide} tokens; the noise is added per token, so "
+                                 f"it needs [B, L, width] = [1, {wide}, width]: name a submodule with per-token "
+                                 f"outputs")
         return [shapes[i][-1] for i in range(len(targets))]
 
     def install_noise(self, dim: int, per: str = "sequence", init: float = 0.0,
@@ -276,12 +288,14 @@ class ExternalDenoiser(nn.Module):
         if features and head is None:
             raise ValueError("this model exposes no output layer (name it: as_denoiser(..., head=...))")
         check_noise(self.noise_spec, noise, z_t)
+        if noise is not None and cfg.clean_context:  # the noise enters the noisy half only
+            noise = torch.cat([noise, torch.zeros_like(noise)], dim=1)
         self._noise = noise
         if head is not None:  # the output layer passes its input through for this call
             own = head.__dict__.get("forward", _NONE)  # a forward set on the instance (accelerate, PEFT)
             head.forward = _identity
         try:
-            out = self._call(z_t, t)
+            logits = self._raw_logits(z_t, t)
         finally:
             self._noise = None
             if head is not None:  # exactly what was there before
@@ -289,7 +303,6 @@ class ExternalDenoiser(nn.Module):
                     del head.forward
                 else:
                     head.forward = own
-        logits = _logits_of(out)
         if cfg.shift_logits:  # output i predicted token i + 1: position i's is output i - 1 (the first keeps its own)
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         if features:
@@ -306,10 +319,20 @@ class ExternalDenoiser(nn.Module):
             logits = masked_output_rule(logits, z_t, cfg.mask_id)
         return logits
 
+    def _raw_logits(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's logits (or, for the fused losses, its final hidden states) for ``z_t``, as
+        it returns them: not realigned, nothing set to ``-inf``."""
+        logits = _logits_of(self._call(z_t, t))
+        if self.config.clean_context and logits.shape[1] == 2 * z_t.shape[1]:
+            logits = logits[:, : z_t.shape[1]]  # the noisy half's
+        return logits
+
     def _call(self, z_t: torch.Tensor, t: torch.Tensor):
         """The wrapped model called as its family expects: no time, ``t``, or ``sigma =
         -log alpha_t``, positional or by keyword."""
         cfg = self.config
+        if cfg.clean_context:
+            z_t = torch.cat([z_t, z_t], dim=1)
         if not cfg.time_input:
             return self.model(z_t)
         value = t
@@ -331,7 +354,7 @@ class ExternalDenoiser(nn.Module):
         i = torch.randint(1, n - 1, (b,), generator=generator).to(x.device)
         z = x.clone()
         z[rows, i] = cfg.mask_id
-        logits = _logits_of(self._call(z, torch.full((b,), 1.0 / n, device=x.device))).double()
+        logits = self._raw_logits(z, torch.full((b,), 1.0 / n, device=x.device)).double()
         never = torch.tensor([*cfg.never, cfg.mask_id], device=logits.device)
         logp = torch.log_softmax(logits.index_fill(-1, never, float("-inf")), -1)
         target = x[rows, i]

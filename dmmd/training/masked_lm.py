@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from dmmd.extras import require
 from dmmd.models.conventions import OVERRIDES, TeacherConventions, resolve_conventions
-from dmmd.models.external import ExternalConfig, ExternalDenoiser, _logits_of
+from dmmd.models.external import ExternalConfig, ExternalDenoiser
 from dmmd.training.checkpoint import make_readable, replace_directory, write_json_atomic
 
 META = "dmmd.json"
@@ -126,9 +126,6 @@ def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
     if mask_id is not None:
         given["mask_id"] = mask_id
     conv = resolve_conventions(model_type, **given)
-    if conv.block_diffusion:
-        raise ValueError(f"teacher {path}: {conv.family} is a block-diffusion model; distilling it block by block "
-                         f"through its own training interface is not supported yet")
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True,
                                                          trust_remote_code=trust_remote_code)
@@ -136,9 +133,10 @@ def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
         raise ValueError(f"teacher {path}: its config.json does not load ({e})") from None
     # a diffusion LM's code may register it as any of the Auto classes; a plain transformers
     # architecture is a teacher only as a masked LM (a GPT-2 is not a diffusion model)
+    block_size = _block_size(path, config, conv)
     model, loaded_by = _load_model(path, config, trust_remote_code, LOADERS if remote or conv.family else LOADERS[:1])
     tokenizer = _tokenizer(path, trust_remote_code)
-    num_classes = _num_classes(path, model, config, tokenizer, conv)
+    num_classes = _num_classes(path, model, config, tokenizer, conv, block_size)
     never: list[int] = list(meta.get("never", []))
     if conv.process == "uniform":
         never, mask = [], None
@@ -163,6 +161,7 @@ def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
         num_classes=num_classes, process=conv.process, mask_id=mask, never=never,
         time_input=conv.time_input != "none", time_as="t" if conv.time_input == "none" else conv.time_input,
         time_arg=conv.time_arg, schedule=conv.schedule, shift_logits=conv.shift_logits,
+        block_size=block_size, clean_context=block_size is not None,
         noise_module=noise.get("module", ""), length=_max_length(config)))
     if noise.get("dim", 0) > 0:
         safetensors = require("safetensors.torch", "a student's noise weights")
@@ -202,21 +201,38 @@ def _load_model(path: str, config, trust_remote_code: bool, loaders: tuple[str, 
     raise ValueError(f"teacher {path}: holds a {config.model_type} model that none of {', '.join(loaders)} loads")
 
 
-def _num_classes(path: str, model, config, tokenizer, conv: TeacherConventions) -> int:
+def _block_size(path: str, config, conv: TeacherConventions) -> int | None:
+    """A block-diffusion model's block size (its config's ``block_size``), ``None`` for others;
+    only the ``[x_t, x_0]`` training interface (``cross_attn``) is supported."""
+    if not conv.block_diffusion:
+        return None
+    if conv.process != "masked":
+        raise ValueError(f"teacher {path}: block diffusion is distilled as masked diffusion")
+    if not getattr(config, "cross_attn", True):
+        raise ValueError(f"teacher {path}: a {conv.family} model without cross_attn (its [x_t, x_0] training "
+                         f"interface) cannot be called block by block")
+    size = getattr(config, "block_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"teacher {path}: a {conv.family} model needs a block_size >= 1 in its config, got {size!r}")
+    return size
+
+
+def _num_classes(path: str, model, config, tokenizer, conv: TeacherConventions, block_size: int | None) -> int:
     """The width of the model's logits, from one call on a short all-zero sequence; it must be
     the config's vocab_size or the tokenizer's length (else the model is not what its directory
     says)."""
     import torch
 
+    # (the probe's class count and mask are placeholders: only the call matters)
     probe = ExternalDenoiser(model, ExternalConfig(
-        num_classes=2, process="uniform", time_input=conv.time_input != "none",
+        num_classes=2, process="masked", mask_id=1, time_input=conv.time_input != "none",
         time_as="t" if conv.time_input == "none" else conv.time_input, time_arg=conv.time_arg,
-        schedule=conv.schedule))
+        schedule=conv.schedule, block_size=block_size, clean_context=block_size is not None))
     ref = next(model.parameters(), None)
-    z = torch.zeros((1, 2), dtype=torch.long, device=ref.device if ref is not None else "cpu")
+    z = torch.zeros((1, block_size or 2), dtype=torch.long, device=ref.device if ref is not None else "cpu")
     try:
         with torch.no_grad():
-            width = int(_logits_of(probe._call(z, torch.full((1,), 0.5, device=z.device))).shape[-1])
+            width = int(probe._raw_logits(z, torch.full((1,), 0.5, device=z.device)).shape[-1])
     except Exception as e:
         raise ValueError(f"teacher {path}: a call with {conv.describe()} failed ({type(e).__name__}: {e}); set the "
                          f"conventions that fit the model (--time-input, --time-arg)") from None

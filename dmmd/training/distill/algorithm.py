@@ -48,9 +48,13 @@ class DistillBatch:
                               for v in (self.x0, self.s, self.t, self.z_t, self.noise, self.rows)))
 
 
-def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise: NoiseSpec | None, step: int
-               ) -> DistillBatch:
-    """Algorithm 1 lines 1-2 for the global batch of ``step``."""
+def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise: NoiseSpec | None, step: int, *,
+               block_size: int | None = None) -> DistillBatch:
+    """Algorithm 1 lines 1-2 for the global batch of ``step``. With ``block_size`` (a block
+    diffusion teacher, paper section 6.3) one block per sequence, drawn uniformly, is diffused
+    and the rest of ``z_t`` is the clean data: the student learns each block given the clean
+    blocks before it (masked diffusion keeps clean positions clean through ``z_s`` and the
+    sampler), as it generates them block by block."""
     gen = step_generator(cfg.run.seed, step, Stream.DISTILL)
     b = cfg.run.batch_size
     x0 = source.sample(b, gen)
@@ -59,6 +63,14 @@ def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise: Noi
     t = torch.clamp(s + delta, max=1.0)
     z_t = process.diffuse(x0, t, gen)
     drawn = None if noise is None else noise.draw(b, x0.shape[1], gen, getattr(source, "shape", None))
+    if block_size is not None:
+        n = x0.shape[1]
+        if process.kind != "masked" or n % block_size:
+            raise ValueError(f"block_size: block-by-block distillation needs masked diffusion and a length that is a "
+                             f"whole number of blocks of {block_size} tokens, got {process.kind} and length {n}")
+        block = torch.randint(0, n // block_size, (b, 1), generator=gen)
+        inside = torch.arange(n) // block_size == block
+        z_t = torch.where(inside, z_t, x0)
     return DistillBatch(x0, s, t, z_t, drawn, torch.arange(b))
 
 
@@ -103,6 +115,9 @@ class Distiller:
         self.gen_net: torch.nn.Module = self.generator
         self.aux_net: torch.nn.Module = self.aux
         self.fused = self._fused_losses(cfg, teacher)
+        # a block-diffusion teacher that denoises a block given the clean blocks before it: its
+        # batches diffuse one block per sequence (draw_batch)
+        self.block_size = teacher.config.block_size if getattr(teacher.config, "clean_context", False) else None
         # how the models' outputs become the losses: one path, three heads
         self.head = FusedHead(self) if self.fused else PosteriorHead(self) if cfg.form == "posterior" else \
             LogitsHead(self)

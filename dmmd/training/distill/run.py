@@ -77,7 +77,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
-    d.check_fused_head(draw_batch(source, process, cfg, d.noise, 0))  # before any work
+    d.check_fused_head(draw_batch(source, process, cfg, d.noise, 0, block_size=d.block_size))  # before any work
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
@@ -110,7 +110,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     rows = ctx.rows(run.batch_size)
 
     def step(i: int) -> Update:
-        batch = draw_batch(source, process, cfg, d.noise, i).take(rows, ctx.device)
+        batch = draw_batch(source, process, cfg, d.noise, i, block_size=d.block_size).take(rows, ctx.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
             if d.is_generator_step(i):
                 loss, stats, model = *d.generator_loss(batch, i), "generator"

@@ -61,6 +61,9 @@ def load_distill_teacher(cfg: DistillConfig, device: torch.device | str = "cpu")
                              f"classes")
         if mc.length is not None and data.length > mc.length:
             raise ValueError(f"length: the teacher takes at most {mc.length} tokens, got {data.length}")
+        if mc.block_size is not None and data.length % mc.block_size:
+            raise ValueError(f"length: the block-diffusion teacher {cfg.teacher} works in blocks of {mc.block_size} "
+                             f"tokens (its block_size); {data.length} is not a whole number of blocks")
         process = DiffusionProcess.of(mc, meta["schedule"])
         check_alignment(model, source, cfg.teacher)
         return DistillTeacher(model, process, source, data, None, tokenizer, meta["conventions"], cfg.teacher)
