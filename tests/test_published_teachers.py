@@ -155,6 +155,7 @@ def test_each_family_distils_loads_with_its_own_call_and_samples(tmp_path, capsy
     err = capsys.readouterr().err
     expected = resolve_conventions(FAMILY_DIRS[family][0])
     assert f"teacher conventions: family {family}, {expected.process}" in err
+    assert f"loaded by {FAMILY_DIRS[family][2][0]}" in err
     student = str(out / "student")
     meta = json.load(open(os.path.join(student, "dmmd.json")))
     assert meta["kind"] == "student" and meta["process"] == expected.process
@@ -264,7 +265,7 @@ def test_bad_teachers_are_named_in_one_line(tmp_path, capsys):
 def test_conventions_describe_every_value():
     line = FAMILIES["mdlm"].describe()
     assert "sigma as timesteps" in line and "loglinear" in line and "aligned" in line
-    assert len(line.split(", ")) == 6
+    assert len(line.split(", ")) == 6 and "loaded by" not in line
 
 
 def _raw_teacher(model, family: str, z: torch.Tensor, s: torch.Tensor, *, right: bool = True) -> torch.Tensor:

@@ -30,6 +30,7 @@ class TeacherConventions:
     mask_is_last: bool = False    # no tokenizer with the model: the mask is its last class (GPT-2 + mask)
     schedule: str = "loglinear"   # the schedule it was trained with
     block_diffusion: bool = False  # semi-autoregressive blocks (BD3-LM): its own training interface
+    loaded_by: str = ""           # the transformers Auto class that loaded the model (set by the loader)
 
     def __post_init__(self):
         if self.time_input not in TIME_INPUTS:
@@ -47,9 +48,10 @@ class TeacherConventions:
         time = "none" if self.time_input == "none" else \
             f"{self.time_input} as {self.time_arg or 'the second positional argument'}"
         mask = "-" if self.process == "uniform" else self.mask_id
+        loaded = f", loaded by {self.loaded_by}" if self.loaded_by else ""
         return (f"family {self.family or 'none (flags only)'}, {self.process}, time input {time}, logits "
                 f"{'shifted (realigned)' if self.shift_logits else 'aligned'}, mask id {mask}, schedule "
-                f"{self.schedule}")
+                f"{self.schedule}{loaded}")
 
 
 # Read from each family's public modelling code (model_type as its config class sets it).

@@ -155,7 +155,7 @@ def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
             raise ValueError(f"teacher {path}: no tokenizer with a mask token there; pass the mask id (--mask-id)")
         if not 0 <= mask < num_classes:
             raise ValueError(f"mask_id {mask} is outside the vocabulary of {path} ({num_classes} classes)")
-    conv = replace(conv, mask_id=mask, mask_is_last=False)
+    conv = replace(conv, mask_id=mask, mask_is_last=False, loaded_by=loaded_by)
     noise = meta.get("noise", {})
     denoiser = ExternalDenoiser(model, ExternalConfig(
         num_classes=num_classes, process=conv.process, mask_id=mask, never=never,
