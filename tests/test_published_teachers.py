@@ -439,3 +439,13 @@ def test_a_block_diffusion_teacher_is_distilled_block_by_block(tmp_path):
     assert changed.sum(-1).le(1).all() and changed.any()  # one noisy block per sequence at most
     with pytest.raises(ValueError, match="whole number of blocks of 4"):
         draw_batch(_Source(8, 6), process, cfg, None, step=3, block_size=4)
+
+
+def test_a_remote_code_students_run_checkpoint_points_to_its_directory(tmp_path, capsys):
+    teacher = write_family(tmp_path, "mdlm")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", teacher, "--trust-remote-code", "--out", str(out), *DISTILL]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(out / "checkpoint"), "--trust-remote-code", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "OUT/student" in err and len(err.strip().splitlines()) == 1

@@ -368,6 +368,9 @@ def rebuild_masked_lm(state: dict) -> ExternalDenoiser:
     """An untrained denoiser of the architecture :func:`masked_lm_state` recorded (load the
     checkpoint's weights into it)."""
     transformers = _transformers()
+    if "auto_map" in state["transformers_config"]:
+        raise ValueError("this model is code shipped with its teacher (config auto_map), which a run's checkpoint "
+                         "does not hold: load the run's transformers directory (OUT/student) with trust_remote_code")
     config = transformers.AutoConfig.for_model(**state["transformers_config"])
     model = transformers.AutoModelForMaskedLM.from_config(config)
     return ExternalDenoiser.from_config(model, state["external"])
