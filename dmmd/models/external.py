@@ -341,24 +341,32 @@ class ExternalDenoiser(nn.Module):
         return self.model(z_t, **{cfg.time_arg: value}) if cfg.time_arg else self.model(z_t, value)
 
     @torch.no_grad()
-    def alignment_nll(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[float, float]:
+    def alignment_nll(self, x: torch.Tensor, generator: torch.Generator | None = None, *, chunk: int = 4
+                      ) -> tuple[float, float]:
         """How well the model predicts a token of clean data ``x [B, L]`` masked alone at an inner
         position ``i`` (masked diffusion): the mean NLL (nats) of ``x_i`` under output ``i`` and
         under output ``i - 1``, i.e. with the logits aligned and with them shifted (output ``i``
-        predicting token ``i + 1``), read before any realignment."""
+        predicting token ``i + 1``), read before any realignment. ``chunk`` sequences per call
+        (a large vocabulary's logits are made for few sequences at a time)."""
         cfg = self.config
         b, n = x.shape
         if cfg.process != "masked" or n < 3:
             raise ValueError("alignment_nll needs masked diffusion and sequences of at least 3 tokens")
-        rows = torch.arange(b, device=x.device)
         i = torch.randint(1, n - 1, (b,), generator=generator).to(x.device)
-        z = x.clone()
-        z[rows, i] = cfg.mask_id
-        logits = self._raw_logits(z, torch.full((b,), 1.0 / n, device=x.device)).double()
-        never = torch.tensor([*cfg.never, cfg.mask_id], device=logits.device)
-        logp = torch.log_softmax(logits.index_fill(-1, never, float("-inf")), -1)
-        target = x[rows, i]
-        return (float(-logp[rows, i, target].mean()), float(-logp[rows, i - 1, target].mean()))
+        never = torch.tensor([*cfg.never, cfg.mask_id], device=x.device)
+        aligned, shifted = [], []
+        for lo in range(0, b, chunk):
+            rows = torch.arange(lo, min(lo + chunk, b), device=x.device)
+            z = x[rows].clone()
+            local = torch.arange(len(rows), device=x.device)
+            z[local, i[rows]] = cfg.mask_id
+            logits = self._raw_logits(z, torch.full((len(rows),), 1.0 / n, device=x.device))
+            target = x[rows, i[rows]]
+            for out, at in ((aligned, i[rows]), (shifted, i[rows] - 1)):
+                logp = torch.log_softmax(logits[local, at].double().index_fill(-1, never, float("-inf")), -1)
+                out.append(-logp[local, target])
+            del logits
+        return float(torch.cat(aligned).mean()), float(torch.cat(shifted).mean())
 
     def head_layer(self) -> nn.Linear | None:
         """The model's output layer: ``head`` by name, else its output embeddings (transformers
