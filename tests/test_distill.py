@@ -548,3 +548,16 @@ def test_draws_in_chunks_of_token_rows_stay_exact_and_independent_of_the_split(m
     _, x_half, z_half = d.generate(half, 4)
     assert torch.equal(x_half, x[3:]) and torch.equal(z_half, z_s[3:])
     assert_step_matches_eq11_eq12(d, process, batch, step=4)
+
+
+def test_two_process_fsdp_equals_one_process(tiny_teacher, tmp_path):
+    """FSDP2 (generator, auxiliary model, EMA and teacher sharded per block) makes the steps one
+    process makes; its checkpoint is written by both ranks and read whole by load_tensors."""
+    from dmmd.training.sharding import is_sharded_checkpoint
+
+    teacher, _ = tiny_teacher
+    one, two = assert_ddp_equals_one_process(teacher, tmp_path, "--parallel", "fsdp")
+    assert is_sharded_checkpoint(str(two / "checkpoint")) and not is_sharded_checkpoint(str(one / "checkpoint"))
+    a, b = load_tensors(str(one / "checkpoint"), "ema"), load_tensors(str(two / "checkpoint"), "ema")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

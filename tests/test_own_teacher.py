@@ -194,6 +194,18 @@ def test_bert_two_process_ddp_equals_one_process(bert_teacher, tmp_path, fused):
     assert_ddp_equals_one_process(str(bert_teacher / "model"), tmp_path, "--fused-losses", fused)
 
 
+def test_bert_two_process_fsdp_equals_one_process_and_exports_its_student(bert_teacher, tmp_path):
+    """FSDP2 shards BERT per layer (its _no_split_modules); the student directory it writes at
+    the end, gathered on rank 0, is the one process's."""
+    one, two = assert_ddp_equals_one_process(str(bert_teacher / "model"), tmp_path, "--parallel", "fsdp")
+    a, _, _ = load_masked_lm(str(one / "student"))
+    b, _, _ = load_masked_lm(str(two / "student"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------- a module of the user's own
 
 V, L = 4, 6

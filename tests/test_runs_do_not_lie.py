@@ -153,7 +153,7 @@ DDP_STOP = textwrap.dedent("""
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loop = RunLoop(cfg, ctx, {"model": Trained(model, opt, lambda step: 0.01)}, name="toy")
-    net = loop.wrap_ddp()["model"]
+    net = loop.wrap_parallel()["model"]
     result = loop.run(lambda i: Update(net(torch.randn(2, 3)).square().mean(), "model", {}), progress=False)
     print(f"rank {ctx.rank} stopped after step {result['step']}", flush=True)
     loop_module.leave_process_group(0)

@@ -55,8 +55,11 @@ def test_resumed_run_is_bit_identical(tmp_path):
             assert torch.equal(a[name][k], b[name][k]), (name, k)
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
-    args = ["--data", "markov", "--vocab-size", "4", "--length", "6", "--width", "32", "--depth", "1",
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_ddp_equals_one_process(tmp_path, parallel):
+    """DDP, and FSDP2 (the teacher and its EMA sharded per block), make one process's steps."""
+    args = ["--parallel", parallel, "--data", "markov", "--vocab-size", "4", "--length", "6", "--width", "32",
+            "--depth", "1",
             "--heads", "2", "--batch-size", "8", "--steps", "3", "--warmup", "1", "--eval-every", "0",
             "--save-every", "3", "--seed", "2", "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

@@ -1,5 +1,7 @@
 """Checkpoints: a directory with ``weights.safetensors`` (every tensor: model, EMA, optimizer
-state) and ``state.json`` (configs, step, scalar optimizer state).
+state) and ``state.json`` (configs, step, scalar optimizer state); an FSDP run's holds the same
+tensors in ``torch.distributed.checkpoint``'s files instead (:mod:`dmmd.training.sharding`),
+read whole by the same functions.
 
 Writes survive a kill at any moment. The new checkpoint is written and fsynced in a temporary
 directory beside ``path``; then the old one is renamed to ``.NAME.old``, the new one renamed to
@@ -162,6 +164,13 @@ def _read_meta(path: str) -> dict:
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    from dmmd.training.sharding import is_sharded_checkpoint, read_full_tensors
+
+    if is_sharded_checkpoint(path):  # written by every rank of an FSDP run: read whole
+        try:
+            return read_full_tensors(path)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: its sharded files are truncated or corrupt ({e})") from None
     file = os.path.join(path, "weights.safetensors")
     if not os.path.isfile(file):
         raise CheckpointError(f"checkpoint {path}: {file} is missing")

@@ -57,7 +57,7 @@ def train_classifier(cfg, source: ImageSource, *, resume: bool = True, progress:
                    settings=cfg.to_dict(), postfix=lambda record, metrics: {"loss": f"{record['loss']:.3f}"})
     if resume:
         loop.resume()
-    net = loop.wrap_ddp()["model"]
+    net = loop.wrap_parallel()["model"]
     rows = ctx.rows(run.batch_size)
     pool, labels = source.split("train"), source.labels["train"]
 

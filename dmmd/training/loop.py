@@ -29,7 +29,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dmmd.options import Options, option
-from dmmd.training.checkpoint import checkpoint_exists, load_checkpoint, read_state, save_checkpoint
+from dmmd.training import sharding
+from dmmd.training.checkpoint import _read_meta, checkpoint_exists, load_checkpoint, read_state, save_checkpoint
+from dmmd.training.sharding import PARALLEL
 
 
 class UserError(ValueError):
@@ -43,7 +45,7 @@ class RunFailed(RuntimeError):
 
 # RunConfig options that do not change what a run's steps compute (left out of cache keys and
 # free to differ when a run is resumed)
-NOT_RESULT = ("out", "save_every", "time_limit_min", "max_nonfinite")
+NOT_RESULT = ("out", "save_every", "time_limit_min", "max_nonfinite", "parallel", "shard_modules")
 # ... and what else a resumed run may change: raising steps continues a finished run
 RESUME_FREE = (*NOT_RESULT, "steps")
 
@@ -63,6 +65,10 @@ class RunConfig(Options):
     time_limit_min: float = option(0.0, "stop and save after this many minutes (0: no limit)")
     max_nonfinite: int = option(10, "a step whose loss or gradient is not finite is skipped (weights, optimizer "
                                     "and EMA untouched); this many in a row stop the run as failed")
+    parallel: str = option("ddp", "under torchrun: ddp (every rank holds whole models) or fsdp (the models sharded "
+                                  "per block across the ranks, FSDP2; checkpoints written by every rank)")
+    shard_modules: str = option("", "fsdp: the classes whose instances are sharded on their own, comma-separated "
+                                    "(default: dmmd's Block, a transformers model's _no_split_modules)")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option out of its domain."""
@@ -76,6 +82,8 @@ class RunConfig(Options):
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not self.out:
             raise ValueError("out must name a directory")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
 
 
 # ---------------------------------------------------------------- learning-rate schedules
@@ -260,6 +268,8 @@ class RunLoop:
         self._t0 = time.perf_counter()
         self.nets = {n: t.module for n, t in trained.items()}
         self.lock = OutputLock(cfg.out) if ctx.rank == 0 else None
+        self.sharded = cfg.parallel == "fsdp" and ctx.world > 1
+        self._resume_from: str | None = None  # sharded: the checkpoint to load once the models are sharded
 
     def _models(self) -> dict[str, nn.Module]:
         models = {}
@@ -286,7 +296,11 @@ class RunLoop:
                     key, old, new = diff
                     raise UserError(f"{self.cfg.out} holds a run made with other settings: {key} was {old!r} there, "
                                     f"{new!r} now; resume it with its settings or choose another output directory")
-            state = load_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers())
+            if self.sharded:  # the tensors are loaded into the shards (wrap_parallel)
+                self._resume_from = self.checkpoint
+                state = read_state(self.checkpoint)
+            else:
+                state = load_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers())
         except BaseException:
             if self.lock is not None:
                 self.lock.release()
@@ -296,22 +310,41 @@ class RunLoop:
         self.seconds_before = float(state.get("train_seconds", 0.0))
         return state
 
-    def wrap_ddp(self) -> dict[str, nn.Module]:
-        """Under ``torchrun``: the trained modules wrapped in DDP (gradients averaged over the
-        ranks). Step functions call ``loop.nets[name]`` for anything that needs a gradient."""
-        if self.ctx.world > 1:
+    def wrap_parallel(self, frozen: dict[str, nn.Module] | None = None) -> dict[str, nn.Module]:
+        """Under ``torchrun``: with ``parallel`` ddp the trained modules wrapped in DDP (gradients
+        averaged over the ranks); with fsdp every model sharded in place (the trained ones, their
+        EMAs and the ``frozen`` ones, e.g. a teacher; :mod:`dmmd.training.sharding`), the
+        optimizers rebuilt over the shards and a resumed checkpoint loaded into them. Step
+        functions call ``loop.nets[name]`` for anything that needs a gradient."""
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world,))
+            for module in (*self._models().values(), *(frozen or {}).values()):
+                sharding.shard(module, mesh, self.cfg.shard_modules)
+            for t in self.trained.values():  # the parameters are new (sharded) tensors: new optimizers
+                if len(t.optimizer.param_groups) != 1:
+                    raise ValueError("fsdp: an optimizer with more than one parameter group is not supported")
+                t.optimizer = _rebuilt(t.optimizer, t.module.parameters())
+            if self._resume_from is not None:
+                sharding.load_into(self._resume_from, self._models(), self._optimizers(),
+                                   _read_meta(self._resume_from).get("optimizers", {}))
+        elif self.ctx.world > 1:
             self.nets = {n: nn.parallel.DistributedDataParallel(t.module) for n, t in self.trained.items()}
         return self.nets
 
     def save(self, done: int) -> None:
-        """Write the checkpoint of step ``done`` (atomically); never one holding a non-finite weight."""
+        """Write the checkpoint of step ``done`` (atomically; every rank calls this); never one
+        holding a non-finite weight."""
         for name, model in self._models().items():
-            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            if not sharding.all_finite(model, self.ctx.world):
                 raise RunFailed(f"{self.name}: {name} has non-finite weights at step {done}; not saved (the last "
                                 f"good checkpoint is kept in {self.checkpoint})")
-        save_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers(),
-                        state={"step": done, "metrics": self.metrics, "train_seconds": self._train_seconds(),
-                               **self.state_fn(done)})
+        state = {"step": done, "metrics": self.metrics, "train_seconds": self._train_seconds(), **self.state_fn(done)}
+        if self.sharded:
+            sharding.save_sharded(self.checkpoint, self._models(), self._optimizers(), state, self.ctx.rank)
+        elif self.ctx.rank == 0:
+            save_checkpoint(self.checkpoint, models=self._models(), optimizers=self._optimizers(), state=state)
 
     def _train_seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self._t0
@@ -352,10 +385,10 @@ class RunLoop:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     bar.set_postfix(self.postfix(record, self.metrics))
-                    # (no periodic save during a streak of skipped steps: the last good one stays the last)
-                    if (done % cfg.save_every == 0 and not in_a_row) or done == cfg.steps or stop:
-                        self.save(done)
-                        saved = done
+                # (no periodic save during a streak of skipped steps: the last good one stays the last)
+                if (done % cfg.save_every == 0 and not in_a_row) or done == cfg.steps or stop:
+                    self.save(done)
+                    saved = done
                 if stop:
                     break
         finally:
@@ -384,7 +417,7 @@ class RunLoop:
         t = self.trained[update.model]
         t.optimizer.zero_grad(set_to_none=True)
         update.loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(t.module.parameters(), self.cfg.grad_clip)
+        gnorm = sharding.full(torch.nn.utils.clip_grad_norm_(t.module.parameters(), self.cfg.grad_clip))
         finite = torch.isfinite(update.loss.detach()).all() & torch.isfinite(gnorm)
         if self.ctx.world > 1:  # the gradients are averaged, the losses are not: agree on the loss too
             flag = finite.float().reshape(1).to(self.ctx.device)
@@ -405,6 +438,14 @@ class RunLoop:
                 for pe, pm in zip(t.ema.parameters(), t.module.parameters(), strict=True):
                     pe.lerp_(pm, 1 - decay)
         return {f"{prefix}grad_norm": float(gnorm), f"{prefix}lr": lr}
+
+
+def _rebuilt(optimizer: torch.optim.Optimizer, params) -> torch.optim.Optimizer:
+    """An optimizer of ``optimizer``'s class and settings over ``params`` (fresh state)."""
+    import inspect
+
+    takes = inspect.signature(type(optimizer).__init__).parameters
+    return type(optimizer)(params, **{k: v for k, v in optimizer.defaults.items() if k in takes})
 
 
 def first_difference(saved: dict, now: dict, *, free=(), prefix: str = "") -> tuple[str, object, object] | None:

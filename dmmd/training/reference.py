@@ -97,7 +97,7 @@ def train_reference(cfg: ReferenceConfig, *, resume: bool = True, progress: bool
                    settings=cfg.to_dict(), postfix=lambda record, metrics: {"loss": f"{record['loss']:.3f}"})
     if resume:
         loop.resume()
-    net = loop.wrap_ddp()["model"]
+    net = loop.wrap_parallel()["model"]
     rows = ctx.rows(run.batch_size)
 
     def step(i: int) -> Update:

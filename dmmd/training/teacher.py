@@ -174,7 +174,7 @@ def train_teacher(cfg: TeacherConfig, *, resume: bool = True, progress: bool = T
                    state=lambda done: {"config": cfg.to_dict(), **model_state(model)}, settings=cfg.to_dict())
     if resume:
         loop.resume()
-    net = loop.wrap_ddp()["model"]
+    net = loop.wrap_parallel()["model"]
     rows = ctx.rows(run.batch_size)
 
     def step(i: int) -> Update:

@@ -21,6 +21,7 @@ from dmmd.models.external import ExternalDenoiser
 from dmmd.models.noise import NoiseSpec
 from dmmd.training.distill.noise import build_generator
 from dmmd.training.distill.options import FUSED_MIN_CLASSES, DistillConfig
+from dmmd.training.sharding import full
 from dmmd_ops.linear import DEFAULT_CHUNK_BYTES, chunk_rows_for
 
 # The generator's output entropy is computed for this many logits at a time (a few [rows, V]
@@ -126,6 +127,12 @@ class Distiller:
         k = cfg.student_steps
         self.posterior_ds = cfg.posterior_ds if cfg.posterior_ds is not None else 1.0 / (2 * k)
 
+    def unfuse(self) -> None:
+        """The losses from whole logits instead of the fused linear ops (FSDP keeps the output
+        layers' weights sharded outside their forward)."""
+        self.fused = False
+        self.head = PosteriorHead(self) if self.cfg.form == "posterior" else LogitsHead(self)
+
     def is_generator_step(self, step: int) -> bool:
         return step % (1 + self.cfg.aux_per_gen) == 0
 
@@ -201,7 +208,8 @@ class Distiller:
     def _noise_norm(self) -> float:
         """The Frobenius norm of all the generator's noise projections together (0 without noise)."""
         with torch.no_grad():
-            return math.sqrt(sum(float(p.weight.float().square().sum()) for p in self.generator.noise_projections()))
+            projections = self.generator.noise_projections()
+            return math.sqrt(sum(float(full(p.weight).float().square().sum()) for p in projections))
 
     def _head_logits(self, model, h: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
         """``model``'s logits from its final hidden states ``h`` (what its forward returns)."""

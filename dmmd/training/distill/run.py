@@ -47,6 +47,9 @@ def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess,
         raise ValueError(f"model: a {type(model).__name__} is not a denoiser yet; wrap it first: "
                          f"dmmd.models.as_denoiser(model, num_classes=...)")
     cfg.validate()
+    if cfg.run.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("parallel: fsdp would shard your module in place (distill_model hands it back as it came); "
+                         "give the teacher as a checkpoint or directory (distill) to shard it")
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     where = next((p.device for p in model.parameters()), None)
@@ -77,6 +80,11 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
+    if run.parallel == "fsdp" and ctx.world > 1 and d.fused:
+        if cfg.fused_losses:
+            raise ValueError("fused_losses: the fused linear losses read the output layers' weights outside their "
+                             "forward, where FSDP keeps them sharded; run parallel fsdp without them")
+        d.unfuse()
     d.check_fused_head(draw_batch(source, process, cfg, d.noise, 0, block_size=d.block_size))  # before any work
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
@@ -104,7 +112,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if teacher.conventions is not None and ctx.rank == 0:  # what the teacher is taken to be, before the steps
         print(f"distill: teacher conventions: {TeacherConventions(**teacher.conventions).describe()}",
               file=sys.stderr, flush=True)
-    nets = loop.wrap_ddp()
+    nets = loop.wrap_parallel(frozen={"teacher": d.teacher})
     d.gen_net, d.aux_net = nets["generator"], nets["aux"]
     monitor = CollapseMonitor(cfg.collapse_entropy)
     rows = ctx.rows(run.batch_size)
@@ -122,10 +130,25 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
 
     result = loop.run(step, progress=progress, stop_at=stop_at)
     if is_masked_lm(d.ema):
+        ema = _whole_on_rank0(d.ema) if loop.sharded else d.ema
         if ctx.rank == 0:  # the student as its teacher came: a transformers directory
             result["student"] = os.path.join(run.out, "student")
-            save_masked_lm(d.ema, result["student"], tokenizer=teacher.tokenizer, code_from=teacher.directory,
+            save_masked_lm(ema, result["student"], tokenizer=teacher.tokenizer, code_from=teacher.directory,
                            meta={"kind": "student", "process": process.kind, "schedule": process.schedule_name,
                                  "source": None if teacher.data is None else teacher.data.to_dict(),
                                  "student_steps": cfg.student_steps, "step": result["step"]})
     return result
+
+
+def _whole_on_rank0(sharded: ExternalDenoiser) -> ExternalDenoiser | None:
+    """A sharded wrapped model gathered into an ordinary copy on rank 0 (``None`` elsewhere;
+    every rank must call this): its weights a tensor at a time to rank 0's CPU, into a model of
+    the same class and config."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not state:  # the other ranks get nothing
+        return None
+    whole = ExternalDenoiser.from_config(type(sharded.model)(sharded.model.config), sharded.config.to_dict())
+    whole.load_state_dict(state)
+    return whole.eval()
