@@ -83,3 +83,66 @@ def test_fsdp_runs_without_the_fused_losses(teacher, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode != 0 and "fused_losses: the fused linear losses read the output layers' weights" in \
         done.stderr
+
+
+# ---------------------------------------------------------------- the memory plan
+
+
+def test_the_memory_plan_counts_forty_bytes_per_parameter_sharded_by_fsdp():
+    from dmmd.training.memory_plan import REFERENCE_SHAPES, memory_plan
+
+    shape = REFERENCE_SHAPES["8B"]
+    ddp = memory_plan(shape, world=8, parallel="ddp", batch_per_rank=1, length=2048)
+    fsdp = memory_plan(shape, world=8, parallel="fsdp", batch_per_rank=1, length=2048)
+    models = ("teacher", "generator", "auxiliary", "optimizers", "ema")
+    assert sum(ddp[k] for k in models) == 40 * shape.params
+    assert sum(fsdp[k] for k in models) == pytest.approx(40 * shape.params / 8)
+    assert fsdp["gathered units"] == pytest.approx(8 * shape.params / shape.layers) and ddp["gathered units"] == 0
+    saved = memory_plan(shape, world=8, parallel="fsdp", batch_per_rank=1, length=2048, checkpoint_activations=True)
+    assert saved["activations"] < fsdp["activations"] / 10
+    assert fsdp["total"] == pytest.approx(sum(v for k, v in fsdp.items() if k != "total"))
+
+
+def test_a_dry_run_prints_the_plan_and_writes_nothing_and_a_budget_refuses(teacher, tmp_path, capsys):
+    from dmmd.apps.cli import main
+
+    out = tmp_path / "dry"
+    args = ["distill", "--teacher", teacher, "--out", str(out), "--steps", "2", *ARGS]
+    assert main([*args, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)["memory_plan"]
+    assert plan["total"] > plan["optimizers"] > 0 and "distill: memory plan (ddp, 1 rank(s))" in captured.err
+    assert not out.exists()
+    assert main([*args, "--max-memory-per-rank", "0.0001"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "max_memory_per_rank: the run needs" in err and "0.0001 GiB" in err
+    assert not out.exists()
+
+
+def test_activation_checkpointing_makes_the_same_steps(teacher, tmp_path):
+    """Recomputing the blocks' forward in the backward pass changes memory, not the run: one
+    process with and without it, and two FSDP ranks with it, log the same gradients."""
+    plain, saved, sharded = tmp_path / "plain", tmp_path / "saved", tmp_path / "sharded"
+    _distill(teacher, plain, 3, 1)
+    _distill(teacher, saved, 3, 1, "--checkpoint-activations")
+    _distill(teacher, sharded, 3, 2, "--checkpoint-activations", "--parallel", "fsdp")
+    _same_run(plain, saved)
+    _same_run(plain, sharded)
+
+
+def test_the_plan_is_within_a_fifth_of_the_measured_peak_on_the_cpu():
+    """bench/memory_plan.py's smallest case (12 M parameters, 8 blocks; the README has more)."""
+    from bench.memory_plan import in_subprocess
+
+    r = in_subprocess(width=256, depth=8, vocab=4096, length=128, batch=8)
+    assert 0.8 < r["plan"] / r["measured"] < 1.25, r
+
+
+def test_checkpointing_wraps_each_block():
+    from dmmd.models.denoiser import Denoiser, DenoiserConfig
+    from dmmd.training.sharding import checkpoint_units
+
+    model = Denoiser(DenoiserConfig(num_classes=5, length=6, width=16, depth=3, heads=2))
+    assert checkpoint_units(model) == 3
+    with pytest.raises(ValueError, match="shard_modules: the model has no module of the classes"):
+        checkpoint_units(model, "NoSuchBlock")

@@ -150,7 +150,7 @@ def cmd_distill(args) -> int:
     from dmmd.training.distill import distill
 
     cfg = _config_from_args(args, DistillConfig)
-    result = distill(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    result = distill(cfg, resume=not args.no_resume, progress=not args.no_progress, dry_run=args.dry_run)
     print(json.dumps(result))
     return 0
 
@@ -374,6 +374,9 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                                               "also writes the student as a transformers directory, "
                                               "OUT/student."),
     }
+    parsers["distill"].add_argument("--dry-run", action="store_true",
+                                    help="load the teacher, check every option, print the memory plan per rank and "
+                                         "stop (nothing written)")
     _sample_parser(sub)
     ref = sub.add_parser("reference", help="reference causal LMs for the metrics")
     parsers["reference train"] = _config_parser(

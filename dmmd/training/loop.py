@@ -45,7 +45,8 @@ class RunFailed(RuntimeError):
 
 # RunConfig options that do not change what a run's steps compute (left out of cache keys and
 # free to differ when a run is resumed)
-NOT_RESULT = ("out", "save_every", "time_limit_min", "max_nonfinite", "parallel", "shard_modules")
+NOT_RESULT = ("out", "save_every", "time_limit_min", "max_nonfinite", "parallel", "shard_modules",
+              "checkpoint_activations", "max_memory_per_rank")
 # ... and what else a resumed run may change: raising steps continues a finished run
 RESUME_FREE = (*NOT_RESULT, "steps")
 
@@ -69,6 +70,10 @@ class RunConfig(Options):
                                   "per block across the ranks, FSDP2; checkpoints written by every rank)")
     shard_modules: str = option("", "fsdp: the classes whose instances are sharded on their own, comma-separated "
                                     "(default: dmmd's Block, a transformers model's _no_split_modules)")
+    checkpoint_activations: bool = option(False, "keep only each block's input for the backward pass and recompute "
+                                                 "the rest (less memory, about a third more compute)")
+    max_memory_per_rank: float = option(0.0, "distill: refuse to start when the memory plan needs more than this "
+                                             "many GiB per rank (0: no limit)")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option out of its domain."""
@@ -82,6 +87,8 @@ class RunConfig(Options):
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if not self.out:
             raise ValueError("out must name a directory")
+        if self.max_memory_per_rank < 0:
+            raise ValueError(f"max_memory_per_rank must be >= 0, got {self.max_memory_per_rank}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
 
@@ -316,6 +323,9 @@ class RunLoop:
         EMAs and the ``frozen`` ones, e.g. a teacher; :mod:`dmmd.training.sharding`), the
         optimizers rebuilt over the shards and a resumed checkpoint loaded into them. Step
         functions call ``loop.nets[name]`` for anything that needs a gradient."""
+        if self.cfg.checkpoint_activations:
+            for t in self.trained.values():
+                sharding.checkpoint_units(t.module, self.cfg.shard_modules)
         if self.sharded:
             from torch.distributed.device_mesh import init_device_mesh
 

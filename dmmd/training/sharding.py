@@ -4,9 +4,11 @@
 
 Each model is sharded per unit (a transformer block: dmmd's ``Block``, a transformers model's
 ``_no_split_modules`` classes, or the classes named by ``shard_modules``), then as a whole for
-what is left (embeddings, output layer): a unit's parameters are gathered for its forward and
-backward only. Gradients are reduce-scattered, so every rank's optimizer steps its own shard;
-the EMA is sharded like the model it follows.
+what is left (embeddings, output layer, and any unit holding a weight tied to one outside it):
+a unit's parameters are gathered for its forward and backward only. Gradients are
+reduce-scattered, so every rank's optimizer steps its own shard; the EMA is sharded like the
+model it follows, the frozen teacher too. Activation checkpointing (``checkpoint_units``)
+wraps the same units.
 
 A sharded checkpoint keeps the layout of an ordinary one (``models/param`` and
 ``optimizer/optim.<index>.<name>`` tensors, ``state.json`` beside them) in
@@ -59,17 +61,39 @@ def unit_classes(module: nn.Module, names: str = "") -> set[str]:
     return found
 
 
-def shard(module: nn.Module, mesh, names: str = "") -> int:
-    """Shard ``module`` in place (its units, then the rest); returns how many units were found
-    (``ValueError`` when ``names`` names classes the model does not have)."""
-    from torch.distributed.fsdp import fully_shard
-
+def units_of(module: nn.Module, names: str = "") -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of each unit of ``module`` (:func:`unit_classes`)."""
     classes = unit_classes(module, names)
     units = [(n, m) for n, m in module.named_modules() if type(m).__name__ in classes and m is not module]
     if names and not units:
         have = sorted({type(m).__name__ for m in module.modules()})
         raise ValueError(f"shard_modules: the model has no module of the classes {sorted(classes)}; it has "
                          f"{have[:20]}")
+    return units
+
+
+def checkpoint_units(module: nn.Module, names: str = "") -> int:
+    """Activation checkpointing of each unit of ``module`` (its forward recomputed in the
+    backward pass, only its input kept); returns how many. Before :func:`shard`."""
+    from torch.distributed._composable import checkpoint
+
+    units = [m for _, m in units_of(module, names)]
+    for m in units:
+        checkpoint(m)
+    return len(units)
+
+
+def shard(module: nn.Module, mesh, names: str = "") -> int:
+    """Shard ``module`` in place (its units, then the rest); returns how many units were sharded
+    on their own (``ValueError`` when ``names`` names classes the model does not have). On CUDA
+    the gathered weights are bf16 for compute, gradients reduced and master weights kept in
+    float32 (FSDP2's MixedPrecisionPolicy); on the CPU everything stays float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mesh.device_type == "cuda" else MixedPrecisionPolicy()
+
+    units = units_of(module, names)
     # where each parameter occurs: a unit holding a weight tied to one outside it (BERT's input
     # embedding and output layer) is left to the whole model's group, which holds both
     places: dict[int, list[str]] = {}
@@ -80,9 +104,9 @@ def shard(module: nn.Module, mesh, names: str = "") -> int:
         inside = [p for p in m.parameters()]
         if not inside or any(not all(n.startswith(prefix + ".") for n in places[id(p)]) for p in inside):
             continue
-        fully_shard(m, mesh=mesh)
+        fully_shard(m, mesh=mesh, mp_policy=policy)
         sharded += 1
-    fully_shard(module, mesh=mesh)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
     return sharded
 
 

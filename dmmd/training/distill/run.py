@@ -16,11 +16,13 @@ from dmmd.training.distill.algorithm import Distiller, draw_batch
 from dmmd.training.distill.monitor import CollapseMonitor
 from dmmd.training.distill.options import DistillConfig
 from dmmd.training.distill.teachers import DistillTeacher, load_distill_teacher, student_state
-from dmmd.training.loop import RunLoop, Trained, Update, run_context, warmup_constant, warmup_cosine
+from dmmd.training.loop import RunLoop, Trained, Update, UserError, run_context, warmup_constant, warmup_cosine
 from dmmd.training.masked_lm import is_masked_lm, save_masked_lm
+from dmmd.training.memory_plan import GIB, describe, memory_plan, parts, shape_of, size
 
 
-def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None) -> dict:
+def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None,
+            dry_run: bool = False) -> dict:
     """Distill (or resume) a student of the teacher ``cfg.teacher``; returns ``{"step",
     "checkpoint", "seconds", "metrics"}`` (and ``"student"``: the transformers directory of a
     transformers teacher's student).
@@ -28,10 +30,12 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
     ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``; for a
     transformers teacher also ``OUT/student/`` (the EMA generator, ``save_pretrained``, with
-    its tokenizer and noise weights) at the end of the run.
+    its tokenizer and noise weights) at the end of the run. With ``dry_run``: every check, then
+    ``{"memory_plan": bytes per part}`` per rank (:mod:`dmmd.training.memory_plan`), nothing written.
     """
     cfg.validate()
-    return distill_teacher(load_distill_teacher(cfg), cfg, resume=resume, progress=progress, stop_at=stop_at)
+    return distill_teacher(load_distill_teacher(cfg), cfg, resume=resume, progress=progress, stop_at=stop_at,
+                           dry_run=dry_run)
 
 
 def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess, source, cfg: DistillConfig, *,
@@ -66,7 +70,7 @@ def distill_model(model: Denoiser | ExternalDenoiser, process: DiffusionProcess,
 
 
 def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool = True, progress: bool = True,
-                    stop_at: int | None = None) -> dict:
+                    stop_at: int | None = None, dry_run: bool = False) -> dict:
     """Algorithm 1 under the run loop, for a loaded teacher (see :func:`distill`)."""
     # unset per-process options take the teacher's process's defaults (and are saved resolved)
     process, source = teacher.process, teacher.source
@@ -85,7 +89,18 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
             raise ValueError("fused_losses: the fused linear losses read the output layers' weights outside their "
                              "forward, where FSDP keeps them sharded; run parallel fsdp without them")
         d.unfuse()
-    d.check_fused_head(draw_batch(source, process, cfg, d.noise, 0, block_size=d.block_size))  # before any work
+    first = draw_batch(source, process, cfg, d.noise, 0, block_size=d.block_size)
+    d.check_fused_head(first)  # before any work
+    plan = _memory_plan(d, run, ctx, first.x0.shape[1], needed=dry_run or run.max_memory_per_rank > 0)
+    if plan is not None:
+        line = describe(plan, title=f"distill: memory plan ({run.parallel}, {ctx.world} rank(s))")
+        if run.max_memory_per_rank > 0 and plan["total"] > run.max_memory_per_rank * GIB:
+            raise UserError(f"max_memory_per_rank: the run needs {size(plan['total'])} per rank, over the budget of "
+                            f"{run.max_memory_per_rank:g} GiB ({parts(plan)})")
+        if ctx.rank == 0 and (dry_run or ctx.world > 1):
+            print(line, file=sys.stderr, flush=True)
+        if dry_run:
+            return {"memory_plan": plan}
     betas = (cfg.beta1, cfg.beta2)
     opt_gen = torch.optim.AdamW(d.generator.parameters(), lr=cfg.lr_gen, betas=betas, weight_decay=cfg.weight_decay)
     opt_aux = torch.optim.AdamW(d.aux.parameters(), lr=cfg.lr_aux, betas=betas, weight_decay=cfg.weight_decay)
@@ -152,3 +167,17 @@ def _whole_on_rank0(sharded: ExternalDenoiser) -> ExternalDenoiser | None:
     whole = ExternalDenoiser.from_config(type(sharded.model)(sharded.model.config), sharded.config.to_dict())
     whole.load_state_dict(state)
     return whole.eval()
+
+
+def _memory_plan(d: Distiller, run, ctx, length: int, *, needed: bool) -> dict | None:
+    """The run's memory plan per rank; ``None`` when the teacher's shape cannot be read and the
+    plan is not ``needed`` (a dry run or a memory budget needs it: then the ``ValueError``)."""
+    try:
+        shape = shape_of(d.teacher)
+    except ValueError:
+        if needed:
+            raise
+        return None
+    return memory_plan(shape, world=ctx.world, parallel=run.parallel, batch_per_rank=run.batch_size // ctx.world,
+                       length=length, checkpoint_activations=run.checkpoint_activations, fused=d.fused,
+                       cuda=ctx.device.type == "cuda")
