@@ -13,7 +13,9 @@
 # device_check.md (tests, sanitizer findings and the benchmark table; printed last) and
 # logs.tar.gz (every log). Finishes within 8 minutes (DMMD_CHECK_SECONDS, default 470).
 # `--dry-run` prints the sanitizer command lines and exits (runs anywhere, no GPU needed).
-# DMMD_CHECK_SKIP="tests sanitizer bench" leaves out any of those steps (a rerun that checks one fix).
+# 3b. runs three FSDP distillation steps on the GPU (NCCL) and prints the memory plan against the
+# measured peak (fsdp.txt).
+# DMMD_CHECK_SKIP="tests sanitizer fsdp bench" leaves out any of those steps (a rerun that checks one fix).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -95,6 +97,21 @@ done
 san_s=$(( $(date +%s) - san_start ))
 cat "$LOGS/sanitizer.txt"
 
+# 3b. FSDP on this one GPU (NCCL, a group of one): a teacher of 8 blocks of width 1024, three
+# sharded distillation steps, the memory plan against torch.cuda.max_memory_allocated.
+if skipped fsdp; then
+  echo "skipped (DMMD_CHECK_SKIP)" > "$LOGS/fsdp.txt"
+else
+  FS=$(mktemp -d)
+  timeout 120 bash -c "$PY -m dmmd train-teacher --data markov --vocab-size 512 --length 256 --width 1024 --depth 8 \
+      --heads 8 --batch-size 8 --steps 1 --warmup 1 --eval-every 0 --save-every 1 --device cuda --no-progress \
+      --out $FS/teacher > $LOGS/fsdp.txt 2>&1 && $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
+      -m dmmd distill --teacher $FS/teacher/checkpoint --parallel fsdp --device cuda --batch-size 8 --steps 3 \
+      --warmup 1 --save-every 3 --no-progress --out $FS/student >> $LOGS/fsdp.txt 2>&1"
+  echo "fsdp rc=$?" >> "$LOGS/fsdp.txt"
+fi
+tail -n 3 "$LOGS/fsdp.txt"
+
 # 4. GPU benchmarks: the target cases first, then the rest of the grid while time remains.
 export DMMD_BENCH_GPU_LOG="$LOGS/gpu_bench.jsonl"
 : > "$DMMD_BENCH_GPU_LOG"
@@ -130,11 +147,12 @@ for tool in ("memcheck", "racecheck", "synccheck", "initcheck"):
 result = {"gpu": gpu, "build_rc": build_rc, "build_s": build_s, "cuda_tests_rc": test_rc,
           "cuda_tests_s": tests_s, "cuda_tests": summary, "failed": failed[:40], "sanitizer_s": san_s,
           "sanitizer": sanitizer, "sanitizer_findings": findings, "total_s": total_s,
+          "fsdp": open(f"{logs}/fsdp.txt").read().strip().splitlines()[-3:],
           "benchmarks": [json.loads(l) for l in open(f"{logs}/gpu_bench.jsonl") if l.strip()]}
 json.dump(result, open(f"{out}/device_check.json", "w"), indent=1)
 head = "| check | result |\n|---|---|\n" + "\n".join(
     f"| {k} | {result[k]} |" for k in ("gpu", "build_rc", "build_s", "cuda_tests_rc", "cuda_tests_s", "cuda_tests",
-                                       "sanitizer_s", "sanitizer", "total_s"))
+                                       "sanitizer_s", "sanitizer", "fsdp", "total_s"))
 md = head + "\n\n" + ("\n".join(failed[:40]) + "\n\n" if failed else "") + table
 open(f"{out}/device_check.md", "w").write(md)
 print(md)

@@ -334,8 +334,9 @@ def _agree(x, y) -> float:
     return float((x == y).double().mean())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("temperature,top_p", SETTINGS)
+# every dtype and every setting, not every pair (a case with top-p emulates 37,000 sorted draws: 25-45 s)
+@pytest.mark.parametrize("dtype,temperature,top_p", [(DTYPES[0], *SETTINGS[1]), (DTYPES[1], *SETTINGS[2]),
+                                                     (DTYPES[2], *SETTINGS[0])])
 def test_sample_categorical_same_draws_as_cpu(emu, dtype, temperature, top_p, gen):
     x = (torch.randn(1000, 37, generator=gen) * 2).to(dtype)
     got = emu.two_schedules().sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)

@@ -51,28 +51,18 @@ def _same_run(a, b) -> None:
             torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_a_run_resumes_at_another_world_size_as_the_run_it_continues(teacher, tmp_path, first, then):
+def test_a_run_resumes_at_another_world_size_as_the_run_it_continues(teacher, tmp_path):
     """2 -> 1: a sharded checkpoint resumed by one process; 1 -> 2: an ordinary one resumed by
     two FSDP ranks; both end as one process's uninterrupted run of four steps."""
     whole = tmp_path / "whole"
     _distill(teacher, whole, 4, 1)
-    resumed = tmp_path / "resumed"
-    _distill(teacher, resumed, 2, first, "--parallel", "fsdp")
-    assert is_sharded_checkpoint(str(resumed / "checkpoint")) == (first == 2)
-    _distill(teacher, resumed, 4, then, "--parallel", "fsdp")
-    assert is_sharded_checkpoint(str(resumed / "checkpoint")) == (then == 2)
-    _same_run(whole, resumed)
-
-
-def test_fsdp_refuses_what_it_cannot_shard(teacher, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "dmmd", "distill", "--teacher", teacher, "--out", str(tmp_path / "x"), "--steps",
-                           "2", *ARGS, "--parallel", "fsdp", "--shard-modules", "NoSuchBlock"], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode != 0 and "shard_modules: the model has no module of the classes ['NoSuchBlock']" in \
-        done.stderr
+    for first, then in ((2, 1), (1, 2)):
+        resumed = tmp_path / f"resumed_{first}_{then}"
+        _distill(teacher, resumed, 2, first, "--parallel", "fsdp")
+        assert is_sharded_checkpoint(str(resumed / "checkpoint")) == (first == 2)
+        _distill(teacher, resumed, 4, then, "--parallel", "fsdp")
+        assert is_sharded_checkpoint(str(resumed / "checkpoint")) == (then == 2)
+        _same_run(whole, resumed)
 
 
 def test_fsdp_runs_without_the_fused_losses(teacher, tmp_path):
@@ -146,3 +136,92 @@ def test_checkpointing_wraps_each_block():
     assert checkpoint_units(model) == 3
     with pytest.raises(ValueError, match="shard_modules: the model has no module of the classes"):
         checkpoint_units(model, "NoSuchBlock")
+
+
+def test_a_sigkill_during_sharded_saves_loses_no_checkpoint(tmp_path):
+    """Two FSDP ranks saving every step, killed (the whole torchrun group) at random moments:
+    a complete checkpoint is always there, and the resumed run ends as an uninterrupted one."""
+    import random
+    import signal
+    import time
+
+    from dmmd.training.checkpoint import checkpoint_exists, read_state
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+    def command(out):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dmmd",
+                "train-teacher", "--out", str(out), "--parallel", "fsdp", "--data", "markov", "--vocab-size", "4",
+                "--length", "6", "--width", "32", "--depth", "2", "--heads", "2", "--batch-size", "8", "--steps",
+                "20", "--warmup", "2", "--eval-every", "0", "--save-every", "1", "--seed", "4", "--no-progress"]
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(command(full), check=True, env=env, cwd=ROOT, capture_output=True)
+    rng, kills, ckpt = random.Random(0), 0, cut / "checkpoint"
+    for _ in range(6):
+        if kills == 2:
+            break
+        proc = subprocess.Popen(command(cut), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        before = _step(ckpt) or 0
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if (_step(ckpt) or 0) > before:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if proc.poll() is None:  # torchrun and its ranks (each in a session of its own) at once
+            family = _descendants(proc.pid)
+            for pid in (proc.pid, *family):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            kills += 1
+            for pid in family:  # gone (a rank holds the output directory's lock until it is)
+                while os.path.exists(f"/proc/{pid}") and _state(pid) not in ("Z", "X"):
+                    time.sleep(0.01)
+        proc.wait()
+        assert checkpoint_exists(str(ckpt)), "a kill left no checkpoint"
+    assert kills == 2, f"only {kills} runs were still going when killed"
+    done = subprocess.run(command(cut), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_state(str(ckpt))["step"] == 20 and is_sharded_checkpoint(str(ckpt))
+    for name in ("model", "ema"):
+        a, b = load_tensors(str(full / "checkpoint"), name), load_tensors(str(ckpt), name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def _step(ckpt) -> int | None:
+    """The step of the checkpoint at ``ckpt`` (``None`` while none is there or a save is
+    swapping it in under our feet)."""
+    from dmmd.training.checkpoint import CheckpointError, checkpoint_exists, read_state
+
+    try:
+        return read_state(str(ckpt))["step"] if checkpoint_exists(str(ckpt)) else None
+    except (CheckpointError, OSError):
+        return None
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        found += children
+        todo += children
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"

@@ -142,7 +142,9 @@ def run_context(cfg: RunConfig) -> RunContext:
     """Join the process group ``torchrun`` describes (gloo on CPU, nccl on CUDA), check that the
     global batch splits evenly, and pick this rank's device (on CUDA: one GPU per rank)."""
     cfg.validate()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    # (fsdp under torchrun joins a group of one too: the sharded code path on a single device)
+    wanted = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (cfg.parallel == "fsdp" and "MASTER_ADDR" in os.environ)
+    if wanted and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
     rank, world = dist_info()
     if cfg.batch_size % world:
@@ -275,7 +277,7 @@ class RunLoop:
         self._t0 = time.perf_counter()
         self.nets = {n: t.module for n, t in trained.items()}
         self.lock = OutputLock(cfg.out) if ctx.rank == 0 else None
-        self.sharded = cfg.parallel == "fsdp" and ctx.world > 1
+        self.sharded = cfg.parallel == "fsdp" and dist.is_available() and dist.is_initialized()
         self._resume_from: str | None = None  # sharded: the checkpoint to load once the models are sharded
 
     def _models(self) -> dict[str, nn.Module]:
@@ -294,6 +296,10 @@ class RunLoop:
         JSON state (``{}`` when starting afresh). A checkpoint made with other settings (those
         of :data:`RESUME_FREE` aside) is refused, naming the first that differs, before loading."""
         try:
+            if self.ctx.world > 1 and dist.is_initialized():  # rank 0 repairs a killed save before any rank reads
+                if self.ctx.rank == 0:
+                    checkpoint_exists(self.checkpoint, repair=True)
+                dist.barrier()
             if not checkpoint_exists(self.checkpoint, repair=self.ctx.rank == 0):
                 return {}
             saved = read_state(self.checkpoint).get("config")

@@ -84,7 +84,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
-    if run.parallel == "fsdp" and ctx.world > 1 and d.fused:
+    if run.parallel == "fsdp" and torch.distributed.is_initialized() and d.fused:
         if cfg.fused_losses:
             raise ValueError("fused_losses: the fused linear losses read the output layers' weights outside their "
                              "forward, where FSDP keeps them sharded; run parallel fsdp without them")
@@ -144,6 +144,10 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
         return Update(loss, model, stats)
 
     result = loop.run(step, progress=progress, stop_at=stop_at)
+    if plan is not None:
+        result["memory_plan_bytes"] = plan["total"]
+    if ctx.device.type == "cuda":  # what the plan is checked against
+        result["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(ctx.device)
     if is_masked_lm(d.ema):
         ema = _whole_on_rank0(d.ema) if loop.sharded else d.ema
         if ctx.rank == 0:  # the student as its teacher came: a transformers directory
