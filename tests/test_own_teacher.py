@@ -204,6 +204,9 @@ def test_bert_two_process_fsdp_equals_one_process_and_exports_its_student(bert_t
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-5)
+    process = DiffusionProcess.of(a.config, "linear")
+    draws = [sample(student_fn(m, 3), process, 16, 16, 2, seed=3) for m in (a, b)]
+    assert torch.equal(*draws)  # the exported students sample alike
 
 
 # ---------------------------------------------------------------- a module of the user's own
