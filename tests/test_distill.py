@@ -561,3 +561,8 @@ def test_two_process_fsdp_equals_one_process(tiny_teacher, tmp_path):
     a, b = load_tensors(str(one / "checkpoint"), "ema"), load_tensors(str(two / "checkpoint"), "ema")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    # the student as ordinary weights (rank 0 at the end): samples what the one-process student samples
+    assert not is_sharded_checkpoint(str(two / "student"))
+    (s1, process, _), (s2, _, _) = load_student(str(one / "checkpoint")), load_student(str(two / "student"))
+    draws = [sample(student_fn(s, 3), process, 16, 6, 2, seed=3) for s in (s1, s2)]
+    assert torch.equal(*draws)

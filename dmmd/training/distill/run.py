@@ -12,6 +12,7 @@ from dmmd.diffusion.processes import DiffusionProcess
 from dmmd.models.conventions import TeacherConventions
 from dmmd.models.denoiser import Denoiser
 from dmmd.models.external import ExternalDenoiser
+from dmmd.training.checkpoint import save_checkpoint
 from dmmd.training.distill.algorithm import Distiller, draw_batch
 from dmmd.training.distill.monitor import CollapseMonitor
 from dmmd.training.distill.options import DistillConfig
@@ -30,8 +31,10 @@ def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, s
     Writes ``OUT/checkpoint/`` (generator, auxiliary, EMA, both optimizers, step) every
     ``save_every`` steps, at the end and when stopped early, and ``OUT/log.jsonl``; for a
     transformers teacher also ``OUT/student/`` (the EMA generator, ``save_pretrained``, with
-    its tokenizer and noise weights) at the end of the run. With ``dry_run``: every check, then
-    ``{"memory_plan": bytes per part}`` per rank (:mod:`dmmd.training.memory_plan`), nothing written.
+    its tokenizer and noise weights) at the end of the run; a sharded run (FSDP) of another
+    teacher writes ``OUT/student/`` as an ordinary checkpoint of the generator and its EMA.
+    With ``dry_run``: every check, then ``{"memory_plan": bytes per part}`` per rank
+    (:mod:`dmmd.training.memory_plan`), nothing written.
     """
     cfg.validate()
     return distill_teacher(load_distill_teacher(cfg), cfg, resume=resume, progress=progress, stop_at=stop_at,
@@ -156,16 +159,27 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
                            meta={"kind": "student", "process": process.kind, "schedule": process.schedule_name,
                                  "source": None if teacher.data is None else teacher.data.to_dict(),
                                  "student_steps": cfg.student_steps, "step": result["step"]})
+    elif loop.sharded:  # the student as ordinary weights too (OUT/checkpoint is sharded): OUT/student
+        ema, generator = (_full_state_on_rank0(m) for m in (d.ema, d.generator))
+        if ctx.rank == 0:
+            result["student"] = os.path.join(run.out, "student")
+            save_checkpoint(result["student"], models={"ema": ema, "generator": generator},
+                            state={"step": result["step"], **student_state(d, cfg, teacher)})
     return result
+
+
+def _full_state_on_rank0(sharded: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict on rank 0's CPU, gathered a tensor at a time (empty on
+    the other ranks; every rank must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _whole_on_rank0(sharded: ExternalDenoiser) -> ExternalDenoiser | None:
     """A sharded wrapped model gathered into an ordinary copy on rank 0 (``None`` elsewhere;
-    every rank must call this): its weights a tensor at a time to rank 0's CPU, into a model of
-    the same class and config."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    every rank must call this): its weights into a model of the same class and config."""
+    state = _full_state_on_rank0(sharded)
     if not state:  # the other ranks get nothing
         return None
     whole = ExternalDenoiser.from_config(type(sharded.model)(sharded.model.config), sharded.config.to_dict())
