@@ -120,20 +120,28 @@ def save_checkpoint(path: str, *, models: dict[str, torch.nn.Module | dict[str, 
     tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
     try:
         save_file(tensors, os.path.join(tmp, "weights.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_file(os.path.join(tmp, "weights.safetensors"))
-        # mkdtemp makes the directory 0700 and safetensors the file 0600: a checkpoint is as
-        # readable as any output the user writes
-        make_readable(tmp)
-        os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
-        replace_directory(tmp, path)
+        finish_checkpoint(tmp, path, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish_checkpoint(tmp: str, path: str, meta: dict) -> None:
+    """Complete a checkpoint whose tensor files are written in ``tmp`` (beside ``path``): its
+    ``state.json`` from ``meta``, every file and the directory fsynced, readable like any output
+    the user writes (mkdtemp makes the directory 0700, safetensors its files 0600), then moved
+    to ``path`` (:func:`replace_directory`)."""
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for entry in os.listdir(tmp):
+        if entry != "state.json":
+            _fsync_file(os.path.join(tmp, entry))
+    make_readable(tmp)
+    os.chmod(tmp, 0o755)
+    _fsync_dir(tmp)
+    replace_directory(tmp, path)
 
 
 def replace_directory(tmp: str, path: str) -> None:

@@ -155,7 +155,6 @@ def run_context(cfg: RunConfig) -> RunContext:
     return RunContext(rank, world, dev)
 
 
-
 def leave_process_group(code: int | None = None) -> int | None:
     """Leave the process group ``run_context`` joined (nothing when none was joined); with an exit
     ``code``, also end this process at once with it.
@@ -175,6 +174,7 @@ def leave_process_group(code: int | None = None) -> int | None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
 
 # ---------------------------------------------------------------- the output directory's lock
 
@@ -277,7 +277,7 @@ class RunLoop:
         self._t0 = time.perf_counter()
         self.nets = {n: t.module for n, t in trained.items()}
         self.lock = OutputLock(cfg.out) if ctx.rank == 0 else None
-        self.sharded = cfg.parallel == "fsdp" and dist.is_available() and dist.is_initialized()
+        self.sharded = sharding.is_sharded_run(cfg.parallel)
         self._resume_from: str | None = None  # sharded: the checkpoint to load once the models are sharded
 
     def _models(self) -> dict[str, nn.Module]:
@@ -296,11 +296,11 @@ class RunLoop:
         JSON state (``{}`` when starting afresh). A checkpoint made with other settings (those
         of :data:`RESUME_FREE` aside) is refused, naming the first that differs, before loading."""
         try:
-            if self.ctx.world > 1 and dist.is_initialized():  # rank 0 repairs a killed save before any rank reads
-                if self.ctx.rank == 0:
-                    checkpoint_exists(self.checkpoint, repair=True)
+            if self.ctx.rank == 0:  # a killed save repaired before any rank reads
+                checkpoint_exists(self.checkpoint, repair=True)
+            if self.ctx.world > 1 and dist.is_initialized():
                 dist.barrier()
-            if not checkpoint_exists(self.checkpoint, repair=self.ctx.rank == 0):
+            if not checkpoint_exists(self.checkpoint):
                 return {}
             saved = read_state(self.checkpoint).get("config")
             if self.settings is not None and isinstance(saved, dict):

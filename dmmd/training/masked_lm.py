@@ -158,11 +158,8 @@ def load_masked_lm(path: str, *, mask_id: int | None = None, device: str = "cpu"
     conv = replace(conv, mask_id=mask, mask_is_last=False, loaded_by=loaded_by)
     noise = meta.get("noise", {})
     denoiser = ExternalDenoiser(model, ExternalConfig(
-        num_classes=num_classes, process=conv.process, mask_id=mask, never=never,
-        time_input=conv.time_input != "none", time_as="t" if conv.time_input == "none" else conv.time_input,
-        time_arg=conv.time_arg, schedule=conv.schedule, shift_logits=conv.shift_logits,
-        block_size=block_size, clean_context=block_size is not None,
-        noise_module=noise.get("module", ""), length=_max_length(config)))
+        num_classes=num_classes, process=conv.process, mask_id=mask, never=never, **_call_options(conv, block_size),
+        shift_logits=conv.shift_logits, noise_module=noise.get("module", ""), length=_max_length(config)))
     if noise.get("dim", 0) > 0:
         safetensors = require("safetensors.torch", "a student's noise weights")
         denoiser.install_noise(noise["dim"], noise["per"])
@@ -201,6 +198,14 @@ def _load_model(path: str, config, trust_remote_code: bool, loaders: tuple[str, 
     raise ValueError(f"teacher {path}: holds a {config.model_type} model that none of {', '.join(loaders)} loads")
 
 
+def _call_options(conv: TeacherConventions, block_size: int | None) -> dict:
+    """The :class:`ExternalConfig` fields that say how the model is called: its time input and
+    its block-diffusion input."""
+    return {"time_input": conv.time_input != "none", "time_as": "t" if conv.time_input == "none" else conv.time_input,
+            "time_arg": conv.time_arg, "schedule": conv.schedule, "block_size": block_size,
+            "clean_context": block_size is not None}
+
+
 def _block_size(path: str, config, conv: TeacherConventions) -> int | None:
     """A block-diffusion model's block size (its config's ``block_size``), ``None`` for others;
     only the ``[x_t, x_0]`` training interface (``cross_attn``) is supported."""
@@ -224,10 +229,8 @@ def _num_classes(path: str, model, config, tokenizer, conv: TeacherConventions, 
     import torch
 
     # (the probe's class count and mask are placeholders: only the call matters)
-    probe = ExternalDenoiser(model, ExternalConfig(
-        num_classes=2, process="masked", mask_id=1, time_input=conv.time_input != "none",
-        time_as="t" if conv.time_input == "none" else conv.time_input, time_arg=conv.time_arg,
-        schedule=conv.schedule, block_size=block_size, clean_context=block_size is not None))
+    probe = ExternalDenoiser(model, ExternalConfig(num_classes=2, process="masked", mask_id=1,
+                                                   **_call_options(conv, block_size)))
     ref = next(model.parameters(), None)
     z = torch.zeros((1, block_size or 2), dtype=torch.long, device=ref.device if ref is not None else "cpu")
     try:

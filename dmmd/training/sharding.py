@@ -29,6 +29,12 @@ PARALLEL = ("ddp", "fsdp")
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a checkpoint directory
 
 
+def is_sharded_run(parallel: str) -> bool:
+    """Whether a run with this ``parallel`` option shards its models: fsdp in a process group
+    (torchrun; a group of one too)."""
+    return parallel == "fsdp" and dist.is_available() and dist.is_initialized()
+
+
 def is_sharded_checkpoint(path: str) -> bool:
     """Whether the checkpoint directory ``path`` was written by :func:`save_sharded`."""
     return os.path.isfile(os.path.join(path, DCP_METADATA))
@@ -112,9 +118,10 @@ def shard(module: nn.Module, mesh, names: str = "") -> int:
 
 def all_finite(module: nn.Module, world: int) -> bool:
     """Whether every parameter of ``module`` is finite on every rank (one all-reduce when sharded)."""
-    ok = all(bool(torch.isfinite(local(p)).all()) for p in module.parameters())
-    if world > 1:
-        flag = torch.tensor([float(ok)])
+    params = [local(p) for p in module.parameters()]
+    ok = all(bool(torch.isfinite(p).all()) for p in params)
+    if world > 1:  # on the parameters' device: NCCL reduces CUDA tensors only
+        flag = torch.tensor([float(ok)], device=params[0].device if params else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         ok = bool(flag[0] > 0)
     return ok
@@ -148,14 +155,13 @@ def checkpoint_tensors(models: dict[str, nn.Module], optimizers: dict[str, torch
 def save_sharded(path: str, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                  state: dict, rank: int) -> None:
     """Write the checkpoint ``path`` from every rank (each writes its shards), atomically: into a
-    temporary directory beside it, then moved into place by rank 0 as an ordinary checkpoint is
-    (:func:`~dmmd.training.checkpoint.replace_directory`)."""
-    import json
+    temporary directory beside it, then completed and moved into place by rank 0 as an ordinary
+    checkpoint is (:func:`~dmmd.training.checkpoint.finish_checkpoint`)."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
 
-    from dmmd.training.checkpoint import _fsync_dir, _fsync_file, checkpoint_exists, make_readable, replace_directory
+    from dmmd.training.checkpoint import checkpoint_exists, finish_checkpoint
 
     parent = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(parent, f".tmp-ckpt-sharded-{os.path.basename(os.path.abspath(path))}")
@@ -169,16 +175,7 @@ def save_sharded(path: str, models: dict[str, nn.Module], optimizers: dict[str, 
     dist.barrier()
     try:
         if rank == 0:
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"state": state, "optimizers": scalars, "format": "sharded"}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            for entry in os.listdir(tmp):
-                _fsync_file(os.path.join(tmp, entry))
-            make_readable(tmp)
-            os.chmod(tmp, 0o755)
-            _fsync_dir(tmp)
-            replace_directory(tmp, path)
+            finish_checkpoint(tmp, path, {"state": state, "optimizers": scalars, "format": "sharded"})
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

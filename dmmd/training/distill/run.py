@@ -20,6 +20,7 @@ from dmmd.training.distill.teachers import DistillTeacher, load_distill_teacher,
 from dmmd.training.loop import RunLoop, Trained, Update, UserError, run_context, warmup_constant, warmup_cosine
 from dmmd.training.masked_lm import is_masked_lm, save_masked_lm
 from dmmd.training.memory_plan import GIB, describe, memory_plan, parts, shape_of, size
+from dmmd.training.sharding import is_sharded_run
 
 
 def distill(cfg: DistillConfig, *, resume: bool = True, progress: bool = True, stop_at: int | None = None,
@@ -87,7 +88,7 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
     if per_rank % d.draw_block:
         raise ValueError(f"each of the {ctx.world} processes gets {per_rank} sequences, not a multiple of "
                          f"the draw block {d.draw_block} (gcd of draw_block and batch_size)")
-    if run.parallel == "fsdp" and torch.distributed.is_initialized() and d.fused:
+    if is_sharded_run(run.parallel) and d.fused:
         if cfg.fused_losses:
             raise ValueError("fused_losses: the fused linear losses read the output layers' weights outside their "
                              "forward, where FSDP keeps them sharded; run parallel fsdp without them")

@@ -96,8 +96,10 @@ def check_alignment(model: ExternalDenoiser, source, name: str) -> None:
     on a few data sequences with one inner token masked, the other reading must not predict that
     token clearly better (:data:`ALIGNMENT_MARGIN`)."""
     cfg = model.config
+    if cfg.process != "masked":
+        return
     x = source.sample(ALIGNMENT_PROBE, torch.Generator().manual_seed(0))
-    if cfg.process != "masked" or x.shape[1] < 3:
+    if x.shape[1] < 3:
         return
     ref = next(model.parameters(), None)
     as_read, other = model.alignment_nll(x.to(ref.device if ref is not None else "cpu"),
