@@ -1,6 +1,6 @@
 """The benchmark of exact sources (not a pytest-benchmark module: a script).
 
-    python bench/source_benchmark.py [--sources chain4x6 parity2x8 ...] [--processes masked uniform]
+    python bench/source_benchmark.py [--sources chain4x6 parity2x5 ...] [--processes masked uniform]
         [--ks 2 4] [--seeds 0 1 2] [--distill JSON] [--distill-steps N] [--threads 1] [--out DIR]
 
 For each source and process a teacher (trained once, cached), and for each k and seed a D-MMD
