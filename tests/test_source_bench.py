@@ -3,12 +3,13 @@ sample their exact distributions, and one short case of the benchmark runs, cach
 by its settings, and recomputes only what a changed setting changes."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
-from dmmd.apps.source_bench import SOURCES, BenchConfig, markdown_table, plot, run_bench, verdict
+from dmmd.apps.source_bench import SOURCES, BenchConfig, markdown_table, merge_results, plot, run_bench, verdict
 from dmmd.data import DataConfig, MarkovSource, ParitySource, make_source
 from dmmd.metrics import total_variation
 
@@ -96,3 +97,16 @@ def test_short_benchmark_runs_and_caches_by_settings(tmp_path):
         BenchConfig(distill={"seed": 3}).validate()
     with pytest.raises(ValueError, match="sources: unknown"):
         BenchConfig(sources=("nope",)).validate()
+
+
+def test_results_of_runs_over_parts_add_up(tmp_path):
+    path, cfg = str(tmp_path / "results_defaults.json"), BenchConfig()
+    row = lambda src, k, tv: {"source": src, "process": "masked", "k": k, "tv": tv}  # noqa: E731
+    merge_results(path, cfg, [row("chain4x6", 2, 0.1), row("chain4x6", 4, 0.2)], 5)
+    merge_results(path, cfg, [row("soft4x6", 2, 0.3)], 6)  # another source: added
+    merge_results(path, cfg, [row("chain4x6", 4, 0.25)], 7)  # the same row again: replaced
+    with open(path) as f:
+        results = json.load(f)
+    assert [(r["source"], r["k"], r["tv"]) for r in results["rows"]] == [
+        ("chain4x6", 2, 0.1), ("soft4x6", 2, 0.3), ("chain4x6", 4, 0.25)]
+    assert [r["seconds"] for r in results["runs"]] == [5, 6, 7]
