@@ -295,7 +295,7 @@ class ExternalDenoiser(nn.Module):
             own = head.__dict__.get("forward", _NONE)  # a forward set on the instance (accelerate, PEFT)
             head.forward = _identity
         try:
-            logits = self._raw_logits(z_t, t)
+            logits = self.raw_logits(z_t, t)
         finally:
             self._noise = None
             if head is not None:  # exactly what was there before
@@ -319,7 +319,7 @@ class ExternalDenoiser(nn.Module):
             logits = masked_output_rule(logits, z_t, cfg.mask_id)
         return logits
 
-    def _raw_logits(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def raw_logits(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's logits (or, for the fused losses, its final hidden states) for ``z_t``, as
         it returns them: not realigned, nothing set to ``-inf``."""
         logits = _logits_of(self._call(z_t, t))
@@ -360,7 +360,7 @@ class ExternalDenoiser(nn.Module):
             z = x[rows].clone()
             local = torch.arange(len(rows), device=x.device)
             z[local, i[rows]] = cfg.mask_id
-            logits = self._raw_logits(z, torch.full((len(rows),), 1.0 / n, device=x.device))
+            logits = self.raw_logits(z, torch.full((len(rows),), 1.0 / n, device=x.device))
             target = x[rows, i[rows]]
             for out, at in ((aligned, i[rows]), (shifted, i[rows] - 1)):
                 logp = torch.log_softmax(logits[local, at].double().index_fill(-1, never, float("-inf")), -1)

@@ -75,7 +75,9 @@ def _readable(path: str) -> str:
     return path
 
 
-def _flatten_optimizer(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer_state(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's ``state_dict()`` as named tensors (for the weights file) and the JSON
+    scalars beside them (param groups, step counts)."""
     tensors, scalars = {}, {"param_groups": opt_state["param_groups"], "state": {}}
     for pid, st in opt_state["state"].items():
         scalars["state"][str(pid)] = {}
@@ -111,7 +113,7 @@ def save_checkpoint(path: str, *, models: dict[str, torch.nn.Module | dict[str, 
             seen.add(v.data_ptr())
             tensors[f"{name}/{k}"] = v
     for name, opt in (optimizers or {}).items():
-        t, scalars = _flatten_optimizer(opt.state_dict())
+        t, scalars = flatten_optimizer_state(opt.state_dict())
         tensors.update({f"{name}/{k}": v.cpu() for k, v in t.items()})
         meta["optimizers"][name] = scalars
     parent = os.path.dirname(os.path.abspath(path))
@@ -157,7 +159,8 @@ def replace_directory(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _read_meta(path: str) -> dict:
+def read_checkpoint_meta(path: str) -> dict:
+    """A checkpoint's ``state.json`` (``CheckpointError`` naming the file if missing or corrupt)."""
     file = os.path.join(path, "state.json")
     try:
         with open(file) as f:
@@ -171,7 +174,8 @@ def _read_meta(path: str) -> dict:
     return meta
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def read_checkpoint_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint by name, read whole (an FSDP run's shards gathered)."""
     from dmmd.training.sharding import is_sharded_checkpoint, read_full_tensors
 
     if is_sharded_checkpoint(path):  # written by every rank of an FSDP run: read whole
@@ -194,8 +198,8 @@ def load_checkpoint(path: str, *, models: dict[str, torch.nn.Module] | None = No
     JSON ``state``. A name missing from the checkpoint, or weights that do not fit the module,
     raise :class:`CheckpointError`."""
     path = _readable(path)
-    meta = _read_meta(path)
-    tensors = _read_tensors(path)
+    meta = read_checkpoint_meta(path)
+    tensors = read_checkpoint_tensors(path)
     for name, m in (models or {}).items():
         prefix = f"{name}/"
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -243,14 +247,14 @@ def write_json_atomic(path: str, obj) -> None:
 
 def read_state(path: str) -> dict:
     """The JSON ``state`` of a checkpoint without loading any tensor."""
-    return _read_meta(_readable(path))["state"]
+    return read_checkpoint_meta(_readable(path))["state"]
 
 
 def load_tensors(path: str, name: str) -> dict[str, torch.Tensor]:
     """The state dict saved under ``name`` (e.g. ``"model"`` or ``"ema"``)."""
     path = _readable(path)
     prefix = f"{name}/"
-    sd = {k[len(prefix):]: v for k, v in _read_tensors(path).items() if k.startswith(prefix)}
+    sd = {k[len(prefix):]: v for k, v in read_checkpoint_tensors(path).items() if k.startswith(prefix)}
     if not sd:
         raise CheckpointError(f"checkpoint {path} has no weights for {name!r}")
     return sd

@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 
 from dmmd.options import Options, option
 from dmmd.training import sharding
-from dmmd.training.checkpoint import _read_meta, checkpoint_exists, load_checkpoint, read_state, save_checkpoint
+from dmmd.training.checkpoint import (
+    checkpoint_exists,
+    load_checkpoint,
+    read_checkpoint_meta,
+    read_state,
+    save_checkpoint,
+)
 from dmmd.training.sharding import PARALLEL
 
 
@@ -344,7 +350,7 @@ class RunLoop:
                 t.optimizer = _rebuilt(t.optimizer, t.module.parameters())
             if self._resume_from is not None:
                 sharding.load_into(self._resume_from, self._models(), self._optimizers(),
-                                   _read_meta(self._resume_from).get("optimizers", {}))
+                                   read_checkpoint_meta(self._resume_from).get("optimizers", {}))
         elif self.ctx.world > 1:
             self.nets = {n: nn.parallel.DistributedDataParallel(t.module) for n, t in self.trained.items()}
         return self.nets

@@ -235,7 +235,7 @@ def _num_classes(path: str, model, config, tokenizer, conv: TeacherConventions, 
     z = torch.zeros((1, block_size or 2), dtype=torch.long, device=ref.device if ref is not None else "cpu")
     try:
         with torch.no_grad():
-            width = int(probe._raw_logits(z, torch.full((1,), 0.5, device=z.device)).shape[-1])
+            width = int(probe.raw_logits(z, torch.full((1,), 0.5, device=z.device)).shape[-1])
     except Exception as e:
         raise ValueError(f"teacher {path}: a call with {conv.describe()} failed ({type(e).__name__}: {e}); set the "
                          f"conventions that fit the model (--time-input, --time-arg)") from None

@@ -140,14 +140,14 @@ def checkpoint_tensors(models: dict[str, nn.Module], optimizers: dict[str, torch
     """The tensors of a checkpoint (the models' state and the optimizers' state tensors, by the
     names an ordinary checkpoint gives them; sharded ones stay sharded) and the optimizers'
     scalars for ``state.json``."""
-    from dmmd.training.checkpoint import _flatten_optimizer
+    from dmmd.training.checkpoint import flatten_optimizer_state
 
     tensors: dict[str, torch.Tensor] = {}
     for name, m in models.items():
         tensors.update({f"{name}/{k}": v for k, v in m.state_dict().items()})
     scalars = {}
     for name, opt in optimizers.items():
-        t, scalars[name] = _flatten_optimizer(opt.state_dict())
+        t, scalars[name] = flatten_optimizer_state(opt.state_dict())
         tensors.update({f"{name}/{k}": v for k, v in t.items()})
     return tensors, scalars
 
@@ -192,7 +192,7 @@ def load_into(path: str, models: dict[str, nn.Module], optimizers: dict[str, tor
     read whole and cut into this rank's shards."""
     from torch.distributed.tensor import distribute_tensor
 
-    from dmmd.training.checkpoint import CheckpointError, _read_tensors
+    from dmmd.training.checkpoint import CheckpointError, read_checkpoint_tensors
 
     for opt in optimizers.values():
         init_optimizer_state(opt)
@@ -205,7 +205,7 @@ def load_into(path: str, models: dict[str, nn.Module], optimizers: dict[str, tor
         except Exception as e:  # a missing key or a shape that does not fit, named by DCP
             raise CheckpointError(f"checkpoint {path}: does not fit the run's models ({e})") from None
     else:
-        tensors = _read_tensors(path)
+        tensors = read_checkpoint_tensors(path)
         missing = sorted(set(template) - set(tensors))
         if missing:
             raise CheckpointError(f"checkpoint {path} has no {missing[0]!r}")
