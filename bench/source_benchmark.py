@@ -53,7 +53,7 @@ def main() -> None:
     rows = run_bench(cfg, progress=False, log=lambda line: print(line, flush=True))
     table = markdown_table(rows)
     tag = cfg.tag()
-    with open(os.path.join(cfg.out, f"results_{tag}.json")) as f:  # this run's rows and earlier runs'
+    with open(cfg.results_path()) as f:  # this run's rows and earlier runs'
         every_row = json.load(f)["rows"]
     with open(os.path.join(cfg.out, f"table_{tag}.md"), "w") as f:
         f.write(markdown_table(every_row) + "\n")

@@ -111,6 +111,10 @@ class BenchConfig(Options):
             return tag
         return settings_key({"distill": tag, "steps": self.distill_steps, "batch": self.distill_batch})
 
+    def results_path(self) -> str:
+        """Where the rows of every run of these students add up (:func:`merge_results`)."""
+        return os.path.join(self.out, f"results_{self.tag()}.json")
+
     def teacher_config(self, source: str, process: str) -> TeacherConfig:
         cfg = TeacherConfig.from_dict(dict(
             **SOURCES[source], process=process, schedule="linear", width=self.teacher_width,
@@ -222,7 +226,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
                 row["verdict_k"] = verdict(row["student_k"], row["teacher_k"])
                 log(format_row(row))
                 rows.append(row)
-    merge_results(os.path.join(cfg.out, f"results_{name_tag}.json"), cfg, rows, round(time.perf_counter() - start))
+    merge_results(cfg.results_path(), cfg, rows, round(time.perf_counter() - start))
     return rows
 
 
