@@ -120,3 +120,27 @@ def test_image_study_writes_tables_grids_and_plot(classifier, tmp_path):
     assert os.path.basename(no_noise).startswith("student_masked_k2_no_noise-")
     with open(os.path.join(no_noise, "checkpoint", "state.json")) as f:
         assert json.load(f)["state"]["config"]["noise_dim"] == 0
+
+
+def test_image_study_students_over_seeds(classifier, tmp_path):
+    from dmmd.apps.image_study import ImageStudyConfig, classifier_config, distill_config, run_image_study
+
+    cfg = ImageStudyConfig(out=str(tmp_path / "study"), processes=("uniform",), parts=("main",), ks=(2,),
+                           teacher_grid=(2, 8), student_seeds=(0, 5), samples=64, teacher_steps=4,
+                           distill_steps=2, distill_batch=8, teacher_batch=8, teacher_width=16, teacher_depth=1)
+    stage = classifier_config(cfg).run.out
+    os.makedirs(stage)
+    os.symlink(classifier, os.path.join(stage, "model"))
+    res = run_image_study(cfg, progress=False, log=lambda *a: None)
+    row = res["seeds"]["uniform 2"]
+    assert row["student_k"]["n"] == 2 and len(row["fids"]) == 2
+    assert row["fids"][0] == res["student"]["uniform"][2]["fid"]  # the study's own seed is the plain student
+    assert row["teacher_4k"]["mean"] == res["teacher"]["uniform"][8]["fid"]
+    assert row["verdict_4k"] in ("reaches", "short") and row["verdict_k"] in ("reaches", "short")
+    assert row["vs_teacher_4k"] == row["student_k"]["mean"] / row["teacher_4k"]["mean"]
+    other = distill_config(cfg, "uniform", "student_uniform_k2_seed5", 2, {"seed": 5}).run.out
+    with open(os.path.join(other, "checkpoint", "state.json")) as f:
+        assert json.load(f)["state"]["config"]["run"]["seed"] == 5
+    assert "| uniform | 2 |" in (tmp_path / "study" / "table.md").read_text()
+    with pytest.raises(ValueError, match="student_seeds"):
+        ImageStudyConfig(student_seeds=(1, 1)).validate()

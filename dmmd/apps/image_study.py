@@ -10,7 +10,9 @@ statistics of ``samples`` draws against every training image, bootstrap standard
 PNG grid of its first draws are written as it finishes; every stage resumes. ``parts`` picks
 what runs: ``main`` (teachers and students), ``noise`` (masked students at ``noise_ks`` with no
 noise input), ``temperature`` (masked students at ``temperature_k`` distilled with each of
-``temperatures``). :func:`report` gathers whatever has finished into tables and the plot;
+``temperatures``). With ``student_seeds`` the main students are distilled once per seed (the
+teacher and every draw keep ``seed``), and the report adds their mean and spread against the
+teacher at k and 4k steps. :func:`report` gathers whatever has finished into tables and the plot;
 ``bench/distill_images.py`` runs the study.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from dmmd.apps.draws import draw
 from dmmd.apps.stages import cached, keyed_file, place
+from dmmd.apps.verdicts import reaches, summarize
 from dmmd.data import make_source
 from dmmd.data.images import save_grid
 from dmmd.extras import require
@@ -72,6 +75,8 @@ class ImageStudyConfig(Options):
     distill_batch: int = option(64, "D-MMD batch size")
     distill: dict = option({}, "DistillConfig fields to change (none: dmmd distill's per-process defaults)")
     seed: int = option(0, "seed of the teachers, the students and the draws")
+    student_seeds: tuple[int, ...] | None = option(None, "distillation seeds of the main students, each a student "
+                                                         "(none: seed alone); teachers and draws keep seed")
     device: str = option("cpu", "cpu or cuda")
     out: str = option("runs/image_study", "output directory; every stage resumes")
 
@@ -84,6 +89,9 @@ class ImageStudyConfig(Options):
                 raise ValueError(f"{name} must hold step counts >= 1, got {getattr(self, name)}")
         if self.masked_distill_steps is not None and self.masked_distill_steps < 1:
             raise ValueError(f"masked_distill_steps must be >= 1, got {self.masked_distill_steps}")
+        if self.student_seeds is not None and (not self.student_seeds
+                                               or len(set(self.student_seeds)) != len(self.student_seeds)):
+            raise ValueError(f"student_seeds must be distinct seeds, got {self.student_seeds}")
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2, got {self.samples}")
         check_keys(self.distill, DistillConfig.leaf_names(), "distill", owned=STUDY_OWNED)
@@ -113,11 +121,24 @@ def steps_of(cfg: ImageStudyConfig, process: str) -> int:
         else cfg.distill_steps
 
 
+def seeds_of(cfg: ImageStudyConfig) -> tuple[int, ...]:
+    """The main students' distillation seeds."""
+    return cfg.student_seeds if cfg.student_seeds is not None else (cfg.seed,)
+
+
+def main_student(cfg: ImageStudyConfig, process: str, k: int, seed: int) -> tuple[str, int, dict]:
+    """(name, k, DistillConfig changes) of the main student of ``process`` at ``k`` distilled
+    with ``seed`` (the study's own seed keeps the plain name)."""
+    if seed == cfg.seed:
+        return f"student_{process}_k{k}", k, {}
+    return f"student_{process}_k{k}_seed{seed}", k, {"seed": seed}
+
+
 def students(cfg: ImageStudyConfig, process: str) -> list[tuple[str, int, dict]]:
     """(name, k, DistillConfig changes) of every student the chosen parts distill for ``process``."""
     out = []
     if "main" in cfg.parts:
-        out += [(f"student_{process}_k{k}", k, {}) for k in ks_of(cfg, process)]
+        out += [main_student(cfg, process, k, s) for k in ks_of(cfg, process) for s in seeds_of(cfg)]
     if process == "masked" and "noise" in cfg.parts:
         out += [(f"student_masked_k{k}_no_noise", k, {"noise_dim": 0}) for k in cfg.noise_ks]
     if process == "masked" and "temperature" in cfg.parts:
@@ -234,7 +255,7 @@ def _read(path: str) -> dict | None:
 def report(cfg: ImageStudyConfig) -> dict:
     """Tables (markdown) and the FID-by-steps plot from whatever has finished under ``out``;
     writes ``results.json``, ``table.md`` and ``fid_by_steps.png`` there."""
-    res = {"teacher": {}, "student": {}, "no_noise": {}, "temperature": {}}
+    res = {"teacher": {}, "student": {}, "no_noise": {}, "temperature": {}, "seeds": {}}
 
     def student(process: str, name: str, k: int, changes: dict) -> dict | None:
         return _read(fid_file(cfg, distill_config(cfg, process, name, k, changes).run.out, "fid"))
@@ -245,6 +266,10 @@ def report(cfg: ImageStudyConfig) -> dict:
                                    if (r := _read(fid_file(cfg, tdir, f"fid_{s}_steps")))}
         res["student"][process] = {k: r for k in ks_of(cfg, process)
                                    if (r := student(process, f"student_{process}_k{k}", k, {}))}
+    if len(seeds_of(cfg)) > 1:
+        res["seeds"] = {f"{process} {k}": row for process in ("masked", "uniform") for k in ks_of(cfg, process)
+                        if (row := seeds_row(cfg, res, process, k, [student(process, *main_student(cfg, process, k, s))
+                                                                     for s in seeds_of(cfg)]))}
     res["no_noise"] = {k: r for k in cfg.noise_ks
                        if (r := student("masked", f"student_masked_k{k}_no_noise", k, {"noise_dim": 0}))}
     res["temperature"] = {t: r for t in cfg.temperatures if (r := student(
@@ -263,6 +288,22 @@ def report(cfg: ImageStudyConfig) -> dict:
         for k in res["student"][process]:
             side_by_side(cfg, process, k)
     return res
+
+
+def seeds_row(cfg: ImageStudyConfig, res: dict, process: str, k: int, fids: list[dict | None]) -> dict | None:
+    """The students of ``process`` at ``k`` over the distillation seeds (mean ± std of their
+    FIDs) against the teacher at k and 4k steps, once every seed's student has finished."""
+    teacher = res["teacher"][process]
+    if any(r is None for r in fids):
+        return None
+    values = [r["fid"] for r in fids]
+    row = {"process": process, "k": k, "fids": values, "student_k": summarize(values)}
+    for steps, tag in ((k, "k"), (4 * k, "4k")):
+        if steps in teacher:
+            row[f"teacher_{tag}"] = t = {"mean": teacher[steps]["fid"], "stderr": teacher[steps]["fid_stderr"]}
+            row[f"vs_teacher_{tag}"] = row["student_k"]["mean"] / t["mean"]
+            row[f"verdict_{tag}"] = reaches(row["student_k"], t)
+    return row
 
 
 def results_json(res: dict) -> dict:
@@ -300,6 +341,16 @@ def _cell(r: dict | None) -> str:
     return "" if r is None else f"{r['fid']:.2f} ± {r['fid_stderr']:.2f}"
 
 
+def _estimate(d: dict | None) -> str:
+    return "" if d is None else f"{d['mean']:.2f} ± {d['std' if 'std' in d else 'stderr']:.2f}"
+
+
+def _seeds_line(r: dict) -> str:
+    ratios = [f"{r[name]:.2f}" if name in r else "" for name in ("vs_teacher_k", "vs_teacher_4k")]
+    return (f"| {r['process']} | {r['k']} | {_estimate(r.get('teacher_k'))} | {_estimate(r['student_k'])} | "
+            f"{_estimate(r.get('teacher_4k'))} | {ratios[0]} | {ratios[1]} | {r.get('verdict_4k', '')} |")
+
+
 def markdown_tables(cfg: ImageStudyConfig, res: dict) -> str:
     steps = sorted(set(cfg.teacher_grid) | set(cfg.ks) | set(cfg.masked_ks or ()))
     lines = ["| FID (± bootstrap s.e.) | " + " | ".join(f"{s} steps" for s in steps) + " |",
@@ -315,6 +366,11 @@ def markdown_tables(cfg: ImageStudyConfig, res: dict) -> str:
         out += ("\n\n| masked student, k | pyramid noise (default) | no noise input |\n|---|---|---|\n"
                 + "\n".join(f"| {k} | {_cell(res['student']['masked'].get(k))} | {_cell(r)} |"
                             for k, r in sorted(res["no_noise"].items())))
+    if res["seeds"]:
+        out += (f"\n\n| process | k | teacher, k steps | student, k steps (mean ± std over seeds {seeds_of(cfg)}) | "
+                "teacher, 4k steps | student / teacher k | student / teacher 4k | vs 4k |\n"
+                "|---|---|---|---|---|---|---|---|\n"
+                + "\n".join(_seeds_line(r) for r in res["seeds"].values()))
     if res["temperature"]:
         out += (f"\n\n| teacher temperature in distillation | masked student, k = {cfg.temperature_k} |\n|---|---|\n"
                 + "\n".join(f"| {t:g} | {_cell(r)} |" for t, r in sorted(res["temperature"].items())))

@@ -19,15 +19,15 @@ a changed setting recomputes that stage and what depends on it, nothing else;
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
 
 from dmmd.apps.draws import draw
 from dmmd.apps.stages import cached, keyed_file, place, settings_key
+from dmmd.apps.verdicts import reaches as verdict
+from dmmd.apps.verdicts import summarize
 from dmmd.data import make_source
 from dmmd.extras import require
 from dmmd.metrics import total_variation
@@ -146,19 +146,6 @@ def _teacher_tv(cfg: BenchConfig, out: str, teacher, process, source, steps: int
     r = cached(keyed_file(out, "tv", key), partial(_tv, teacher, 0, process, source, cfg.device, cfg.samples, steps,
                                                    cfg.seed + 1))
     return {"mean": r["tv"], "stderr": r["tv_stderr"]}
-
-
-def summarize(values: list[float]) -> dict:
-    """Mean, standard deviation, min and max of ``values`` (one per seed)."""
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-def verdict(student: dict, teacher: dict) -> str:
-    """``reaches`` (student mean at most the teacher's, or within two standard errors of the
-    difference: the students' spread over seeds and the teacher's sampling error), else ``short``."""
-    se = math.sqrt(student["std"] ** 2 / student["n"] + teacher["stderr"] ** 2)
-    return "reaches" if student["mean"] <= teacher["mean"] + 2 * se else "short"
 
 
 def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int, seed: int, progress: bool) -> dict:

@@ -1,10 +1,12 @@
 """The demo's verdict sentences: does a k-step student beat its teacher at k steps, does it
 reach the teacher at 4k steps, and how many steps does the teacher need to be as good? One
 rule for every metric (lower is better): differences under two standard errors (of the
-difference) are ties."""
+difference) are ties. And for studies over several distillation seeds: the students' summary
+and whether their mean reaches a teacher's estimate."""
 from __future__ import annotations
 
 import math
+import statistics
 
 Estimate = tuple[float, float]  # (value, standard error)
 
@@ -36,4 +38,18 @@ def against_teacher(k: int, student: Estimate, teacher: dict[int, Estimate], fmt
     return line
 
 
-__all__ = ["against_teacher"]
+def summarize(values: list[float]) -> dict:
+    """Mean, standard deviation, min and max of ``values`` (one per seed)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def reaches(students: dict, teacher: dict) -> str:
+    """``reaches`` (the students' mean at most the teacher's, or within two standard errors of
+    the difference: the students' spread over seeds and the teacher's sampling error), else
+    ``short``; ``students`` from :func:`summarize`, ``teacher`` with ``mean`` and ``stderr``."""
+    se = math.sqrt(students["std"] ** 2 / students["n"] + teacher["stderr"] ** 2)
+    return "reaches" if students["mean"] <= teacher["mean"] + 2 * se else "short"
+
+
+__all__ = ["against_teacher", "reaches", "summarize"]
