@@ -155,6 +155,29 @@ def test_posterior_sample_same_draws_as_cpu(process, x_kind, gen):
     assert _agree(got, want) >= (1.0 if x_kind == "hard" else 0.9999)
 
 
+@pytest.mark.parametrize("v", [50257, 131072])  # staged (100 KB a bf16 row); too big for a block's shared memory
+def test_staged_rows_give_the_unstaged_results(v, gen, monkeypatch):
+    """The nucleus ops stage a row in shared memory when it fits (else, and under
+    DMMD_ROW_STAGING=0, they read it from global memory pass after pass): the same draws,
+    log-probs and losses, bit for bit."""
+    a, b, u = (_on_cuda(make_logits((64, v), torch.bfloat16, gen)) for _ in range(3))
+    z = torch.full((64,), v - 1, device="cuda")
+    target = torch.randint(0, v, (64,), generator=gen).cuda()
+
+    def run():
+        return [dmmd_ops.sample_categorical(a, top_p=0.9, seed=3),
+                dmmd_ops.sample_categorical(a, seed=3),
+                dmmd_ops.denoise_step(a, z, 1.0, 0.0, process="masked", mask_id=v - 1, top_p=0.85, seed=3),
+                dmmd_ops.teacher_logprobs(a, top_p=0.9),
+                dmmd_ops.generator_loss(u, a, b, top_p=0.85, reduction="none"),
+                dmmd_ops.aux_loss(b, target, a, top_p=0.85, reduction="none")]
+
+    staged = run()
+    monkeypatch.setenv("DMMD_ROW_STAGING", "0")
+    for got, want in zip(run(), staged, strict=True):
+        assert torch.equal(got, want)
+
+
 def test_draws_are_deterministic(gen):
     x = torch.randn(3000, 50257, generator=gen).to(torch.bfloat16).cuda()
     first = dmmd_ops.sample_categorical(x, top_p=0.9, seed=1)

@@ -70,7 +70,8 @@ class AllSchedules:
 
     def __getattr__(self, name):
         op = getattr(self.ops, name)
-        if name in ("set_schedule", "last_vector_accesses", "set_race_detection", "set_exchange_buffers"):
+        if name in ("set_schedule", "last_vector_accesses", "set_race_detection", "set_exchange_buffers",
+                    "last_stage_bytes", "set_dynamic_shared_limit"):
             return op
 
         def run(*args):
@@ -156,15 +157,22 @@ def test_the_race_detector_names_kernel_variable_and_threads(emu, hazard, schedu
 
 def test_every_shared_declaration_is_watched():
     """The race detector sees shared memory only through DMMD_SHARED_ARRAY / DMMD_SHARED_SCALAR
-    (or a Scratch, made of them only): a plain __shared__ array in a kernel would escape it."""
-    found = 0
+    (or a Scratch, made of them only): a plain __shared__ array in a kernel would escape it. The
+    one exception is the dynamic shared memory of a staged row (row_stage, which the emulation
+    replaces by its own buffer), declared once and reached only through DMMD_ROW_STAGE()."""
+    found, dynamic = 0, []
     for path in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu*"))):
         for n, line in enumerate(open(path), 1):
+            if "dmmd_row_stage" in line:
+                dynamic.append((os.path.basename(path), line.strip()))
             if "__shared__" in line and not line.lstrip().startswith("//"):
                 found += 1
+                if line.strip().startswith("extern __shared__ uint4 dmmd_row_stage[];"):
+                    continue
                 assert re.search(r"__shared__ (DMMD_SHARED_(ARRAY|SCALAR)\(|Scratch \w+;)", line), \
                     f"{path}:{n}: {line.strip()}"
-    assert found >= 8
+    assert found >= 9
+    assert [f for f, _ in dynamic] == ["row_block.cuh", "row_block.cuh"], dynamic  # declared, returned
     text = open(os.path.join(ROOT, "csrc", "cuda", "row_block.cuh")).read()
     members = text.split("struct Scratch {")[1].split("};")[0].strip().splitlines()
     assert len(members) == 6 and all(m.strip().startswith("DMMD_SHARED_") for m in members), members
@@ -176,7 +184,7 @@ def test_the_race_detector_sees_the_emulation_s_own_shuffle_buffers(emu, gen):
     a = torch.randn(3, 100, generator=gen)
     old = emu.ops.set_exchange_buffers(1)
     try:
-        with pytest.raises(RuntimeError, match=r"race in teacher_logprobs_kernel<T>: the shuffle exchange buffer"
+        with pytest.raises(RuntimeError, match=r"race in teacher_logprobs_staged: the shuffle exchange buffer"
                                                r"\[\d+\] in block 0: .* with no barrier between"):
             emu.ops.teacher_logprobs(a, 1.0, 0.9, 2.0)
     finally:
@@ -289,6 +297,65 @@ def test_streams_with_different_alignment(emu, dtype, gen):
     want, want_stats = torch.ops.dmmd.generator_loss_forward(u, a.contiguous(), b.contiguous(), 0.9, 0.8, 2.0)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats, want_stats, rtol=1e-5, atol=1e-5)
+
+
+def _staged_calls(emu, dtype, gen):
+    """Each op that may stage its rows, on rows at shifting offsets within 16 bytes: (name, what
+    it returns, whether it stages)."""
+    rows, v = 7, 333
+    x, a, b = (_make((rows, v), dtype, gen, "row_stride") for _ in range(3))
+    z = torch.full((rows,), v - 1)
+    one, zero = torch.ones(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+    target = torch.randint(0, v, (rows,), generator=gen)
+    return [
+        ("sample_categorical", lambda: emu.sample_categorical(x, 0.9, 1.0, 5, 0), True),
+        ("sample_categorical top-p", lambda: emu.sample_categorical(x, 0.9, 0.8, 5, 0), True),
+        ("denoise_step masked top-p", lambda: emu.denoise_step(x, z, one, zero, "masked", v - 1, 1.0, 0.8, 5, 0), True),
+        ("teacher_logprobs top-p", lambda: emu.teacher_logprobs(a, 0.9, 0.8, 2.0), True),
+        ("teacher_logprobs", lambda: emu.teacher_logprobs(a, 0.9, 1.0, 2.0), False),
+        ("generator_loss_forward top-p", lambda: emu.generator_loss_forward(x, a, b, 0.9, 0.8, 2.0), True),
+        ("generator_loss_forward", lambda: emu.generator_loss_forward(x, a, b, 0.9, 1.0, 2.0), False),
+        ("aux_loss_forward top-p", lambda: emu.aux_loss_forward(b, target, a, 0.9, 0.8, 2.0), True),
+        ("aux_loss_forward, no teacher", lambda: emu.aux_loss_forward(b, target, None, 0.9, 0.8, 2.0), False),
+    ], v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_are_staged_in_shared_memory(emu, dtype, gen):
+    """The draws, and the forwards with a nucleus, copy each row into dynamic shared memory once
+    (the row's bytes and 16 for its offset within 16 bytes) and run their passes there; the
+    forwards without a nucleus read their rows once or twice and do not."""
+    calls, v = _staged_calls(emu, dtype, gen)
+    size = torch.empty((), dtype=dtype).element_size()
+    for name, call, stages in calls:
+        call()
+        assert emu.last_stage_bytes() == (v * size + 16 if stages else 0), name
+
+
+@pytest.mark.parametrize("unstaged_by", ["DMMD_ROW_STAGING=0", "a row too big for the block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_staged_and_unstaged_rows_give_identical_results(emu, dtype, unstaged_by, gen, monkeypatch):
+    """A row staged in shared memory or read from global memory pass after pass: bit-identical
+    draws, log-probs, losses and statistics. Staging is turned off by the environment (what the
+    GPU benchmarks use to time both), or left out when the row does not fit the block's shared
+    memory (here an emulated GPU with less of it)."""
+    calls, v = _staged_calls(emu, dtype, gen)
+    staged = [call() for _, call, _ in calls]
+    size = torch.empty((), dtype=dtype).element_size()
+    old = None
+    if unstaged_by.startswith("DMMD"):
+        monkeypatch.setenv("DMMD_ROW_STAGING", "0")
+    else:
+        old = emu.set_dynamic_shared_limit(v * size + 15)  # one byte short of the staged row
+    try:
+        for (name, call, _), want in zip(calls, staged, strict=True):
+            got = call()
+            assert emu.last_stage_bytes() == 0, name
+            for x, y in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want)), strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+    finally:
+        if old is not None:
+            emu.set_dynamic_shared_limit(old)
 
 
 @pytest.mark.parametrize("backend", ["emulated cuda", "cpu"])

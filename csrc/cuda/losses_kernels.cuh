@@ -4,7 +4,11 @@
 // loss's weighted sum, combined over the block in a fixed order. With top_p < 1 the teacher
 // row is first scanned for its maximum and nucleus (radix selection). Each backward is one pass
 // over the inputs from the forward's per-row statistics (the layout of dmmd/rowmath.h, shared
-// with the CPU kernels).
+// with the CPU kernels). With a nucleus the teacher row is staged in shared memory when it fits
+// (row_block.cuh, stage_row): read from global memory once for the scan's passes and the rest.
+// The forwards are built twice: unstaged (no nucleus, or a row too big: ptxas's own register
+// choice, as before staging; a minimum of 0 blocks emits no bound) and staged (at least two
+// blocks per SM, all a 100 KB staged row allows: the registers staging needs without spills).
 //
 // Kernels cannot raise: a row with a NaN, a +inf or only -inf logits (or a soft target that
 // is not a finite non-negative vector) gets a NaN loss (NaN log-probs) and -1 in its i_star
@@ -47,13 +51,14 @@ __device__ __forceinline__ float masked_s(float a, int64_t i, float inv_t, bool 
 
 // --------------------------------------------------------------------------- teacher_logprobs
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, bool kStaged>
+__global__ void __launch_bounds__(kThreads, kStaged ? 2 : 0)
     teacher_logprobs_kernel(const T* __restrict__ a, int64_t sa, float* __restrict__ out, int64_t rows, int64_t v,
                             float inv_t, double top_p, float delta) {
   constexpr int N = vec_width<T>();
   __shared__ Scratch s;
   const bool masked = top_p < 1.0;
+  unsigned char* const stage = kStaged && masked ? DMMD_ROW_STAGE() : nullptr;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* row = a + r * sa;
     float* o = out + r * v;
@@ -63,6 +68,7 @@ __global__ void __launch_bounds__(kThreads)
     float ms, lz;
     NucleusRow nu{neg_inf(), v - 1, 0, 0};
     bool bad;
+    if (stage != nullptr) row = stage_row<T, N>(row, p, stage);  // the scan's passes and the output's
     if (masked) {
       const TeacherScan t = scan_teacher<T, N>(row, p, inv_t, top_p, delta, s);
       bad = t.bad;
@@ -105,8 +111,8 @@ __global__ void __launch_bounds__(kThreads)
 // Per row: L = -sum_c p_c (log q_c - log softmax(b)_c), p = softmax(u). With W = sum_c e^{u_c -
 // m_u} (s'_c - b_c) (s' the masked tempered teacher logit, raw) and Z_u = sum_c e^{u_c - m_u}:
 // L = -W / Z_u + (m_s - m_b) + (log Z_t - log Z_b). Terms with p_c = 0 add exactly nothing.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, bool kStaged>
+__global__ void __launch_bounds__(kThreads, kStaged ? 2 : 0)
     generator_forward_kernel(const T* __restrict__ u, int64_t su, const T* __restrict__ a, int64_t sa,
                              const T* __restrict__ b, int64_t sb, float* __restrict__ loss,
                              float* __restrict__ stats, int64_t rows, int64_t v, float inv_t, double top_p,
@@ -114,12 +120,14 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int N = vec_width<T>();
   __shared__ Scratch s;
   const bool masked = top_p < 1.0;
+  unsigned char* const stage = kStaged && masked ? DMMD_ROW_STAGE() : nullptr;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T *ur = u + r * su, *ar = a + r * sa, *br = b + r * sb;
     const void* streams[3] = {ur, ar, br};
     const int bytes[3] = {static_cast<int>(sizeof(T)), static_cast<int>(sizeof(T)), static_cast<int>(sizeof(T))};
     const RowPlan p = make_plan<N>(v, streams, bytes, 3);
     TeacherScan t{0.f, NucleusRow{neg_inf(), v - 1, 0, 0}, 0, false};
+    if (stage != nullptr) ar = stage_row<T, N>(ar, p, stage);  // the teacher row: the scan's passes and the loss's
     if (masked) t = scan_teacher<T, N>(ar, p, inv_t, top_p, delta, s);
     Online ou, ob, ot;
     double w = 0;
@@ -215,8 +223,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per row: L = -sum_c x_c b_c + sum_x (m_b + log Z_b) [- sum_c q_c b_c + (m_b + log Z_b) with a
 // teacher], b raw; zero weights (x_c = 0, q_c = 0) add exactly nothing.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, bool kStaged>
+__global__ void __launch_bounds__(kThreads, kStaged ? 2 : 0)
     aux_forward_kernel(const T* __restrict__ b, int64_t sb, const T* __restrict__ a, int64_t sa,
                        const float* __restrict__ soft, int64_t sx, const int64_t* __restrict__ hard,
                        float* __restrict__ loss, float* __restrict__ stats, int64_t rows, int64_t v, float inv_t,
@@ -224,6 +232,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int N = vec_width<T>();
   __shared__ Scratch s;
   const bool teacher = a != nullptr, masked = teacher && top_p < 1.0;
+  unsigned char* const stage = kStaged && masked ? DMMD_ROW_STAGE() : nullptr;
   const float drop = expf(-delta);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* br = b + r * sb;
@@ -235,6 +244,7 @@ __global__ void __launch_bounds__(kThreads)
                           xr != nullptr ? 4 : static_cast<int>(sizeof(T))};
     const RowPlan p = make_plan<N>(v, streams, bytes, 3);
     TeacherScan t{0.f, NucleusRow{neg_inf(), v - 1, 0, 0}, 0, false};
+    if (stage != nullptr) ar = stage_row<T, N>(ar, p, stage);
     if (masked) t = scan_teacher<T, N>(ar, p, inv_t, top_p, delta, s);
     Online ob, ot;
     double sum_x = 0, sum_xb = 0, sum_qb = 0;

@@ -59,16 +59,22 @@ struct Elem<c10::Half> {
 // two __syncthreads is an error naming the kernel, the variable and both threads); global
 // output is written with DMMD_STORE (there, two threads writing one address in a launch is an
 // error).
+// A row staged in dynamic shared memory (below) is read through the same loads as global
+// memory; there DMMD_STAGE_ACCESS records each access to it like a tracked shared array's.
 #if defined(DMMD_CUDA_EMULATION)
 #define DMMD_CHECK_ALIGNED16(p) emu::check_aligned16(p)
 #define DMMD_SHARED_ARRAY(T, name, n) ::emu::SharedArray<T, (n)> name{#name}
 #define DMMD_SHARED_SCALAR(T, name) ::emu::SharedScalar<T> name{#name}
 #define DMMD_STORE(dst, value) ::emu::store((dst), (value), #dst)
+#define DMMD_STAGE_ACCESS(p, bytes, write) ::emu::stage_access((p), (bytes), (write))
+#define DMMD_ROW_STAGE() ::emu::row_stage()
 #else
 #define DMMD_CHECK_ALIGNED16(p) ((void)0)
 #define DMMD_SHARED_ARRAY(T, name, n) T name[n]
 #define DMMD_SHARED_SCALAR(T, name) T name
 #define DMMD_STORE(dst, value) (*(dst) = (value))
+#define DMMD_STAGE_ACCESS(p, bytes, write) ((void)0)
+#define DMMD_ROW_STAGE() row_stage()
 #endif
 
 // Elements per 16-byte vector of the row's logits dtype.
@@ -87,6 +93,7 @@ __device__ __forceinline__ void load_bits(const S* row, int64_t i, int n, uint32
     uint32_t w[kWords];
     const uint4* q = reinterpret_cast<const uint4*>(row + i);
     DMMD_CHECK_ALIGNED16(q);
+    DMMD_STAGE_ACCESS(q, N * sizeof(S), false);
 #pragma unroll
     for (int k = 0; k < kWords / 4; ++k) {
       const uint4 u = q[k];
@@ -105,7 +112,10 @@ __device__ __forceinline__ void load_bits(const S* row, int64_t i, int n, uint32
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < N; ++k) r[k] = k < n ? Elem<S>::raw(row[i + k]) : 0u;
+    for (int k = 0; k < N; ++k) {
+      if (k < n) DMMD_STAGE_ACCESS(row + i + k, sizeof(S), false);
+      r[k] = k < n ? Elem<S>::raw(row[i + k]) : 0u;
+    }
   }
 }
 
@@ -202,6 +212,65 @@ __device__ __forceinline__ void for_each_tile(const RowPlan& p, F&& f) {
     const int64_t i = base + t;
     f(i, i < p.v ? 1 : 0);
   }
+}
+
+// ----------------------------------------------------------------------------- a row staged in shared memory
+
+// The kernels that read a row many times (a nucleus: the maximum, four or eight radix levels, the
+// ties, then the draw or the output) first copy it into dynamic shared memory, once, and run
+// every later pass from there: a row of 50257 bf16 logits is 100 KB, within the 227 KB a block of
+// an H100 may have. The launch gives the block row_stage_bytes(v, element size) of it when the
+// row fits (launch.cuh), none otherwise (then the passes read global memory, as without it).
+#if !defined(DMMD_CUDA_EMULATION)
+__device__ __forceinline__ unsigned char* row_stage() {
+  extern __shared__ uint4 dmmd_row_stage[];  // 16-byte aligned
+  return reinterpret_cast<unsigned char*>(dmmd_row_stage);
+}
+#endif
+
+// Copies the row [0, p.v) into `stage` (launch.cuh's row_stage_bytes of it) and returns the
+// staged row: the same elements at the same offset within 16 bytes as in global memory (so the
+// RowPlan made for the global row holds for it). Each thread copies the elements for_each_tile
+// gives it (16-byte vectors two at a time, the loads issued before the stores; four spilled in
+// denoise_step's 16-bit sm_90 builds), which are the ones it reads in the first pass after; the
+// passes after that are behind the first pass's block reduction. The barrier first: the block's
+// previous row may still be read from the stage, at another offset.
+template <typename T, int N>
+__device__ const T* stage_row(const T* row, const RowPlan& p, unsigned char* stage) {
+  T* srow = reinterpret_cast<T*>(stage + reinterpret_cast<uintptr_t>(row) % 16);
+  const int64_t t = threadIdx.x;
+  __syncthreads();
+  auto copy_scalar = [&](int64_t i) {
+    DMMD_STAGE_ACCESS(srow + i, sizeof(T), true);
+    srow[i] = row[i];
+  };
+  for (int64_t i = t; i < p.head; i += kThreads) copy_scalar(i);
+  const uint4* src = reinterpret_cast<const uint4*>(row + p.head);
+  uint4* dst = reinterpret_cast<uint4*>(srow + p.head);
+  const int64_t vectors = (p.body_end - p.head) / N;
+  constexpr int kBatch = 2;
+  for (int64_t base = 0; base < vectors; base += int64_t{kThreads} * kBatch) {
+    uint4 u[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t j = base + b * kThreads + t;
+      if (j < vectors) {
+        DMMD_CHECK_ALIGNED16(src + j);
+        u[b] = src[j];
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int64_t j = base + b * kThreads + t;
+      if (j < vectors) {
+        DMMD_CHECK_ALIGNED16(dst + j);
+        DMMD_STAGE_ACCESS(dst + j, 16, true);
+        dst[j] = u[b];
+      }
+    }
+  }
+  for (int64_t i = p.body_end + t; i < p.v; i += kThreads) copy_scalar(i);
+  return srow;
 }
 
 // ----------------------------------------------------------------------------- block reductions

@@ -15,13 +15,15 @@
 namespace dmmd::cuda {
 
 // One draw from softmax(row / temperature) restricted to the nucleus, class `exclude` (the
-// mask of a masked denoiser; -1 for none) never drawn; -1 for an unusable row.
+// mask of a masked denoiser; -1 for none) never drawn; -1 for an unusable row. With a `stage`
+// (nullptr for none) the row is read from global memory once, into it, and every pass runs there.
 template <typename T, int N>
 __device__ int64_t block_draw(const T* row, int64_t v, float inv_t, double top_p, int64_t exclude, double u,
-                              Scratch& s) {
+                              unsigned char* stage, Scratch& s) {
   const void* streams[1] = {row};
   const int bytes[1] = {static_cast<int>(sizeof(T))};
   const RowPlan p = make_plan<N>(v, streams, bytes, 1);
+  if (stage != nullptr) row = stage_row<T, N>(row, p, stage);
   bool bad;
   const float m = row_max<T, N>(row, p, exclude, s, &bad);
   if (bad) return -1;
@@ -44,20 +46,21 @@ __device__ int64_t block_draw(const T* row, int64_t v, float inv_t, double top_p
 // ptxas aims for three on sm_80 (80 registers) and spills in the 16-bit instantiations (68 / 144
 // bytes in denoise_step); with a minimum of one it takes 140 on sm_90, one block per SM
 // (scripts/ptxas_report.py prints what each arch gets).
-template <typename T>
+template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kThreads, 2)
     sample_categorical_kernel(const T* __restrict__ logits, int64_t sl, int64_t* __restrict__ out, int64_t rows,
                               int64_t v, float inv_t, double top_p, uint64_t seed, uint64_t offset) {
   constexpr int N = vec_width<T>();
   __shared__ Scratch s;
+  unsigned char* const stage = kStaged ? DMMD_ROW_STAGE() : nullptr;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const double u = element_uniforms(seed, offset, static_cast<uint64_t>(r)).u0;
-    const int64_t x = block_draw<T, N>(logits + r * sl, v, inv_t, top_p, -1, u, s);
+    const int64_t x = block_draw<T, N>(logits + r * sl, v, inv_t, top_p, -1, u, stage, s);
     if (threadIdx.x == 0) DMMD_STORE(out + r, x);
   }
 }
 
-template <typename T>
+template <typename T, bool kStaged>
 __global__ void __launch_bounds__(kThreads, 2)
     denoise_step_kernel(const T* __restrict__ logits, int64_t sl, const int64_t* __restrict__ z_t,
                         const double* __restrict__ alpha_s, const double* __restrict__ alpha_t,
@@ -65,6 +68,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                         float inv_t, double top_p, uint64_t seed, uint64_t offset) {
   constexpr int N = vec_width<T>();
   __shared__ Scratch s;
+  unsigned char* const stage = kStaged ? DMMD_ROW_STAGE() : nullptr;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t z = z_t[r];
     const double a_s = alpha_s[r], a_t = alpha_t[r];
@@ -75,9 +79,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     } else if (is_masked) {
       // The reveal coin first: rows that stay as they are never touch their logits.
       const bool reveal = z == mask_id && u.u0 < unmask_probability(a_s, a_t);
-      result = reveal ? block_draw<T, N>(logits + r * sl, v, inv_t, top_p, mask_id, u.u1, s) : z;
+      result = reveal ? block_draw<T, N>(logits + r * sl, v, inv_t, top_p, mask_id, u.u1, stage, s) : z;
     } else {
-      const int64_t x = block_draw<T, N>(logits + r * sl, v, inv_t, top_p, -1, u.u0, s);
+      const int64_t x = block_draw<T, N>(logits + r * sl, v, inv_t, top_p, -1, u.u0, stage, s);
       result = x < 0 ? -1 : uniform_posterior_hard(z, x, a_s, a_t, v, u.u1);
     }
     if (threadIdx.x == 0) DMMD_STORE(out + r, result);

@@ -18,6 +18,13 @@
 // writing one address in a launch is an error. Errors are collected during the launch and
 // thrown after it (an exception cannot cross a fiber's stack).
 //
+// Dynamic shared memory (a row staged by stage_row, csrc/cuda/row_block.cuh) is one buffer per
+// launch, filled with 0xA5 bytes at every block's start (a GPU block finds whatever was there),
+// whose accesses the kernels report through DMMD_STAGE_ACCESS and which is watched like a
+// tracked array, by 2-byte granule; an access past its end is an error. The most a launch may
+// ask for is `emu::dynamic_shared_limit` (an H100's 227 KB less a kernel's static shared memory,
+// unless a test changes it).
+//
 // __shared__ becomes static (one block runs at a time). Arithmetic intrinsics round like the
 // device's (__fmul_rn and friends never contract); expf may differ from CUDA's by an ulp.
 #pragma once
@@ -41,6 +48,9 @@
 #define DMMD_CUDA_EMULATION 1
 #define DMMD_LAUNCH(kernel, grid, block, stream) \
   ::emu::launcher(#kernel, (grid), (block), [&](auto... args) { kernel(args...); })
+#define DMMD_LAUNCH_SHARED(kernel, grid, block, shared, stream) \
+  ::emu::launcher(#kernel, (grid), (block), [&](auto... args) { kernel(args...); }, (shared))
+#define DMMD_DYNAMIC_SHARED_LIMIT(kernel) (::emu::dynamic_shared_limit)
 using cudaStream_t = void*;
 #define __global__
 #define __device__
@@ -272,6 +282,34 @@ void store(T* dst, const V& value, const char* what) {
   *dst = static_cast<T>(value);
 }
 
+// The launch's dynamic shared memory (see the header's comment).
+inline int64_t dynamic_shared_limit = 227 * 1024 - 8 * 1024;
+inline std::vector<uint4> stage;         // 16-byte aligned
+inline int64_t stage_bytes = 0;           // what the launch asked for
+inline int64_t last_stage_bytes = 0;      // ... the last launch
+inline std::vector<Access> stage_access_;  // per 2-byte granule
+
+inline unsigned char* row_stage() {
+  return stage_bytes > 0 ? reinterpret_cast<unsigned char*>(stage.data()) : nullptr;
+}
+
+// Records an access of `bytes` at `p` when p lies in the dynamic shared memory (others are global).
+inline void stage_access(const void* p, size_t bytes, bool write) {
+  if (stage_bytes == 0) return;
+  const auto* base = reinterpret_cast<const unsigned char*>(stage.data());
+  const auto* at = static_cast<const unsigned char*>(p);
+  if (at < base || at >= base + stage.size() * sizeof(uint4)) return;
+  const int64_t first = at - base;
+  if (first + static_cast<int64_t>(bytes) > stage_bytes) {
+    report("dynamic shared memory [" + std::to_string(first) + ", " + std::to_string(first + bytes) +
+           ") is outside the launch's " + std::to_string(stage_bytes) + " bytes");
+    return;
+  }
+  for (int64_t g = first / 2; g < (first + static_cast<int64_t>(bytes) + 1) / 2; ++g) {
+    access(stage_access_[g], write, interval, "the staged row (dynamic shared memory)", 2 * g);
+  }
+}
+
 inline void trampoline() {
   (*block->body)();
   block->fibers[block->current].done = true;  // then uc_link returns to the scheduler
@@ -285,6 +323,7 @@ inline void run_block(unsigned b, unsigned grid, unsigned threads, const std::fu
   blk.exchange.assign(static_cast<size_t>(exchange_buffers) * 8 * threads, 0);
   blk.exchange_access.assign(static_cast<size_t>(exchange_buffers) * threads, Access{});
   block = &blk;
+  if (stage_bytes > 0) std::memset(static_cast<void*>(stage.data()), 0xA5, stage.size() * sizeof(uint4));
   ++interval;
   ++barrier_round;
   blockIdx.x = b;
@@ -337,9 +376,18 @@ inline void run_block(unsigned b, unsigned grid, unsigned threads, const std::fu
   block = nullptr;
 }
 
-// A launch: the blocks one after another.
-inline void launch(const char* name, unsigned grid, unsigned threads, const std::function<void()>& body) {
+// A launch: the blocks one after another, each with `shared` bytes of dynamic shared memory.
+inline void launch(const char* name, unsigned grid, unsigned threads, const std::function<void()>& body,
+                   int64_t shared = 0) {
   kernel = name;
+  if (shared > dynamic_shared_limit) {
+    throw std::runtime_error(std::string(name) + ": " + std::to_string(shared) +
+                             " bytes of dynamic shared memory, more than the " +
+                             std::to_string(dynamic_shared_limit) + " a block may have");
+  }
+  stage_bytes = last_stage_bytes = shared;
+  stage.assign(static_cast<size_t>((shared + 15) / 16), uint4{0, 0, 0, 0});
+  stage_access_.assign(static_cast<size_t>((shared + 1) / 2), Access{});
   misaligned = false;
   vector_accesses = 0;
   race.clear();
@@ -365,16 +413,17 @@ struct Launcher {
   const char* name;
   unsigned grid, threads;
   K kernel;
+  int64_t shared;
 
   template <typename... A>
   void operator()(A... args) const {
-    launch(name, grid < 3 ? grid : 3, threads, [&] { kernel(args...); });
+    launch(name, grid < 3 ? grid : 3, threads, [&] { kernel(args...); }, shared);
   }
 };
 
 template <typename K>
-Launcher<K> launcher(const char* name, unsigned grid, unsigned threads, K kernel) {
-  return {name, grid, threads, kernel};
+Launcher<K> launcher(const char* name, unsigned grid, unsigned threads, K kernel, int64_t shared = 0) {
+  return {name, grid, threads, kernel, shared};
 }
 
 // One exchange buffer of a shuffle or vote: every thread puts its value in its slot, passes a

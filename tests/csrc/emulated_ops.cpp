@@ -104,6 +104,16 @@ at::Tensor grad_gram(const at::Tensor& a_in, const at::Tensor& g_in) {
 // How many 16-byte vector loads and stores the last launch made (the fast path was taken).
 int64_t last_vector_accesses() { return emu::last_vector_accesses; }
 
+// Bytes of dynamic shared memory the last launch had (a staged row's, or 0).
+int64_t last_stage_bytes() { return emu::last_stage_bytes; }
+
+// The most dynamic shared memory a launch may have (an emulated smaller GPU); returns the old.
+int64_t set_dynamic_shared_limit(int64_t bytes) {
+  const int64_t old = emu::dynamic_shared_limit;
+  emu::dynamic_shared_limit = bytes;
+  return old;
+}
+
 // A deliberately racy kernel for the schedule test: every thread writes the same shared slot
 // with no barrier between the writes, so thread 0 reads whichever thread ran last.
 __global__ void racy_last_writer_kernel(int64_t* out) {
@@ -196,6 +206,8 @@ DMMD_TORCH_LIBRARY(DMMD_EMU_LIB, m) {
   m.def("posterior_sample", &dmmd::cuda::posterior_sample);
   m.def("grad_gram", &dmmd::cuda::grad_gram);
   m.def("last_vector_accesses", &dmmd::cuda::last_vector_accesses);
+  m.def("last_stage_bytes", &dmmd::cuda::last_stage_bytes);
+  m.def("set_dynamic_shared_limit", &dmmd::cuda::set_dynamic_shared_limit);
   m.def("set_schedule", &dmmd::cuda::set_schedule);
   m.def("last_writer", &dmmd::cuda::last_writer);
   m.def("hazard", &dmmd::cuda::hazard);
