@@ -4,7 +4,10 @@ the GPU synchronised. Every result records its achieved bandwidth from the minim
 input read once, each output written once, per op; fwd+bwd counts the forward's reads plus the
 backward's reads and gradient write) and its share of this card's device-to-device copy
 bandwidth, measured in the same run. A baseline that runs out of memory is recorded as skipped.
-DMMD_BENCH_QUICK=1 keeps the smallest size only. `python bench/report.py --gpu run.json` turns
+The nucleus ops also run as `dmmd_unstaged`: the same ops with DMMD_ROW_STAGING=0, their rows
+read from global memory pass after pass instead of staged in shared memory once (the kernels
+before the staging), side by side with the staged ones. DMMD_BENCH_QUICK=1 keeps the smallest
+size only. `python bench/report.py --gpu run.json` turns
 the JSON into the markdown table; with DMMD_BENCH_GPU_LOG=path each result is also appended to a
 JSON-lines file as soon as it is measured (what scripts/device_check.sh reads, so that a run cut
 short by its time limit keeps what it measured)."""
@@ -68,9 +71,22 @@ def _logits(n, v, count, seed=0):
     return [torch.randn(n, v, generator=gen, device="cuda", dtype=torch.bfloat16) * 2 for _ in range(count)]
 
 
+def _unstaged(fn):
+    """``fn`` with the rows not staged in shared memory (read at every launch)."""
+    def run():
+        os.environ["DMMD_ROW_STAGING"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["DMMD_ROW_STAGING"]
+    return run
+
+
 def _run(benchmark, fn, impl, min_bytes, copy_gbps):
     """Warm-up (compiles), then timed rounds with the GPU synchronised; records GB/s."""
-    if impl in ("dmmd", "fused"):
+    if impl == "dmmd_unstaged":
+        fn = _unstaged(fn)
+    if impl.startswith("dmmd") or impl == "fused":
         assert dmmd_ops.has_kernel("generator_loss_forward", "cuda"), "the extension has no CUDA kernels"
 
     def timed():
@@ -82,7 +98,7 @@ def _run(benchmark, fn, impl, min_bytes, copy_gbps):
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         pytest.skip(f"{impl}: out of GPU memory")
-    benchmark.pedantic(timed, rounds=5 if impl == "dmmd" else 3, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(timed, rounds=5 if impl.startswith("dmmd") else 3, iterations=1, warmup_rounds=0)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
     if min_bytes:  # a bandwidth-bound op: its achieved GB/s
@@ -97,6 +113,7 @@ def _run(benchmark, fn, impl, min_bytes, copy_gbps):
 
 
 IMPLS = ["eager", "compile", "dmmd"]
+NUCLEUS_IMPLS = [*IMPLS, "dmmd_unstaged"]  # ops that stage their rows in shared memory
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -115,7 +132,26 @@ def test_gpu_generator_loss_fwd_bwd(benchmark, copy_gbps, n, v, impl):
     _run(benchmark, step, impl, 7 * n * v * BF16, copy_gbps)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", NUCLEUS_IMPLS)
+@pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
+def test_gpu_generator_loss_top_p_fwd_bwd(benchmark, copy_gbps, n, v, impl):
+    """The paper's text setting: the teacher under a top-p 0.85 nucleus (the target: at most 1.3x
+    the top-p 1 time of the group above)."""
+    benchmark.group = f"generator_loss fwd+bwd top_p=0.85 N={n} V={v} bf16"
+    u, a, b = _logits(n, v, 3)
+    u.requires_grad_(True)
+    loss = {"eager": lambda u, a, b: baselines.generator_loss(u, a, b, top_p=0.85),
+            "compile": lambda u, a, b: _gen_compiled(u, a, b, top_p=0.85)}.get(
+        impl, lambda u, a, b: dmmd_ops.generator_loss(u, a, b, top_p=0.85))
+
+    def step():
+        u.grad = None
+        loss(u, a, b).backward()
+
+    _run(benchmark, step, impl, 7 * n * v * BF16, copy_gbps)
+
+
+@pytest.mark.parametrize("impl", NUCLEUS_IMPLS)
 @pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
 def test_gpu_denoise_step_top_p(benchmark, copy_gbps, n, v, impl):
     benchmark.group = f"denoise_step masked top_p=0.9 N={n} V={v} bf16"
@@ -125,31 +161,29 @@ def test_gpu_denoise_step_top_p(benchmark, copy_gbps, n, v, impl):
     fn = {
         "eager": lambda: baselines.denoise_step(x, z, ALPHA_S, ALPHA_T, "masked", mask_id, 1.0, 0.9),
         "compile": lambda: _denoise_compiled(x, z, ALPHA_S, ALPHA_T, "masked", mask_id, 1.0, 0.9),
-        "dmmd": lambda: dmmd_ops.denoise_step(x, z, ALPHA_S, ALPHA_T, process="masked", mask_id=mask_id,
-                                              top_p=0.9, seed=0),
-    }[impl]
+    }.get(impl, lambda: dmmd_ops.denoise_step(x, z, ALPHA_S, ALPHA_T, process="masked", mask_id=mask_id,
+                                              top_p=0.9, seed=0))
     _run(benchmark, fn, impl, n * v * BF16, copy_gbps)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", NUCLEUS_IMPLS)
 @pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
 def test_gpu_teacher_logprobs_top_p(benchmark, copy_gbps, n, v, impl):
     benchmark.group = f"teacher_logprobs top_p=0.9 N={n} V={v} bf16"
     (a,) = _logits(n, v, 1)
     fn = {"eager": lambda: baselines.teacher_logprobs(a, 1.0, 0.9, 2.0),
-          "compile": lambda: _teacher_compiled(a, 1.0, 0.9, 2.0),
-          "dmmd": lambda: dmmd_ops.teacher_logprobs(a, top_p=0.9)}[impl]
+          "compile": lambda: _teacher_compiled(a, 1.0, 0.9, 2.0)}.get(
+        impl, lambda: dmmd_ops.teacher_logprobs(a, top_p=0.9))
     _run(benchmark, fn, impl, n * v * (BF16 + 4), copy_gbps)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", NUCLEUS_IMPLS)
 @pytest.mark.parametrize("n,v", SIZES, ids=lambda x: str(x))
 def test_gpu_sample_categorical(benchmark, copy_gbps, n, v, impl):
     benchmark.group = f"sample_categorical top_p=1 N={n} V={v} bf16"
     (x,) = _logits(n, v, 1)
     fn = {"eager": lambda: baselines.sample_categorical(x),
-          "compile": lambda: _sample_compiled(x),
-          "dmmd": lambda: dmmd_ops.sample_categorical(x, seed=0)}[impl]
+          "compile": lambda: _sample_compiled(x)}.get(impl, lambda: dmmd_ops.sample_categorical(x, seed=0))
     _run(benchmark, fn, impl, n * v * BF16, copy_gbps)
 
 

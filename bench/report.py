@@ -59,7 +59,8 @@ def from_jsonl(path: str) -> dict:
 
 
 def gpu_table(data: dict) -> str:
-    """The wide table of bench/bench_gpu.py results, with dmmd's GB/s and share of copy bandwidth."""
+    """The wide table of bench/bench_gpu.py results, with dmmd's GB/s and share of copy bandwidth,
+    and for the nucleus ops the time of their unstaged kernels (DMMD_ROW_STAGING=0) in the same run."""
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for bench in data["benchmarks"]:
         groups[bench["group"] or bench["name"]][impl_name(bench)] = bench
@@ -71,7 +72,7 @@ def gpu_table(data: dict) -> str:
         return f"{b['stats']['median'] / ours['stats']['median']:.1f}x" if b else "n/a"
 
     lines = ["| case | eager (ms) | compile (ms) | dmmd (ms) | dmmd vs eager | dmmd vs compile | dmmd GB/s "
-             "| share of copy |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| share of copy | dmmd unstaged (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     device, copy = "?", None
     for group in sorted(groups):
         t = groups[group]
@@ -82,7 +83,8 @@ def gpu_table(data: dict) -> str:
         device, copy = info.get("device", device), info.get("copy_gbps", copy)
         lines.append(f"| {group} | {ms(t.get('eager'))} | {ms(t.get('compile'))} | {ms(ours)} | "
                      f"{ratio(t.get('eager'), ours)} | {ratio(t.get('compile'), ours)} | "
-                     f"{info.get('gbps', float('nan')):.0f} | {info.get('share_of_copy', float('nan')):.0%} |")
+                     f"{info.get('gbps', float('nan')):.0f} | {info.get('share_of_copy', float('nan')):.0%} | "
+                     f"{ms(t.get('dmmd_unstaged')) if 'dmmd_unstaged' in t else ''} |")
     copy_s = f"{copy:.0f} GB/s" if copy else "?"
     when = data.get("datetime") or ""
     header = (f"Measured {when[:10] + ' ' if when else ''}on {device}, device-to-device copy {copy_s}, "

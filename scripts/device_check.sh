@@ -121,10 +121,12 @@ bench() {
   [ "$secs" -gt 30 ] || { echo "no time left for: $*" >> "$LOGS/gpu_bench.txt"; return 0; }
   timeout "$secs" "$PY" -m pytest -q -p no:cacheprovider bench/bench_gpu.py "$@" >> "$LOGS/gpu_bench.txt" 2>&1
 }
+# The nucleus ops run staged and unstaged (impl dmmd_unstaged: DMMD_ROW_STAGING=0) side by side.
 DMMD_BENCH_GPU_SIZES=32768x50257 bench -k "(generator_loss or denoise_step) and not linear"
+DMMD_BENCH_GPU_SIZES=32768x50257,32768x131072 bench -k "teacher_logprobs or sample_categorical"
 DMMD_BENCH_GPU_SIZES=4096x32768,4096x50257,32768x131072,4096x131072,32768x32768 \
   bench -k "(generator_loss or denoise_step) and not linear"
-DMMD_BENCH_GPU_SIZES=32768x50257,4096x50257 bench -k "teacher_logprobs or sample_categorical"
+DMMD_BENCH_GPU_SIZES=4096x50257,4096x1031 bench -k "teacher_logprobs or sample_categorical"
 bench -k "linear_generator_loss"   # 32768 rows x d 4096 x V 128256: unfused, fused, Liger's fused CE
 
 "$PY" - "$OUT" "$LOGS" "$build_rc" "$build_s" "$test_rc" "$tests_s" "$san_s" "$(( $(date +%s) - start ))" <<'PYEOF'

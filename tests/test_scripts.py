@@ -1,6 +1,7 @@
 """The scripts' pieces that run without a GPU: the GPU check's sanitizer command lines (--dry-run),
 the sanitizer probe's cases on the CPU kernels, the ptxas report, and the fingerprints of short
 runs that prove a restructure changes nothing."""
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,21 @@ def test_fingerprints_hash_what_the_runs_left_and_see_a_change(tmp_path):
     tensors[name] = tensors[name] + 1
     save_file(tensors, str(weights))
     assert fingerprint_runs.checkpoint_digest(str(checkpoint), names) != digest
+
+
+def test_gpu_report_puts_unstaged_beside_staged(tmp_path):
+    """The device check's table: per case the eager, compile and dmmd medians, and for the nucleus
+    ops the unstaged kernels' (DMMD_ROW_STAGING=0) from the same run."""
+    from bench.report import from_jsonl, gpu_table
+
+    info = {"device": "NVIDIA H100", "copy_gbps": 3000.0, "gbps": 1500.0, "share_of_copy": 0.5}
+    rows = [{"group": g, "impl": i, "median": m, "extra_info": info, "torch": "2.14.1"}
+            for g, i, m in [("sample N=1 V=2", "eager", 0.004), ("sample N=1 V=2", "compile", 0.003),
+                            ("sample N=1 V=2", "dmmd", 0.001), ("sample N=1 V=2", "dmmd_unstaged", 0.002),
+                            ("loss N=1 V=2", "dmmd", 0.001)]]
+    path = tmp_path / "gpu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = gpu_table(from_jsonl(str(path))).splitlines()
+    assert "NVIDIA H100" in table[0] and table[2].endswith("| dmmd unstaged (ms) |")
+    assert table[4].startswith("| loss N=1 V=2 | n/a | n/a | 1.00 |") and table[4].endswith("|  |")  # sorted
+    assert table[5] == "| sample N=1 V=2 | 4.00 | 3.00 | 1.00 | 4.0x | 3.0x | 1500 | 50% | 2.00 |"
