@@ -3,17 +3,30 @@
 scripts/device_check.sh runs this under memcheck, racecheck, synccheck (our kernels
 instrumented only) and initcheck (every kernel). The shapes are small so that an instrumented run takes seconds,
 but odd (V = 1031 and 50257: misaligned bf16 rows, ragged last tiles; one row; top-p < 1, which
-takes the nucleus path) so that every branch of every kernel runs. `--list` prints the cases;
+takes the nucleus path, staged in shared memory and not) so that every branch of every kernel
+runs. `--list` prints the cases;
 `--cpu` runs them here on the CPU kernels.
 Exits non-zero only if a case raises; the sanitizer's own exit code reports its findings.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 import dmmd_ops
+
+
+def unstaged(run):
+    """``run`` with rows read from global memory, not staged in shared memory (DMMD_ROW_STAGING=0)."""
+    def wrapped():
+        os.environ["DMMD_ROW_STAGING"] = "0"
+        try:
+            run()
+        finally:
+            del os.environ["DMMD_ROW_STAGING"]
+    return wrapped
 
 
 def cases(dev: str = "cuda"):
@@ -74,6 +87,10 @@ def cases(dev: str = "cuda"):
                 tag = f"{rows}x{v} {str(dtype)[6:]} top_p={top_p}"
                 out.append((f"losses {tag}", loss_case(rows, v, dtype, top_p)))
                 out.append((f"samplers {tag}", sampler_case(rows, v, dtype, top_p)))
+    # the nucleus ops' unstaged kernels: by the environment, and a row too big for shared memory
+    for name, case in (("losses", loss_case), ("samplers", sampler_case)):
+        out.append((f"{name} 37x1031 bfloat16 top_p=0.9 unstaged", unstaged(case(37, 1031, torch.bfloat16, 0.9))))
+        out.append((f"{name} 2x131072 float32 top_p=0.9 (too big to stage)", case(2, 131072, torch.float32, 0.9)))
     out.append(("grad_gram trick 3x5x64x96", gram_case(3, 5, 64, 96)))
     out.append(("grad_gram trick 33x17x40x24", gram_case(33, 17, 40, 24)))
     out.append(("philox4x32 129", philox_case()))
