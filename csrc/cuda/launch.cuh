@@ -24,6 +24,18 @@
 #define DMMD_LAUNCH_SHARED(kernel, grid, block, shared, stream) kernel<<<(grid), (block), (shared), (stream)>>>
 #endif
 
+// A row kernel built staged and unstaged (row_block.cuh, stage_row), launched with one argument
+// list: `staged` with `stage` bytes of dynamic shared memory when stage > 0 (stage_bytes_for),
+// else `unstaged`.
+#define DMMD_LAUNCH_STAGED_OR_NOT(staged, unstaged, stage, grid, block, stream, ...) \
+  do {                                                                                 \
+    if ((stage) > 0) {                                                                 \
+      DMMD_LAUNCH_SHARED(staged, grid, block, stage, stream)(__VA_ARGS__);             \
+    } else {                                                                           \
+      DMMD_LAUNCH(unstaged, grid, block, stream)(__VA_ARGS__);                         \
+    }                                                                                  \
+  } while (0)
+
 namespace dmmd::cuda {
 
 // Whether rows may be staged in shared memory (row_block.cuh, stage_row): yes unless the

@@ -11,13 +11,8 @@ void launch_teacher_logprobs(const TeacherLogprobsParams<T>& p, cudaStream_t str
   auto* const teacher_logprobs_staged = teacher_logprobs_kernel<T, true>;
   auto* const teacher_logprobs_unstaged = teacher_logprobs_kernel<T, false>;
   const int64_t stage = p.top_p < 1.0 ? stage_bytes_for(teacher_logprobs_staged, p.v, sizeof(T)) : 0;
-  if (stage > 0) {
-    DMMD_LAUNCH_SHARED(teacher_logprobs_staged, row_grid(p.rows), kThreads, stage, stream)
-    (p.a, p.sa, p.out, p.rows, p.v, p.inv_t, p.top_p, p.delta);
-  } else {
-    DMMD_LAUNCH(teacher_logprobs_unstaged, row_grid(p.rows), kThreads, stream)
-    (p.a, p.sa, p.out, p.rows, p.v, p.inv_t, p.top_p, p.delta);
-  }
+  DMMD_LAUNCH_STAGED_OR_NOT(teacher_logprobs_staged, teacher_logprobs_unstaged, stage, row_grid(p.rows), kThreads,
+                            stream, p.a, p.sa, p.out, p.rows, p.v, p.inv_t, p.top_p, p.delta);
 }
 
 template <typename T>
@@ -25,13 +20,9 @@ void launch_generator_forward(const GenForwardParams<T>& p, cudaStream_t stream)
   auto* const generator_forward_staged = generator_forward_kernel<T, true>;
   auto* const generator_forward_unstaged = generator_forward_kernel<T, false>;
   const int64_t stage = p.top_p < 1.0 ? stage_bytes_for(generator_forward_staged, p.v, sizeof(T)) : 0;
-  if (stage > 0) {
-    DMMD_LAUNCH_SHARED(generator_forward_staged, row_grid(p.rows), kThreads, stage, stream)
-    (p.u, p.su, p.a, p.sa, p.b, p.sb, p.loss, p.stats, p.rows, p.v, p.inv_t, p.top_p, p.delta);
-  } else {
-    DMMD_LAUNCH(generator_forward_unstaged, row_grid(p.rows), kThreads, stream)
-    (p.u, p.su, p.a, p.sa, p.b, p.sb, p.loss, p.stats, p.rows, p.v, p.inv_t, p.top_p, p.delta);
-  }
+  DMMD_LAUNCH_STAGED_OR_NOT(generator_forward_staged, generator_forward_unstaged, stage, row_grid(p.rows), kThreads,
+                            stream, p.u, p.su, p.a, p.sa, p.b, p.sb, p.loss, p.stats, p.rows, p.v, p.inv_t, p.top_p,
+                            p.delta);
 }
 
 template <typename T>
@@ -45,15 +36,9 @@ void launch_aux_forward(const AuxForwardParams<T>& p, cudaStream_t stream) {
   auto* const aux_forward_staged = aux_forward_kernel<T, true>;
   auto* const aux_forward_unstaged = aux_forward_kernel<T, false>;
   const int64_t stage = p.a != nullptr && p.top_p < 1.0 ? stage_bytes_for(aux_forward_staged, p.v, sizeof(T)) : 0;
-  if (stage > 0) {
-    DMMD_LAUNCH_SHARED(aux_forward_staged, row_grid(p.rows), kThreads, stage, stream)
-    (p.b, p.sb, p.a, p.sa, p.soft, p.sx, p.hard, p.loss, p.stats, p.rows, p.v, p.inv_t, p.top_p,
-     p.delta);
-  } else {
-    DMMD_LAUNCH(aux_forward_unstaged, row_grid(p.rows), kThreads, stream)
-    (p.b, p.sb, p.a, p.sa, p.soft, p.sx, p.hard, p.loss, p.stats, p.rows, p.v, p.inv_t, p.top_p,
-     p.delta);
-  }
+  DMMD_LAUNCH_STAGED_OR_NOT(aux_forward_staged, aux_forward_unstaged, stage, row_grid(p.rows), kThreads, stream, p.b,
+                            p.sb, p.a, p.sa, p.soft, p.sx, p.hard, p.loss, p.stats, p.rows, p.v, p.inv_t, p.top_p,
+                            p.delta);
 }
 
 template <typename T>

@@ -12,13 +12,8 @@ void launch_sample_categorical(const SampleParams<T>& p, cudaStream_t stream) {
   auto* const sample_categorical_staged = sample_categorical_kernel<T, true>;
   auto* const sample_categorical_unstaged = sample_categorical_kernel<T, false>;
   const int64_t stage = stage_bytes_for(sample_categorical_staged, p.v, sizeof(T));
-  if (stage > 0) {
-    DMMD_LAUNCH_SHARED(sample_categorical_staged, row_grid(p.rows), kThreads, stage, stream)
-    (p.x, p.sx, p.out, p.rows, p.v, p.inv_t, p.top_p, p.seed, p.offset);
-  } else {
-    DMMD_LAUNCH(sample_categorical_unstaged, row_grid(p.rows), kThreads, stream)
-    (p.x, p.sx, p.out, p.rows, p.v, p.inv_t, p.top_p, p.seed, p.offset);
-  }
+  DMMD_LAUNCH_STAGED_OR_NOT(sample_categorical_staged, sample_categorical_unstaged, stage, row_grid(p.rows),
+                            kThreads, stream, p.x, p.sx, p.out, p.rows, p.v, p.inv_t, p.top_p, p.seed, p.offset);
 }
 
 template <typename T>
@@ -26,15 +21,9 @@ void launch_denoise_step(const DenoiseParams<T>& p, cudaStream_t stream) {
   auto* const denoise_step_staged = denoise_step_kernel<T, true>;
   auto* const denoise_step_unstaged = denoise_step_kernel<T, false>;
   const int64_t stage = stage_bytes_for(denoise_step_staged, p.v, sizeof(T));
-  if (stage > 0) {
-    DMMD_LAUNCH_SHARED(denoise_step_staged, row_grid(p.rows), kThreads, stage, stream)
-    (p.x, p.sx, p.z, p.alpha_s, p.alpha_t, p.out, p.rows, p.v, p.masked, p.mask_id, p.inv_t, p.top_p, p.seed,
-     p.offset);
-  } else {
-    DMMD_LAUNCH(denoise_step_unstaged, row_grid(p.rows), kThreads, stream)
-    (p.x, p.sx, p.z, p.alpha_s, p.alpha_t, p.out, p.rows, p.v, p.masked, p.mask_id, p.inv_t, p.top_p, p.seed,
-     p.offset);
-  }
+  DMMD_LAUNCH_STAGED_OR_NOT(denoise_step_staged, denoise_step_unstaged, stage, row_grid(p.rows), kThreads, stream,
+                            p.x, p.sx, p.z, p.alpha_s, p.alpha_t, p.out, p.rows, p.v, p.masked, p.mask_id, p.inv_t,
+                            p.top_p, p.seed, p.offset);
 }
 
 // Soft x: one block per row. Hard x: one thread per row, 256-thread blocks.
