@@ -22,6 +22,7 @@ import torch
 import dmmd_ops
 from bench import baselines
 from bench.conftest import QUICK
+from dmmd_ops.testing import unstaged_rows
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -72,13 +73,10 @@ def _logits(n, v, count, seed=0):
 
 
 def _unstaged(fn):
-    """``fn`` with the rows not staged in shared memory (read at every launch)."""
+    """``fn`` with the rows not staged in shared memory."""
     def run():
-        os.environ["DMMD_ROW_STAGING"] = "0"
-        try:
+        with unstaged_rows():
             return fn()
-        finally:
-            del os.environ["DMMD_ROW_STAGING"]
     return run
 
 

@@ -3,6 +3,9 @@ the awkward input shapes and layouts, and random logits. The oracle itself is
 :mod:`dmmd_ops.reference` (float64). Users may import this to test code built on the ops."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -59,3 +62,19 @@ def on_device(t: torch.Tensor | None, device: str) -> torch.Tensor | None:
     base = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
     base.copy_(t)
     return base
+
+
+@contextlib.contextmanager
+def unstaged_rows():
+    """Within it, the CUDA kernels read rows from global memory pass after pass instead of
+    staging them in shared memory once (``DMMD_ROW_STAGING=0``, read at every launch): how the
+    GPU benchmarks and the sanitizer probe reach the unstaged kernels. Restores the setting."""
+    old = os.environ.get("DMMD_ROW_STAGING")
+    os.environ["DMMD_ROW_STAGING"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["DMMD_ROW_STAGING"]
+        else:
+            os.environ["DMMD_ROW_STAGING"] = old

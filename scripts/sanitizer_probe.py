@@ -10,22 +10,19 @@ Exits non-zero only if a case raises; the sanitizer's own exit code reports its 
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
 import dmmd_ops
+from dmmd_ops.testing import unstaged_rows
 
 
 def unstaged(run):
-    """``run`` with rows read from global memory, not staged in shared memory (DMMD_ROW_STAGING=0)."""
+    """``run`` with rows read from global memory, not staged in shared memory."""
     def wrapped():
-        os.environ["DMMD_ROW_STAGING"] = "0"
-        try:
+        with unstaged_rows():
             run()
-        finally:
-            del os.environ["DMMD_ROW_STAGING"]
     return wrapped
 
 
