@@ -1,7 +1,7 @@
 """The benchmark of exact sources (not a pytest-benchmark module: a script).
 
     python bench/source_benchmark.py [--sources chain4x6 parity2x5 ...] [--processes masked uniform]
-        [--ks 2 4] [--seeds 0 1 2] [--distill JSON] [--distill-steps N] [--threads 1] [--out DIR]
+        [--ks 2 4] [--seeds 0 1 2] [--distill JSON] [--distill-steps N] [--distill-batch B] [--threads 1] [--out DIR]
 
 For each source and process a teacher (trained once, cached), and for each k and seed a D-MMD
 student with dmmd distill's defaults (or the --distill overrides: a lever), with its TV along
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--curve-samples", type=int, default=100_000, help="draws per reading along training")
     ap.add_argument("--curve-points", type=int, default=4, help="readings along training (the last at the end)")
     ap.add_argument("--distill-steps", type=int, default=2000)
+    ap.add_argument("--distill-batch", type=int, default=256)
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--teacher-width", type=int, default=64)
     ap.add_argument("--teacher-depth", type=int, default=2)
@@ -46,6 +47,7 @@ def main() -> None:
     cfg = BenchConfig(sources=tuple(args.sources), processes=tuple(args.processes), ks=tuple(args.ks),
                       seeds=tuple(args.seeds), samples=args.samples, curve_samples=args.curve_samples,
                       curve_points=args.curve_points, distill_steps=args.distill_steps,
+                      distill_batch=args.distill_batch,
                       teacher_steps=args.teacher_steps, teacher_width=args.teacher_width,
                       teacher_depth=args.teacher_depth, distill=json.loads(args.distill), device=args.device,
                       out=args.out)

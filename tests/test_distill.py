@@ -106,7 +106,8 @@ def _grads(model):
 
 CASES = [("masked", {}), ("masked", {"soft_target": False, "temperature": 0.7, "top_p": 0.8, "weight": "elbo"}),
          ("masked", {"soft_target": True, "top_p": 0.9}), ("uniform", {}),
-         ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0})]
+         ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0}),
+         ("masked", {"entropy_penalty": 0.3}), ("uniform", {"entropy_penalty": 0.3})]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -146,6 +147,10 @@ def assert_step_matches_eq11_eq12(d: Distiller, process, batch, step: int) -> No
     per_token = -(_xlogy(p, lt) - _xlogy(p, la)).sum(-1)
     w = w_seq.unsqueeze(-1).expand_as(z_s)[rows]
     hand = (w * per_token).sum() / z_s.numel()
+    if cfg.entropy_penalty:  # plus the weight times the output entropy at every undecided z_t position
+        choice = (batch.z_t == process.mask_id) if kind == "masked" else torch.ones_like(z_s, dtype=torch.bool)
+        q = torch.softmax(u[choice], -1)
+        hand = hand - cfg.entropy_penalty * _xlogy(q, torch.log_softmax(u[choice], -1)).sum() / z_s.numel()
     torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
     hand.backward()
     want_gen = _grads(d.generator)
@@ -341,7 +346,8 @@ def test_times_follow_algorithm_1():
     ({"soft_target": True}, "soft_target"), ({"form": "posterior"}, "posterior"),
     ({"weight": "sqrt"}, "weight"), ({"student_steps": 0}, "student_steps"), ({"aux_per_gen": 0}, "aux_per_gen"),
     ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim"),
-    ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block")])
+    ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block"),
+    ({"entropy_penalty": -0.1}, "entropy_penalty")])
 def test_bad_options_name_the_option(kw, match):
     kind = "masked" if kw.get("form") == "posterior" else "uniform"
     teacher, process = _tiny_models(kind)

@@ -277,7 +277,19 @@ class Distiller:
             t_out = self.head.output(self.teacher, z_s, batch.s.float())
             a_out = self.head.output(self.aux, z_s, batch.s.float())
         loss = self.head.generator_loss(out, t_out, a_out, keep, w, z_s, batch.s) / z_s.numel()
-        return loss, {"gen_loss": float(loss.detach()), **entropy}
+        stats = {"gen_loss": float(loss.detach())}
+        if self.cfg.entropy_penalty:
+            loss = loss + self.cfg.entropy_penalty * self._entropy_sum(out, batch.z_t) / z_s.numel()
+        return loss, {**stats, **entropy}
+
+    def _entropy_sum(self, out: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+        """The generator's output entropies (nats) summed over the undecided ``z_t`` positions,
+        with gradient (``entropy_penalty``)."""
+        chosen = self.process.undecided(z_t)
+        logits = self.head.logits(self.generator, out[chosen], z_t[chosen])
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        finite = torch.where(logp > -math.inf, logp, 0.0)  # a class the rule rules out: no nan gradient
+        return -(logp.exp() * finite).sum()
 
     def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""

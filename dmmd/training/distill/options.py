@@ -95,6 +95,11 @@ class DistillConfig(Options):
     form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
+    # The paper's few-step masked generators must collapse their factorized output (the noise
+    # carrying the randomness); at an exact generator the penalty is zero, so it moves no fixed point
+    # that the generator can reach.
+    entropy_penalty: float = option(0.0, "weight of the generator's mean output entropy (nats per undecided "
+                                         "z_t position) added to its loss: pushes it to collapse")
     collapse_entropy: float = option(0.02, "warn when the generator's output entropy (nats) falls below this")
     dropout: bool = option(False, "keep the models' dropout on while training generator and auxiliary model "
                                   "(train mode); its masks come from the global random state, so a resumed run is "
@@ -144,6 +149,8 @@ class DistillConfig(Options):
             raise ValueError(f"time_arg must be an argument name, got {self.time_arg!r}")
         if self.schedule and self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        if not self.entropy_penalty >= 0:
+            raise ValueError(f"entropy_penalty must be >= 0, got {self.entropy_penalty}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
         if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
