@@ -296,9 +296,11 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
 def test_per_process_defaults_fill_only_unset_options():
     masked = DistillConfig().for_process("masked")
     assert (masked.lr_schedule, masked.soft_target, masked.noise_dim) == ("cosine", True, 32)
-    assert masked.noise_into == "blocks"
+    assert (masked.noise_into, masked.aux_per_gen) == ("blocks", 1)
     uniform = DistillConfig().for_process("uniform")
     assert (uniform.lr_schedule, uniform.soft_target, uniform.noise_dim) == ("constant", False, 0)
+    assert uniform.aux_per_gen == 2
+    assert DistillConfig.from_dict(dict(aux_per_gen=3)).for_process("masked").aux_per_gen == 3
     mine = DistillConfig.from_dict(dict(lr_schedule="constant", noise_dim=4)).for_process("masked")
     assert (mine.lr_schedule, mine.noise_dim, mine.noise_into) == ("constant", 4, "blocks")
     with pytest.raises(ValueError, match="lr_schedule"):
