@@ -191,7 +191,7 @@ def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_r
     digits = plain["digits"]
     assert [k for _, k, _ in students(digits, "masked")] == [2]
     assert [k for _, k, _ in students(digits, "uniform")] == [2, 4]
-    assert distill_config(digits, "masked", "student_masked_k2", 2, {}).run.steps == 3000
+    assert distill_config(digits, "masked", "student_masked_k2", 2, {}).run.steps == 2400
     assert distill_config(digits, "uniform", "student_uniform_k2", 2, {}).run.steps == 1200
     mine = part_configs(DemoConfig.from_dict({"masked_ks": (4,), "masked_distill_steps": 50}))["digits"]
     assert mine.masked_ks == (4,) and mine.masked_distill_steps == 50
