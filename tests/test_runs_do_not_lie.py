@@ -130,7 +130,7 @@ def test_an_error_during_the_steps_is_a_failure_not_a_user_error(tmp_path, monke
     monkeypatch.setattr(Distiller, "generator_loss", flaky)
     out = str(tmp_path / "student")
     code = main(["distill", "--teacher", os.path.join(teacher, "checkpoint"), "--student-steps", "2", "--steps", "9",
-                 "--batch-size", "8", "--save-every", "3", "--out", out, "--no-progress"])
+                 "--aux-per-gen", "2", "--batch-size", "8", "--save-every", "3", "--out", out, "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("dmmd distill: failed: distill k=2 failed at step 4: ValueError: ")
     assert "the last good checkpoint, step 3, is kept" in err and len(err.strip().splitlines()) == 1

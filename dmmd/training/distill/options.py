@@ -101,8 +101,8 @@ class DistillConfig(Options):
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
     # The paper's few-step masked generators must collapse their factorized output (the noise
-    # carrying the randomness); at an exact generator the penalty is zero, so it moves no fixed point
-    # that the generator can reach.
+    # carrying the randomness); the penalty is zero at a generator whose noise carries all of it,
+    # so it moves no such fixed point (README, "Fifth round": it hurt the benchmark's students).
     entropy_penalty: float = option(0.0, "weight of the generator's mean output entropy (nats per undecided "
                                          "z_t position) added to its loss: pushes it to collapse")
     collapse_entropy: float = option(0.02, "warn when the generator's output entropy (nats) falls below this")
