@@ -35,8 +35,8 @@ build: $(INSTALLED)
 	$(call quiet,compiling dmmd_ops._C (incremental),$(PY) setup.py build_ext --inplace)
 	@$(PY) -c "import dmmd_ops, sys; sys.exit(0 if dmmd_ops.EXTENSION_LOADED else 1)"
 
-# The test suite (12 min 58 s on a 2-core AMD EPYC, idle: CI on a clean clone of a312b79, 2026-12-06) with its
-# 15 slowest tests, then a smoke run of the benchmarks (59 s).
+# The test suite (12 min 31 s on a 2-core AMD EPYC, idle: CI on a clean clone of 644fc89, 2026-12-06) with its
+# 15 slowest tests, then a smoke run of the benchmarks (55 s).
 test: build
 	$(PY) -m pytest -q --durations=15
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider bench --benchmark-disable
