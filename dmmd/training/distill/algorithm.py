@@ -287,9 +287,7 @@ class Distiller:
         with gradient (``entropy_penalty``)."""
         chosen = self.process.undecided(z_t)
         logits = self.head.logits(self.generator, out[chosen], z_t[chosen])
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        finite = torch.where(logp > -math.inf, logp, 0.0)  # a class the rule rules out: no nan gradient
-        return -(logp.exp() * finite).sum()
+        return _entropy(torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)).sum()
 
     def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
         """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""
@@ -310,8 +308,7 @@ class Distiller:
         h = torch.empty(flat.shape[0], dtype=torch.float64, device=flat.device)
         step = max(1, ENTROPY_CHUNK // flat.shape[1])
         for lo in range(0, flat.shape[0], step):  # in chunks: the temporaries stay small
-            logp = torch.log_softmax(flat[lo:lo + step].float(), -1)
-            h[lo:lo + step] = -(torch.where(logp > -math.inf, logp.exp() * logp, 0.0)).sum(-1).double()
+            h[lo:lo + step] = _entropy(torch.log_softmax(flat[lo:lo + step].float(), -1)).double()
         return h.reshape(logits.shape[:-1]), self.process.undecided(z_t)
 
     def _weights(self, batch: DistillBatch, z_s: torch.Tensor):
@@ -452,6 +449,12 @@ class _RecomputedChunks(torch.autograd.Function):
             grads[1] += g_w
             grads[2] += g_b
         return (*grads, None, None)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Per row, ``-sum p log p`` of log-probabilities ``logp`` (a class at ``-inf`` adds 0, with
+    no nan in the gradient)."""
+    return -(logp.exp() * torch.where(logp > -math.inf, logp, 0.0)).sum(-1)
 
 
 class _Mean:
