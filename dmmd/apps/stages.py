@@ -17,8 +17,12 @@ from dmmd.training.loop import NOT_RESULT
 
 def settings_key(settings: Options | dict) -> str:
     """A short hash of a run's settings (a config or a plain dict), without its output directory
-    and the run options that do not change what its steps compute (:data:`NOT_RESULT`)."""
+    and the run options that do not change what its steps compute (:data:`NOT_RESULT`), with
+    what a config's unset options will resolve to (its ``implicit_settings()``, where it has one)."""
     d = settings.to_dict() if isinstance(settings, Options) else json.loads(json.dumps(settings))
+    implicit = settings.implicit_settings() if hasattr(settings, "implicit_settings") else {}
+    if implicit:  # defaults resolved later (per process): a changed default is a changed setting
+        d["implicit"] = implicit
     run = d.get("run")
     if isinstance(run, dict):
         for name in NOT_RESULT:

@@ -179,6 +179,12 @@ class DistillConfig(Options):
         cfg.validate(kind)
         return cfg
 
+    def implicit_settings(self) -> dict:
+        """The per-process defaults its unset options will take, for every process (the process
+        is the teacher's, not known here): a stage keyed by its settings must change with them."""
+        return {name: {kind: defaults[name] for kind, defaults in PROCESS_DEFAULTS.items()}
+                for name in PROCESS_DEFAULTS["masked"] if getattr(self, name) is None}
+
     def noise_spec(self) -> NoiseSpec | None:
         """The generator's noise input these (resolved: :meth:`for_process`) options ask for."""
         if self.noise_dim is None:
