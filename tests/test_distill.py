@@ -18,6 +18,7 @@ from dmmd.data import make_source
 from dmmd.diffusion.processes import DiffusionProcess
 from dmmd.diffusion.sampling import sample
 from dmmd.models.denoiser import Denoiser, DenoiserConfig
+from dmmd.models.external import as_denoiser
 from dmmd.models.noise import NoiseSpec
 from dmmd.training.checkpoint import load_tensors
 from dmmd.training.distill import (
@@ -31,6 +32,7 @@ from dmmd.training.distill import (
     loss_weight,
     student_fn,
 )
+from dmmd.training.distill.noise import build_generator
 from dmmd.training.teacher import TeacherConfig, train_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,7 +351,7 @@ def test_times_follow_algorithm_1():
     ({"weight": "sqrt"}, "weight"), ({"student_steps": 0}, "student_steps"), ({"aux_per_gen": 0}, "aux_per_gen"),
     ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim"),
     ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block"),
-    ({"entropy_penalty": -0.1}, "entropy_penalty")])
+    ({"entropy_penalty": -0.1}, "entropy_penalty"), ({"extra_blocks": -1}, "extra_blocks")])
 def test_bad_options_name_the_option(kw, match):
     kind = "masked" if kw.get("form") == "posterior" else "uniform"
     teacher, process = _tiny_models(kind)
@@ -371,6 +373,27 @@ def test_collapse_warning():
         warnings.simplefilter("error")
         for _ in range(300):  # low entropy alone (a confident generator) is no collapse
             healthy.update({"aux_loss": 1.0, "gen_entropy": 0.0})
+
+
+def test_extra_blocks_start_as_the_identity_and_then_learn():
+    teacher, process = _tiny_models("masked")
+    _perturb(teacher, 0.3, 5)  # a teacher whose output is not uniform, so "the same function" says something
+    cfg = DistillConfig.from_dict(dict(batch_size=4, noise_init=0.0, extra_blocks=2))
+    d = Distiller(teacher, process, cfg)
+    gen = d.generator
+    assert gen.config.depth == teacher.config.depth + 2 and len(gen.noise_projections()) == 1 + gen.config.depth
+    z = torch.tensor([[process.mask_id, 1, process.mask_id, 0, process.mask_id]] * 2)
+    t = torch.tensor([0.7, 1.0], dtype=torch.float64)
+    noise = torch.randn(2, 5, 32, dtype=torch.float64)
+    torch.testing.assert_close(gen(z, t, noise).softmax(-1), teacher(z, t).softmax(-1))
+    # the new blocks are not dead: a gradient reaches them (an auxiliary model unlike the teacher)
+    d = Distiller(teacher, process, cfg.replace(noise_init=0.1))
+    _perturb(d.aux, 0.2, 2)
+    batch = draw_batch(_Source(7, 5), process, d.cfg, d.noise, step=0)
+    d.generator_loss(batch, 0)[0].backward()
+    assert all(d.generator.blocks[i].proj.weight.grad.abs().max() > 0 for i in (-2, -1))
+    with pytest.raises(ValueError, match="extra_blocks is for dmmd's own denoiser"):
+        build_generator(as_denoiser(torch.nn.Embedding(5, 5), num_classes=5, mask_id=4), None, extra_blocks=1)
 
 
 # ---------------------------------------------------------------- runs on a trained teacher
@@ -415,6 +438,15 @@ def test_resumed_distillation_is_bit_identical(tiny_teacher, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 7))
     assert {"gen_loss", "gen_grad_norm", "gen_entropy"} <= set(log[0]) and "aux_loss" in log[1]
     assert 0 < log[0]["gen_entropy"] <= math.log(4) + 1e-6  # nats over the 4 data classes (never the mask)
+
+
+def test_a_student_with_extra_blocks_is_saved_and_loaded_with_them(tiny_teacher, tmp_path):
+    teacher, _ = tiny_teacher
+    result = distill(_distill_cfg(teacher, tmp_path, extra_blocks=1), progress=False)
+    student, process, _ = load_student(result["checkpoint"])
+    assert student.config.depth == 2 and len(student.blocks) == 2  # the teacher's one block, plus one
+    x = sample(student_fn(student, 0), process, 3, 6, 2, seed=0)
+    assert x.shape == (3, 6) and int(x.max()) < 4
 
 
 def test_two_process_ddp_equals_one_process(tiny_teacher, tmp_path):

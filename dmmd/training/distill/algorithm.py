@@ -105,7 +105,8 @@ class Distiller:
             raise ValueError("noise_per='pyramid' needs an image teacher (trained on image data)")
         self.cfg, self.process = cfg, process
         self.teacher = teacher.eval().requires_grad_(False)
-        self.generator = build_generator(teacher, cfg.noise_spec(), cfg.noise_init, cfg.run.seed, cfg.noise_module)
+        self.generator = build_generator(teacher, cfg.noise_spec(), cfg.noise_init, cfg.run.seed, cfg.noise_module,
+                                         cfg.extra_blocks)
         self.noise = self.generator.noise_spec  # what draw_batch draws for it (None: no noise input)
         # Dropout (and any other train-mode randomness) off unless asked for: its masks would come
         # from the global RNG, outside the (seed, step) streams that make resume and DDP exact.

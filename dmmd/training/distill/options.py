@@ -100,6 +100,8 @@ class DistillConfig(Options):
     form: str = option("xhat", "xhat (eq. 11/12) or posterior (Appendix D, uniform diffusion)")
     posterior_ds: float | None = option(None, "Appendix D: s - s' of the posterior vectors (none: 1/(2k))")
     draw_block: int = option(16, "sequences per random stream (keeps draws independent of the process count)")
+    extra_blocks: int = option(0, "dmmd's own teacher: blocks added to the generator after the teacher's, each "
+                                  "starting as the identity (the generator starts as the teacher, with more depth)")
     # The paper's few-step masked generators must collapse their factorized output (the noise
     # carrying the randomness); the penalty is zero at a generator whose noise carries all of it,
     # so it moves no such fixed point (README, "Fifth round": it hurt the benchmark's students).
@@ -121,6 +123,8 @@ class DistillConfig(Options):
         process ``kind``, ``"masked"`` or ``"uniform"``) the first that does not fit it."""
         if self.student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {self.student_steps}")
+        if self.extra_blocks < 0:
+            raise ValueError(f"extra_blocks must be >= 0, got {self.extra_blocks}")
         if self.aux_per_gen is not None and self.aux_per_gen < 1:
             raise ValueError(f"aux_per_gen must be >= 1, got {self.aux_per_gen}")
         if self.weight not in WEIGHTS:
