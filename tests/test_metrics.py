@@ -1,7 +1,8 @@
-"""Metrics: exact TV on a small space; per-example gradient Gram matrices against brute-force
-``torch.func`` gradients on a tiny GPT-2 loaded from a local directory (tied embeddings, with
-and without a prompt, with padding); the MMD^2 U-statistic against its formula; the U-statistic
-and the paper's batch-pair estimator agree in expectation."""
+"""Metrics: exact TV on a small space and its share from impossible samples; per-example
+gradient Gram matrices against brute-force ``torch.func`` gradients on a tiny GPT-2 loaded from
+a local directory (tied embeddings, with and without a prompt, with padding); the MMD^2
+U-statistic against its formula; the U-statistic and the paper's batch-pair estimator agree in
+expectation."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,16 @@ import math
 import pytest
 import torch
 
-from dmmd.data import MarkovSource, make_source
-from dmmd.metrics import chain_quality, exact_nll, gradient_moment, mmd2_ustat, per_example_gram, total_variation
+from dmmd.data import MarkovSource, ParitySource, make_source
+from dmmd.metrics import (
+    chain_quality,
+    exact_nll,
+    gradient_moment,
+    mmd2_ustat,
+    outside_support,
+    per_example_gram,
+    total_variation,
+)
 from dmmd.metrics.gram import _token_losses
 
 transformers = pytest.importorskip("transformers")
@@ -31,6 +40,30 @@ def test_total_variation_is_exact_on_a_small_space():
     assert math.isinf(exact_nll(bad, src).value)
     with pytest.raises(ValueError, match="samples"):
         total_variation(torch.zeros(5, 3, dtype=torch.long), src)
+
+
+def test_outside_support_splits_the_total_variation():
+    src = ParitySource(2, 4)  # 8 possible sequences of 16, each 1/8
+    seqs, p = src.all_sequences()
+    possible, impossible = seqs[p > 0], seqs[p == 0]
+    # every possible sequence once, the first impossible one twice, one id outside V = 2
+    x = torch.cat([possible, impossible[:1].repeat(2, 1), torch.tensor([[0, 0, 2, 0]])])
+    out = outside_support(x, src)
+    assert out.value == pytest.approx(3 / 11, abs=1e-12) and out.samples == 11
+    assert out.stderr == pytest.approx(math.sqrt(3 / 11 * 8 / 11 / 11))
+    # here the possible sequences are evenly weighted: the whole TV is the impossible share
+    assert total_variation(x, src).value == pytest.approx(3 / 11, abs=1e-12)
+    # only possible sequences, badly weighted: nothing outside, the TV is all misweighting
+    skewed = torch.cat([possible, possible[:1].repeat(8, 1)])
+    assert outside_support(skewed, src).value == 0.0
+    assert total_variation(skewed, src).value == pytest.approx(0.5 * (9 / 16 - 1 / 8 + 7 * (1 / 8 - 1 / 16)))
+    # TV >= outside on any draw
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        r = torch.randint(0, 2, (200, 4), generator=gen)
+        assert total_variation(r, src).value >= outside_support(r, src).value - 1e-12
+    with pytest.raises(ValueError, match="samples"):
+        outside_support(torch.zeros(5, 3, dtype=torch.long), src)
 
 
 def test_chain_quality_counts_impossible_samples_exact_nll_and_diversity():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dmmd.apps.source_bench import SOURCES, BenchConfig, markdown_table, merge_results, plot, run_bench, verdict
+from dmmd.apps.stages import keyed_file
 from dmmd.data import DataConfig, MarkovSource, ParitySource, make_source
 from dmmd.metrics import total_variation
 
@@ -75,13 +76,28 @@ def test_short_benchmark_runs_and_caches_by_settings(tmp_path):
     assert row["source"] == "parity2x5" and row["verdict_4k"] in ("reaches", "short")
     (student,) = row["students"]
     assert [c["step"] for c in student["curve"]] == [10, 20] and student["entropy"]
-    assert "parity2x5" in markdown_table([row])
+    # the end reading splits the TV: impossible samples, the rest misweighting of possible ones
+    assert 0 <= student["outside"] <= student["tv"] and row["student_outside"]["mean"] == student["outside"]
+    assert 0 <= row["teacher_4k"]["outside"] <= row["teacher_4k"]["mean"]
+    assert f"| {student['outside']:.3f} / {row['teacher_4k']['outside']:.3f} |" in markdown_table([row])
+    # a row from before the split: a dash, not a number
+    old = {**row, "teacher_4k": {"mean": 0.1, "stderr": 0.01}}
+    del old["student_outside"]
+    assert markdown_table([old]).endswith("| — |")
     plot([row, row], str(tmp_path / "curves.png"))  # TV along training, entropy per coarse step, noise norm
     assert (tmp_path / "curves.png").stat().st_size > 1000
     teachers, students = os.listdir(tmp_path / "teachers"), os.listdir(tmp_path / "students")
     # the same settings again: every stage read from its cache, the same numbers
     (again,) = run_bench(cfg, progress=False, log=lambda *_: None)
     assert again["student_k"] == row["student_k"] and again["teacher_k"] == row["teacher_k"]
+    # a reading cached before the split is drawn again from the same weights: the same TV
+    reading = keyed_file(student["out"], "tv", {"step": 20, "samples": 4000, "seed": cfg.seed + 1})
+    with open(reading) as f:
+        cached_reading = json.load(f)
+    with open(reading, "w") as f:
+        json.dump({"tv": cached_reading["tv"], "tv_stderr": cached_reading["tv_stderr"]}, f)
+    (upgraded,) = run_bench(cfg, progress=False, log=lambda *_: None)
+    assert upgraded["students"][0]["outside"] == student["outside"] and upgraded["student_k"] == row["student_k"]
     assert os.listdir(tmp_path / "teachers") == teachers
     # a lever: a new student next to the old one, the same teacher
     cfg.distill = {"noise_per": "token"}

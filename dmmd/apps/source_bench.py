@@ -11,7 +11,9 @@ Per (source, process): one teacher, trained once. Per k and seed: one student di
 ``dmmd distill``'s defaults (or the ``distill`` overrides: the lever under test), its TV along
 training (``curve_points`` readings of the EMA weights) and at the end, against the teacher at
 k and at 4k steps (one sampling seed: the teacher's spread over sampling seeds is about its
-sampling standard error, 0.001-0.002 TV at 10^5 draws). Every stage is cached under ``out`` in a
+sampling standard error, 0.001-0.002 TV at 10^5 draws). The end readings also split the TV: the
+share of impossible samples (outside the data's support) and the rest, the misweighting of the
+possible sequences (:func:`dmmd.metrics.outside_support`). Every stage is cached under ``out`` in a
 directory or file named by a hash of everything that produces it (:mod:`dmmd.apps.stages`), so
 a changed setting recomputes that stage and what depends on it, nothing else;
 ``bench/source_benchmark.py`` runs it, a short case is a test.
@@ -30,7 +32,7 @@ from dmmd.apps.verdicts import reaches as verdict
 from dmmd.apps.verdicts import summarize
 from dmmd.data import make_source
 from dmmd.extras import require
-from dmmd.metrics import total_variation
+from dmmd.metrics import outside_support, total_variation
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import checkpoint_exists, read_state, write_json_atomic
 from dmmd.training.distill import DistillConfig, distill, load_student
@@ -133,19 +135,31 @@ class BenchConfig(Options):
 
 
 def _tv(model, noise_seed: int, process, source, device: str, samples: int, steps: int, seed: int) -> dict:
+    """A sampler's TV to the data and the share of it that impossible samples make (the rest is
+    the misweighting of the possible sequences)."""
     x = draw(model, process, samples, source.length, steps, seed=seed, noise_seed=noise_seed, batch_size=25_000,
              device=device)
-    d = total_variation(x, source)
-    return {"tv": d.value, "tv_stderr": d.stderr}
+    d, out = total_variation(x, source), outside_support(x, source)
+    return {"tv": d.value, "tv_stderr": d.stderr, "outside": out.value, "outside_stderr": out.stderr}
+
+
+def _reading(path: str, compute, *, upgrade: bool = True) -> dict:
+    """A cached :func:`_tv` reading. One cached before readings carried the share outside the
+    support is drawn again when ``upgrade`` (the same weights and seeds: the same draws)."""
+    r = cached(path, compute)
+    if upgrade and "outside" not in r:
+        r = compute()
+        write_json_atomic(path, r)
+    return r
 
 
 def _teacher_tv(cfg: BenchConfig, out: str, teacher, process, source, steps: int) -> dict:
     """The teacher's TV at ``steps`` from one sampling seed (its spread over seeds is about its
     sampling standard error), cached in its directory."""
     key = {"steps": steps, "samples": cfg.samples, "seed": cfg.seed + 1}
-    r = cached(keyed_file(out, "tv", key), partial(_tv, teacher, 0, process, source, cfg.device, cfg.samples, steps,
-                                                   cfg.seed + 1))
-    return {"mean": r["tv"], "stderr": r["tv_stderr"]}
+    r = _reading(keyed_file(out, "tv", key), partial(_tv, teacher, 0, process, source, cfg.device, cfg.samples,
+                                                     steps, cfg.seed + 1))
+    return {"mean": r["tv"], "stderr": r["tv_stderr"], "outside": r["outside"], "outside_stderr": r["outside_stderr"]}
 
 
 def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int, seed: int, progress: bool) -> dict:
@@ -167,10 +181,11 @@ def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int
             continue  # the weights of that point are gone
         student, process, state = load_student(checkpoint, device=cfg.device)
         train_seconds = state.get("train_seconds", train_seconds)
-        reading = cached(keyed_file(dcfg.run.out, "tv", key), partial(
-            _tv, student, seed + 2, process, source, cfg.device, samples, k, cfg.seed + 1 + seed))
+        reading = _reading(keyed_file(dcfg.run.out, "tv", key), partial(
+            _tv, student, seed + 2, process, source, cfg.device, samples, k, cfg.seed + 1 + seed), upgrade=final)
         curve.append({"step": at, **reading})
-    return {"seed": seed, "tv": curve[-1]["tv"], "curve": curve, "train_seconds": train_seconds,
+    return {"seed": seed, "tv": curve[-1]["tv"], "outside": curve[-1]["outside"], "curve": curve,
+            "train_seconds": train_seconds,
             "entropy": _read_log(os.path.join(dcfg.run.out, "log.jsonl")), "out": dcfg.run.out}
 
 
@@ -206,7 +221,8 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
                 row = {"source": src, "process": kind, "k": k, "distill": cfg.distill,
                        "teacher_k": _teacher_tv(cfg, tcfg.run.out, teacher, process, source, k),
                        "teacher_4k": _teacher_tv(cfg, tcfg.run.out, teacher, process, source, 4 * k),
-                       "student_k": summarize([s["tv"] for s in students]), "students": students}
+                       "student_k": summarize([s["tv"] for s in students]),
+                       "student_outside": summarize([s["outside"] for s in students]), "students": students}
                 row["vs_teacher_k"] = row["student_k"]["mean"] / row["teacher_k"]["mean"]
                 row["vs_teacher_4k"] = row["student_k"]["mean"] / row["teacher_4k"]["mean"]
                 row["verdict_4k"] = verdict(row["student_k"], row["teacher_4k"])
@@ -235,15 +251,23 @@ def _cell(d: dict) -> str:
     return f"{d['mean']:.3f} ± {d['std' if 'std' in d else 'stderr']:.3f}"
 
 
+def _outside(row: dict) -> str:
+    """The share of impossible samples, student (mean over seeds) / teacher at 4k steps; a dash
+    for rows from before the benchmark measured it."""
+    student, teacher = row.get("student_outside"), row["teacher_4k"].get("outside")
+    return "—" if student is None or teacher is None else f"{student['mean']:.3f} / {teacher:.3f}"
+
+
 def format_row(row: dict) -> str:
     return (f"| {row['source']} | {row['process']} | {row['k']} | {_cell(row['teacher_k'])} | "
             f"{_cell(row['student_k'])} | {_cell(row['teacher_4k'])} | "
-            f"{row['vs_teacher_k']:.2f} | {row['vs_teacher_4k']:.2f} | {row['verdict_4k']} |")
+            f"{row['vs_teacher_k']:.2f} | {row['vs_teacher_4k']:.2f} | {row['verdict_4k']} | {_outside(row)} |")
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| source | process | k | teacher, k steps | student, k steps | teacher, 4k steps | "
-            "student / teacher k | student / teacher 4k | vs 4k |\n|---|---|---|---|---|---|---|---|---|")
+            "student / teacher k | student / teacher 4k | vs 4k | impossible samples, student / teacher 4k |"
+            "\n|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *(format_row(r) for r in rows)])
 
 

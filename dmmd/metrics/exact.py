@@ -1,7 +1,8 @@
 """Exact distances on small synthetic spaces: with a source that knows ``log p(x)`` and can
 enumerate its sequences (:class:`dmmd.data.sources.MarkovSource`), the total variation between a
-sampler's empirical distribution and the data distribution, the exact NLL of samples, and
-what a reader of a Markov chain's samples sees (:func:`chain_quality`).
+sampler's empirical distribution and the data distribution and the share of it that impossible
+samples make, the exact NLL of samples, and what a reader of a Markov chain's samples sees
+(:func:`chain_quality`).
 """
 from __future__ import annotations
 
@@ -32,14 +33,10 @@ def _sequence_ids(x: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return (x.long() * powers).sum(-1)
 
 
-def total_variation(samples: torch.Tensor, source) -> Distance:
-    """``TV(empirical(samples), p) = 1/2 sum_x |p_hat(x) - p(x)|`` over every sequence.
-
-    ``source`` must provide ``vocab_size``, ``length`` and ``all_sequences()`` (sequences and
-    their exact probabilities). Samples outside the data's support (a mask id left over, an
-    impossible transition) count fully. The estimate is biased upward by sampling noise,
-    roughly ``sum_x sqrt(p(x) / (2 pi N))``; ``stderr`` is a delta-method standard error.
-    """
+def _locate(samples: torch.Tensor, source):
+    """``samples [N, L]`` checked and placed among every sequence of ``source``: ``(N, valid,
+    pos, p)``, ``valid`` the rows whose ids are all in ``[0, V)``, ``pos`` their indices into the
+    enumeration, ``p`` its exact probabilities."""
     if samples.dim() != 2 or samples.shape[1] != source.length:
         raise ValueError(f"samples must have shape [N, {source.length}], got {tuple(samples.shape)}")
     n = samples.shape[0]
@@ -48,11 +45,22 @@ def total_variation(samples: torch.Tensor, source) -> Distance:
     seqs, p = source.all_sequences()
     v = source.vocab_size
     valid = ((samples >= 0) & (samples < v)).all(-1)
-    ids = _sequence_ids(samples[valid].cpu(), v)
     all_ids = _sequence_ids(seqs, v)  # sorted: itertools.product order
-    counts = torch.zeros(len(all_ids), dtype=torch.float64)
-    pos = torch.searchsorted(all_ids, ids)
-    counts.index_add_(0, pos, torch.ones(len(ids), dtype=torch.float64))
+    pos = torch.searchsorted(all_ids, _sequence_ids(samples[valid].cpu(), v))
+    return n, valid.cpu(), pos, p
+
+
+def total_variation(samples: torch.Tensor, source) -> Distance:
+    """``TV(empirical(samples), p) = 1/2 sum_x |p_hat(x) - p(x)|`` over every sequence.
+
+    ``source`` must provide ``vocab_size``, ``length`` and ``all_sequences()`` (sequences and
+    their exact probabilities). Samples outside the data's support (a mask id left over, an
+    impossible transition) count fully. The estimate is biased upward by sampling noise,
+    roughly ``sum_x sqrt(p(x) / (2 pi N))``; ``stderr`` is a delta-method standard error.
+    """
+    n, valid, pos, p = _locate(samples, source)
+    counts = torch.zeros(len(p), dtype=torch.float64)
+    counts.index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))
     p_hat = counts / n
     diff = p_hat - p
     tv = 0.5 * (float(diff.abs().sum()) + float((~valid).sum()) / n)
@@ -61,6 +69,17 @@ def total_variation(samples: torch.Tensor, source) -> Distance:
     f = torch.cat([sign[pos], torch.ones(int((~valid).sum()), dtype=torch.float64)])
     stderr = 0.5 * float(f.std()) / math.sqrt(n) if n > 1 else float("nan")
     return Distance(tv, stderr, n)
+
+
+def outside_support(samples: torch.Tensor, source) -> Distance:
+    """The share of ``samples`` the data never produces (probability 0 under ``source``, or an
+    id outside ``[0, V)``): the part of :func:`total_variation` that impossible samples make.
+    ``TV >= outside`` always (the possible sequences miss exactly that mass), and ``TV - outside``
+    is how wrongly the possible sequences are weighted, so the two say whether a sampler's error
+    is inconsistency or misweighting. ``stderr`` is binomial."""
+    n, valid, pos, p = _locate(samples, source)
+    share = (int((~valid).sum()) + int((p[pos] == 0).sum())) / n
+    return Distance(share, math.sqrt(share * (1 - share) / n), n)
 
 
 def exact_nll(samples: torch.Tensor, source) -> Distance:
