@@ -109,7 +109,9 @@ def _grads(model):
 CASES = [("masked", {}), ("masked", {"soft_target": False, "temperature": 0.7, "top_p": 0.8, "weight": "elbo"}),
          ("masked", {"soft_target": True, "top_p": 0.9}), ("uniform", {}),
          ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0}),
-         ("masked", {"entropy_penalty": 0.3}), ("uniform", {"entropy_penalty": 0.3})]
+         ("masked", {"entropy_penalty": 0.3}), ("uniform", {"entropy_penalty": 0.3}),
+         ("masked", {"aux_teacher_weight": 0.0}), ("masked", {"aux_teacher_weight": 0.3, "soft_target": False}),
+         ("uniform", {"aux_teacher_weight": 0.5, "top_p": 0.8})]
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -174,7 +176,7 @@ def assert_step_matches_eq11_eq12(d: Distiller, process, batch, step: int) -> No
         torch.nn.functional.one_hot(x[rows], process.num_classes).double()
     q = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta).exp()
     la = torch.log_softmax(b[rows], -1)
-    hand = (w * -(_xlogy(target, la) + _xlogy(q, la)).sum(-1)).sum() / z_s.numel()
+    hand = (w * -(_xlogy(target, la) + cfg.aux_teacher_weight * _xlogy(q, la)).sum(-1)).sum() / z_s.numel()
     torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
     hand.backward()
     want_aux = _grads(d.aux)
@@ -199,8 +201,21 @@ def _pi(process, probs, z_s, s_prev, s):
     return out
 
 
-def test_appendix_d_posterior_form_equals_eq24_and_eq26():
-    d, process, cfg, batch = _setup("uniform", form="posterior", posterior_ds=0.1, top_p=0.8)
+@pytest.mark.parametrize("fused", [False, True])
+def test_auxiliary_steps_without_the_teacher_term_do_not_run_the_teacher(fused):
+    d, process, cfg, batch = _setup("masked", aux_teacher_weight=0.0, fused_losses=fused)
+    calls = []
+    d.teacher.register_forward_hook(lambda *_: calls.append(1))
+    d.aux_loss(batch, 5)
+    assert not calls
+    d.generator_loss(batch, 4)  # the generator's eq. 11 still needs it
+    assert calls
+
+
+@pytest.mark.parametrize("aux_teacher_weight", [1.0, 0.4])
+def test_appendix_d_posterior_form_equals_eq24_and_eq26(aux_teacher_weight):
+    d, process, cfg, batch = _setup("uniform", form="posterior", posterior_ds=0.1, top_p=0.8,
+                                    aux_teacher_weight=aux_teacher_weight)
     step = 4
     loss, _ = d.generator_loss(batch, step)
     loss.backward()
@@ -224,7 +239,7 @@ def test_appendix_d_posterior_form_equals_eq24_and_eq26():
 
     loss, _ = d.aux_loss(batch, step)
     pi_x = _pi(process, torch.nn.functional.one_hot(x, process.num_classes).double(), z_s, s_prev, batch.s)
-    hand = -((pi_x + pi_t) * pi_a.log()).sum() / z_s.numel()  # eq. 26
+    hand = -((pi_x + aux_teacher_weight * pi_t) * pi_a.log()).sum() / z_s.numel()  # eq. 26
     torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
 
 
@@ -351,7 +366,8 @@ def test_times_follow_algorithm_1():
     ({"weight": "sqrt"}, "weight"), ({"student_steps": 0}, "student_steps"), ({"aux_per_gen": 0}, "aux_per_gen"),
     ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim"),
     ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block"),
-    ({"entropy_penalty": -0.1}, "entropy_penalty"), ({"extra_blocks": -1}, "extra_blocks")])
+    ({"entropy_penalty": -0.1}, "entropy_penalty"), ({"extra_blocks": -1}, "extra_blocks"),
+    ({"aux_teacher_weight": -0.5}, "aux_teacher_weight"), ({"aux_teacher_weight": float("nan")}, "aux_teacher_weight")])
 def test_bad_options_name_the_option(kw, match):
     kind = "masked" if kw.get("form") == "posterior" else "uniform"
     teacher, process = _tiny_models(kind)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -291,13 +292,18 @@ class Distiller:
         return _entropy(torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)).sum()
 
     def aux_loss(self, batch: DistillBatch, step: int) -> tuple[torch.Tensor, dict]:
-        """Eq. 12 (or eq. 26), gradient to the auxiliary model only. Returns ``(loss, stats)``."""
+        """Eq. 12 (or eq. 26), gradient to the auxiliary model only, its teacher term weighted by
+        ``aux_teacher_weight`` (the teacher is not run at weight 0). Returns ``(loss, stats)``."""
+        lam = self.cfg.aux_teacher_weight
         with torch.no_grad():
             out, x, z_s, entropy = self._generate(batch, step)
             w, keep = self._weights(batch, z_s)
-            t_out = self.head.output(self.teacher, z_s, batch.s.float())
+            t_out = self.head.output(self.teacher, z_s, batch.s.float()) if lam else None
         a_out = self.head.output(self.aux_net, z_s, batch.s.float())
-        loss = self.head.aux_loss(a_out, t_out, keep, w, z_s, batch.s, x=x, gen=out.detach(), z_t=batch.z_t)
+        loss = partial(self.head.aux_loss, a_out, keep=keep, w=w, z_s=z_s, s=batch.s, x=x, gen=out.detach(),
+                       z_t=batch.z_t)
+        # -sum (x + lam q_teacher) log q_aux = lam * (eq. 12) + (1 - lam) * (its data term alone)
+        loss = loss(t_out) if lam in (0, 1) else lam * loss(t_out) + (1 - lam) * loss(None)
         loss = loss / z_s.numel()
         return loss, {"aux_loss": float(loss.detach()), **entropy}
 
@@ -352,10 +358,12 @@ class LogitsHead:
         return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep], **self._teacher_options())
 
     def aux_loss(self, b, a, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
-        """Eq. 12 summed over the kept positions: auxiliary ``b`` and teacher ``a`` at ``z_s``,
-        the target (:meth:`targets`) from the sample ``x`` or the generator's output ``gen``."""
+        """Eq. 12 summed over the kept positions: auxiliary ``b`` and teacher ``a`` at ``z_s``
+        (``a`` None: without the teacher term), the target (:meth:`targets`) from the sample ``x``
+        or the generator's output ``gen``."""
         target = self.targets(x[keep], gen[keep], z_t[keep])
-        return dmmd_ops.aux_loss(b[keep], target, a[keep], weight=w[keep], **self._teacher_options())
+        return dmmd_ops.aux_loss(b[keep], target, None if a is None else a[keep], weight=w[keep],
+                                 **self._teacher_options())
 
 
 class PosteriorHead(LogitsHead):
@@ -377,8 +385,8 @@ class PosteriorHead(LogitsHead):
             onehot = torch.nn.functional.one_hot(x, d.process.num_classes).to(torch.float64)
             target = torch.exp(d._log_posterior(onehot, z_s, s))
             target = (target / target.sum(-1, keepdim=True)).to(b.dtype)
-            a = d._log_posterior(d._teacher_probs(a), z_s, s)
-        return dmmd_ops.aux_loss(b[keep], target[keep], a[keep], weight=w[keep])
+            a = None if a is None else d._log_posterior(d._teacher_probs(a), z_s, s)[keep]
+        return dmmd_ops.aux_loss(b[keep], target[keep], a, weight=w[keep])
 
 
 class FusedHead(LogitsHead):
@@ -408,13 +416,15 @@ class FusedHead(LogitsHead):
         probabilities never exist at once either."""
         d = self.d
         with torch.no_grad():
-            wt, bt = (p.detach() for p in d.teacher.output_head())
+            wt, bt = (None, None) if ht is None else (p.detach() for p in d.teacher.output_head())
         wa, ba = d.aux.output_head()
-        ha, ht, w, x, gen, z_t = ha[keep], ht[keep], w[keep], x[keep], gen[keep], z_t[keep]
+        ha, w, x, gen, z_t = ha[keep], w[keep], x[keep], gen[keep], z_t[keep]
+        ht = None if ht is None else ht[keep]
 
         def chunk_loss(rows: slice, h, weight, bias) -> torch.Tensor:
-            return dmmd_ops.linear_aux_loss(h, weight, self.targets(x[rows], gen[rows], z_t[rows]), ht[rows], wt,
-                                            b_aux=bias, b_teacher=bt, weight=w[rows], **self._teacher_options())
+            return dmmd_ops.linear_aux_loss(h, weight, self.targets(x[rows], gen[rows], z_t[rows]),
+                                            None if ht is None else ht[rows], wt, b_aux=bias, b_teacher=bt,
+                                            weight=w[rows], **self._teacher_options())
 
         rows = chunk_rows_for(wa.shape[0], 3)
         if not d.cfg.soft_target or ha.shape[0] <= rows:  # hard targets: ids, the op chunks the rest

@@ -71,6 +71,12 @@ class DistillConfig(Options):
     weight_decay: float = option(0.0, "AdamW weight decay")
     ema: float = option(0.99, "decay of the generator's exponential moving average")
     weight: str = option("constant", "loss weight w(s): constant, or elbo (-alpha'(s) / (1 - alpha(s)))")
+    # Eq. 12's second term pulls the auxiliary model towards the teacher: its minimiser is the mean
+    # of the generator's and the teacher's conditionals, so where the generator is wrong the
+    # auxiliary model reports half the error. Weight 0 leaves the auxiliary model the generator's
+    # own conditional (the paper: the term does not change the fixed point).
+    aux_teacher_weight: float = option(1.0, "weight of eq. 12's teacher term in the auxiliary loss (1: the paper's; "
+                                            "0: the auxiliary model learns the generator's samples alone)")
     soft_target: bool | None = option(None, "masked diffusion: train the auxiliary model on x_hat_eta(z_t) "
                                             "instead of the sample x" + _per_process("soft_target"))
     temperature: float = option(1.0, "teacher temperature (paper section 3.3)")
@@ -158,8 +164,9 @@ class DistillConfig(Options):
             raise ValueError(f"time_arg must be an argument name, got {self.time_arg!r}")
         if self.schedule and self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
-        if not self.entropy_penalty >= 0:
-            raise ValueError(f"entropy_penalty must be >= 0, got {self.entropy_penalty}")
+        for name in ("entropy_penalty", "aux_teacher_weight"):
+            if not getattr(self, name) >= 0:  # nan too
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.draw_block < 1:
             raise ValueError(f"draw_block must be >= 1, got {self.draw_block}")
         if self.posterior_ds is not None and not 0 < self.posterior_ds <= 1:
