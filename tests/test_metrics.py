@@ -19,6 +19,7 @@ from dmmd.metrics import (
     outside_support,
     per_example_gram,
     total_variation,
+    total_variation_and_outside,
 )
 from dmmd.metrics.gram import _token_losses
 
@@ -50,6 +51,7 @@ def test_outside_support_splits_the_total_variation():
     x = torch.cat([possible, impossible[:1].repeat(2, 1), torch.tensor([[0, 0, 2, 0]])])
     out = outside_support(x, src)
     assert out.value == pytest.approx(3 / 11, abs=1e-12) and out.samples == 11
+    assert total_variation_and_outside(x, src) == (total_variation(x, src), out)  # one enumeration, both
     assert out.stderr == pytest.approx(math.sqrt(3 / 11 * 8 / 11 / 11))
     # here the possible sequences are evenly weighted: the whole TV is the impossible share
     assert total_variation(x, src).value == pytest.approx(3 / 11, abs=1e-12)

@@ -32,7 +32,7 @@ from dmmd.apps.verdicts import reaches as verdict
 from dmmd.apps.verdicts import summarize
 from dmmd.data import make_source
 from dmmd.extras import require
-from dmmd.metrics import outside_support, total_variation
+from dmmd.metrics import total_variation_and_outside
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import checkpoint_exists, read_state, write_json_atomic
 from dmmd.training.distill import DistillConfig, distill, load_student
@@ -139,7 +139,7 @@ def _tv(model, noise_seed: int, process, source, device: str, samples: int, step
     the misweighting of the possible sequences)."""
     x = draw(model, process, samples, source.length, steps, seed=seed, noise_seed=noise_seed, batch_size=25_000,
              device=device)
-    d, out = total_variation(x, source), outside_support(x, source)
+    d, out = total_variation_and_outside(x, source)
     return {"tv": d.value, "tv_stderr": d.stderr, "outside": out.value, "outside_stderr": out.stderr}
 
 

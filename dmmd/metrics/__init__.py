@@ -3,7 +3,14 @@ Gradient Moment of a reference causal LM (paper section 5): per-example gradient
 matrices (:mod:`.gram`) and the two GM estimators (:mod:`.moment`); generative perplexity and
 unigram entropy (:mod:`.quality`); the Frechet distance of feature statistics, FID with an
 image classifier's features (:mod:`.fid`)."""
-from dmmd.metrics.exact import Distance, chain_quality, exact_nll, outside_support, total_variation
+from dmmd.metrics.exact import (
+    Distance,
+    chain_quality,
+    exact_nll,
+    outside_support,
+    total_variation,
+    total_variation_and_outside,
+)
 from dmmd.metrics.fid import fid, frechet_distance
 from dmmd.metrics.gram import per_example_gram
 from dmmd.metrics.moment import GradientMoment, gradient_moment, mmd2_ustat
@@ -11,4 +18,4 @@ from dmmd.metrics.quality import generative_perplexity, unigram_entropy
 
 __all__ = ["Distance", "GradientMoment", "chain_quality", "exact_nll", "fid", "frechet_distance",
            "generative_perplexity", "gradient_moment", "mmd2_ustat", "outside_support", "per_example_gram",
-           "total_variation", "unigram_entropy"]
+           "total_variation", "total_variation_and_outside", "unigram_entropy"]

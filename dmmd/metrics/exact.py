@@ -50,14 +50,9 @@ def _locate(samples: torch.Tensor, source):
     return n, valid.cpu(), pos, p
 
 
-def total_variation(samples: torch.Tensor, source) -> Distance:
-    """``TV(empirical(samples), p) = 1/2 sum_x |p_hat(x) - p(x)|`` over every sequence.
-
-    ``source`` must provide ``vocab_size``, ``length`` and ``all_sequences()`` (sequences and
-    their exact probabilities). Samples outside the data's support (a mask id left over, an
-    impossible transition) count fully. The estimate is biased upward by sampling noise,
-    roughly ``sum_x sqrt(p(x) / (2 pi N))``; ``stderr`` is a delta-method standard error.
-    """
+def total_variation_and_outside(samples: torch.Tensor, source) -> tuple[Distance, Distance]:
+    """:func:`total_variation` and :func:`outside_support` of the same samples, from one
+    enumeration of ``source`` (the part of either that costs: ``V^L`` sequences)."""
     n, valid, pos, p = _locate(samples, source)
     counts = torch.zeros(len(p), dtype=torch.float64)
     counts.index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))
@@ -68,7 +63,19 @@ def total_variation(samples: torch.Tensor, source) -> Distance:
     sign = torch.sign(diff)
     f = torch.cat([sign[pos], torch.ones(int((~valid).sum()), dtype=torch.float64)])
     stderr = 0.5 * float(f.std()) / math.sqrt(n) if n > 1 else float("nan")
-    return Distance(tv, stderr, n)
+    share = (int((~valid).sum()) + int((p[pos] == 0).sum())) / n
+    return Distance(tv, stderr, n), Distance(share, math.sqrt(share * (1 - share) / n), n)
+
+
+def total_variation(samples: torch.Tensor, source) -> Distance:
+    """``TV(empirical(samples), p) = 1/2 sum_x |p_hat(x) - p(x)|`` over every sequence.
+
+    ``source`` must provide ``vocab_size``, ``length`` and ``all_sequences()`` (sequences and
+    their exact probabilities). Samples outside the data's support (a mask id left over, an
+    impossible transition) count fully. The estimate is biased upward by sampling noise,
+    roughly ``sum_x sqrt(p(x) / (2 pi N))``; ``stderr`` is a delta-method standard error.
+    """
+    return total_variation_and_outside(samples, source)[0]
 
 
 def outside_support(samples: torch.Tensor, source) -> Distance:
@@ -77,9 +84,7 @@ def outside_support(samples: torch.Tensor, source) -> Distance:
     ``TV >= outside`` always (the possible sequences miss exactly that mass), and ``TV - outside``
     is how wrongly the possible sequences are weighted, so the two say whether a sampler's error
     is inconsistency or misweighting. ``stderr`` is binomial."""
-    n, valid, pos, p = _locate(samples, source)
-    share = (int((~valid).sum()) + int((p[pos] == 0).sum())) / n
-    return Distance(share, math.sqrt(share * (1 - share) / n), n)
+    return total_variation_and_outside(samples, source)[1]
 
 
 def exact_nll(samples: torch.Tensor, source) -> Distance:
