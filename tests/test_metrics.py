@@ -20,6 +20,7 @@ from dmmd.metrics import (
     per_example_gram,
     total_variation,
     total_variation_and_outside,
+    window_tv,
 )
 from dmmd.metrics.gram import _token_losses
 
@@ -66,6 +67,56 @@ def test_outside_support_splits_the_total_variation():
         assert total_variation(r, src).value >= outside_support(r, src).value - 1e-12
     with pytest.raises(ValueError, match="samples"):
         outside_support(torch.zeros(5, 3, dtype=torch.long), src)
+
+
+def _window_tv_written_out(x, src, width):
+    """window_tv by counting tuples in Python (float64 sums over dicts)."""
+    seqs, p = src.all_sequences()
+    v, length = src.vocab_size, src.length
+    rows = [tuple(r) for r in x.tolist()]
+    out = []
+    for j in range(length - width + 1):
+        data, seen = {}, {}
+        for seq, pr in zip(seqs.tolist(), p.tolist(), strict=True):
+            data[tuple(seq[j:j + width])] = data.get(tuple(seq[j:j + width]), 0.0) + pr
+        bad = 0
+        for r in rows:
+            if all(0 <= t < v for t in r):
+                seen[r[j:j + width]] = seen.get(r[j:j + width], 0) + 1
+            else:
+                bad += 1
+        keys = set(data) | set(seen)
+        out.append(0.5 * (sum(abs(seen.get(c, 0) / len(rows) - data.get(c, 0.0)) for c in keys) + bad / len(rows)))
+    return out
+
+
+def test_window_tv_is_the_tv_of_each_windows_marginals():
+    src = ParitySource(2, 4)  # 8 possible sequences of 16, each 1/8
+    seqs, p = src.all_sequences()
+    possible, impossible = seqs[p > 0], seqs[p == 0]
+    # parity: any three of the four bits of the even sequences are uniform, and so are the odd
+    # ones', so every window short of the whole sequence sees no error in the odd sequences,
+    # whose whole-sequence TV is 1: the error is all in the joint
+    for x, whole in ((possible, 0.0), (impossible, 1.0)):
+        for width in (1, 2, 3):
+            assert window_tv(x, src, width).tolist() == pytest.approx([0.0] * (5 - width), abs=1e-12)
+        assert window_tv(x, src, 4).tolist() == [pytest.approx(whole, abs=1e-12)]
+    # random draws of a Markov chain, one id outside V: against the tuples counted in Python;
+    # the whole-sequence window is the TV, and no window's TV exceeds it
+    src = MarkovSource(3, 5, fanout=2, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([src.sample(300, gen), torch.randint(0, 3, (100, 5), generator=gen)])
+    x[7, 2] = 3
+    tv = total_variation(x, src).value
+    for width in range(1, 6):
+        got = window_tv(x, src, width)
+        assert got.dtype == torch.float64 and got.shape == (6 - width,)
+        assert got.tolist() == pytest.approx(_window_tv_written_out(x, src, width), abs=1e-12)
+        assert (got <= tv + 1e-12).all()
+    assert window_tv(x, src, 5).item() == pytest.approx(tv, abs=1e-12)
+    for width in (0, 6):
+        with pytest.raises(ValueError, match="width"):
+            window_tv(x, src, width)
 
 
 def test_chain_quality_counts_impossible_samples_exact_nll_and_diversity():

@@ -79,6 +79,10 @@ def test_short_benchmark_runs_and_caches_by_settings(tmp_path):
     # the end reading splits the TV: impossible samples, the rest misweighting of possible ones
     assert 0 <= student["outside"] <= student["tv"] and row["student_outside"]["mean"] == student["outside"]
     assert 0 <= row["teacher_4k"]["outside"] <= row["teacher_4k"]["mean"]
+    # and gives the TV of each position's and each adjacent pair's marginals, none above the TV
+    for end, tv in ((student, student["tv"]), (row["teacher_4k"], row["teacher_4k"]["mean"])):
+        assert len(end["position_tv"]) == 5 and len(end["pair_tv"]) == 4
+        assert max(end["position_tv"]) <= max(end["pair_tv"]) + 1e-12 and max(end["pair_tv"]) <= tv + 1e-12
     assert f"| {student['outside']:.3f} / {row['teacher_4k']['outside']:.3f} |" in markdown_table([row])
     # a row from before the split: a dash, not a number
     old = {**row, "teacher_4k": {"mean": 0.1, "stderr": 0.01}}
@@ -98,6 +102,7 @@ def test_short_benchmark_runs_and_caches_by_settings(tmp_path):
         json.dump({"tv": cached_reading["tv"], "tv_stderr": cached_reading["tv_stderr"]}, f)
     (upgraded,) = run_bench(cfg, progress=False, log=lambda *_: None)
     assert upgraded["students"][0]["outside"] == student["outside"] and upgraded["student_k"] == row["student_k"]
+    assert upgraded["students"][0]["pair_tv"] == student["pair_tv"]
     assert os.listdir(tmp_path / "teachers") == teachers
     # a lever: a new student next to the old one, the same teacher
     cfg.distill = {"noise_per": "token"}

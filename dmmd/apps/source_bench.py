@@ -13,7 +13,9 @@ training (``curve_points`` readings of the EMA weights) and at the end, against 
 k and at 4k steps (one sampling seed: the teacher's spread over sampling seeds is about its
 sampling standard error, 0.001-0.002 TV at 10^5 draws). The end readings also split the TV: the
 share of impossible samples (outside the data's support) and the rest, the misweighting of the
-possible sequences (:func:`dmmd.metrics.outside_support`). Every stage is cached under ``out`` in a
+possible sequences (:func:`dmmd.metrics.outside_support`), and give the TV of every position's
+marginal and every adjacent pair's (:func:`dmmd.metrics.window_tv`): how much of the error is
+already in them and how much only in the joint. Every stage is cached under ``out`` in a
 directory or file named by a hash of everything that produces it (:mod:`dmmd.apps.stages`), so
 a changed setting recomputes that stage and what depends on it, nothing else;
 ``bench/source_benchmark.py`` runs it, a short case is a test.
@@ -32,7 +34,7 @@ from dmmd.apps.verdicts import reaches as verdict
 from dmmd.apps.verdicts import summarize
 from dmmd.data import make_source
 from dmmd.extras import require
-from dmmd.metrics import total_variation_and_outside
+from dmmd.metrics import total_variation_and_outside, window_tv
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import checkpoint_exists, read_state, write_json_atomic
 from dmmd.training.distill import DistillConfig, distill, load_student
@@ -135,19 +137,21 @@ class BenchConfig(Options):
 
 
 def _tv(model, noise_seed: int, process, source, device: str, samples: int, steps: int, seed: int) -> dict:
-    """A sampler's TV to the data and the share of it that impossible samples make (the rest is
-    the misweighting of the possible sequences)."""
+    """A sampler's TV to the data, the share of it that impossible samples make (the rest is the
+    misweighting of the possible sequences), and the TV of each position's marginal and of each
+    adjacent pair's (where the sequence's TV goes beyond them, the error is in the joint)."""
     x = draw(model, process, samples, source.length, steps, seed=seed, noise_seed=noise_seed, batch_size=25_000,
              device=device)
     d, out = total_variation_and_outside(x, source)
-    return {"tv": d.value, "tv_stderr": d.stderr, "outside": out.value, "outside_stderr": out.stderr}
+    return {"tv": d.value, "tv_stderr": d.stderr, "outside": out.value, "outside_stderr": out.stderr,
+            "position_tv": window_tv(x, source, 1).tolist(), "pair_tv": window_tv(x, source, 2).tolist()}
 
 
 def _reading(path: str, compute, *, upgrade: bool = True) -> dict:
-    """A cached :func:`_tv` reading. One cached before readings carried the share outside the
-    support is drawn again when ``upgrade`` (the same weights and seeds: the same draws)."""
+    """A cached :func:`_tv` reading. One cached before readings carried all of :func:`_tv`'s
+    numbers is drawn again when ``upgrade`` (the same weights and seeds: the same draws)."""
     r = cached(path, compute)
-    if upgrade and "outside" not in r:
+    if upgrade and not {"outside", "position_tv", "pair_tv"} <= r.keys():
         r = compute()
         write_json_atomic(path, r)
     return r
@@ -159,7 +163,8 @@ def _teacher_tv(cfg: BenchConfig, out: str, teacher, process, source, steps: int
     key = {"steps": steps, "samples": cfg.samples, "seed": cfg.seed + 1}
     r = _reading(keyed_file(out, "tv", key), partial(_tv, teacher, 0, process, source, cfg.device, cfg.samples,
                                                      steps, cfg.seed + 1))
-    return {"mean": r["tv"], "stderr": r["tv_stderr"], "outside": r["outside"], "outside_stderr": r["outside_stderr"]}
+    return {"mean": r["tv"], "stderr": r["tv_stderr"], "outside": r["outside"], "outside_stderr": r["outside_stderr"],
+            "position_tv": r["position_tv"], "pair_tv": r["pair_tv"]}
 
 
 def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int, seed: int, progress: bool) -> dict:
@@ -184,7 +189,9 @@ def run_student(cfg: BenchConfig, tcfg: TeacherConfig, source, name: str, k: int
         reading = _reading(keyed_file(dcfg.run.out, "tv", key), partial(
             _tv, student, seed + 2, process, source, cfg.device, samples, k, cfg.seed + 1 + seed), upgrade=final)
         curve.append({"step": at, **reading})
-    return {"seed": seed, "tv": curve[-1]["tv"], "outside": curve[-1]["outside"], "curve": curve,
+    end = curve[-1]
+    return {"seed": seed, "tv": end["tv"], "outside": end["outside"], "position_tv": end["position_tv"],
+            "pair_tv": end["pair_tv"], "curve": curve,
             "train_seconds": train_seconds,
             "entropy": _read_log(os.path.join(dcfg.run.out, "log.jsonl")), "out": dcfg.run.out}
 

@@ -10,6 +10,7 @@ from dmmd.metrics.exact import (
     outside_support,
     total_variation,
     total_variation_and_outside,
+    window_tv,
 )
 from dmmd.metrics.fid import fid, frechet_distance
 from dmmd.metrics.gram import per_example_gram
@@ -18,4 +19,4 @@ from dmmd.metrics.quality import generative_perplexity, unigram_entropy
 
 __all__ = ["Distance", "GradientMoment", "chain_quality", "exact_nll", "fid", "frechet_distance",
            "generative_perplexity", "gradient_moment", "mmd2_ustat", "outside_support", "per_example_gram",
-           "total_variation", "total_variation_and_outside", "unigram_entropy"]
+           "total_variation", "total_variation_and_outside", "unigram_entropy", "window_tv"]

@@ -1,7 +1,8 @@
 """Exact distances on small synthetic spaces: with a source that knows ``log p(x)`` and can
 enumerate its sequences (:class:`dmmd.data.sources.MarkovSource`), the total variation between a
 sampler's empirical distribution and the data distribution and the share of it that impossible
-samples make, the exact NLL of samples, and what a reader of a Markov chain's samples sees
+samples make, the TV of the marginals of each position (or window of positions), the exact NLL
+of samples, and what a reader of a Markov chain's samples sees
 (:func:`chain_quality`).
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ def _sequence_ids(x: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def _locate(samples: torch.Tensor, source):
     """``samples [N, L]`` checked and placed among every sequence of ``source``: ``(N, valid,
-    pos, p)``, ``valid`` the rows whose ids are all in ``[0, V)``, ``pos`` their indices into the
-    enumeration, ``p`` its exact probabilities."""
+    pos, seqs, p)``, ``valid`` the rows whose ids are all in ``[0, V)``, ``pos`` their indices
+    into the enumeration ``seqs``, ``p`` its exact probabilities."""
     if samples.dim() != 2 or samples.shape[1] != source.length:
         raise ValueError(f"samples must have shape [N, {source.length}], got {tuple(samples.shape)}")
     n = samples.shape[0]
@@ -47,13 +48,13 @@ def _locate(samples: torch.Tensor, source):
     valid = ((samples >= 0) & (samples < v)).all(-1)
     all_ids = _sequence_ids(seqs, v)  # sorted: itertools.product order
     pos = torch.searchsorted(all_ids, _sequence_ids(samples[valid].cpu(), v))
-    return n, valid.cpu(), pos, p
+    return n, valid.cpu(), pos, seqs, p
 
 
 def total_variation_and_outside(samples: torch.Tensor, source) -> tuple[Distance, Distance]:
     """:func:`total_variation` and :func:`outside_support` of the same samples, from one
     enumeration of ``source`` (the part of either that costs: ``V^L`` sequences)."""
-    n, valid, pos, p = _locate(samples, source)
+    n, valid, pos, _, p = _locate(samples, source)
     counts = torch.zeros(len(p), dtype=torch.float64)
     counts.index_add_(0, pos, torch.ones(len(pos), dtype=torch.float64))
     p_hat = counts / n
@@ -85,6 +86,31 @@ def outside_support(samples: torch.Tensor, source) -> Distance:
     is how wrongly the possible sequences are weighted, so the two say whether a sampler's error
     is inconsistency or misweighting. ``stderr`` is binomial."""
     return total_variation_and_outside(samples, source)[1]
+
+
+def window_tv(samples: torch.Tensor, source, width: int = 1) -> torch.Tensor:
+    """TV between the samples' and the data's marginal distributions of every window of
+    ``width`` consecutive positions: float64 ``[L - width + 1]``, window ``j`` covering positions
+    ``j .. j + width - 1`` (``width`` 1: each token's marginal; 2: adjacent pairs). Each is a TV
+    between marginals of the two distributions, so at most :func:`total_variation` (equal to it
+    at ``width = L``); where the whole-sequence TV goes beyond them, the error is in the joint.
+    A sample holding an id outside ``[0, V)`` counts fully in every window (as in
+    :func:`total_variation`)."""
+    n, valid, _, seqs, p = _locate(samples, source)
+    length, v = source.length, source.vocab_size
+    if not 1 <= width <= length:
+        raise ValueError(f"width must be in [1, {length}], got {width}")
+    x = samples[valid].cpu().long()
+    powers = v ** torch.arange(width - 1, -1, -1, dtype=torch.long)
+    bad = float((~valid).sum()) / n
+    out = torch.empty(length - width + 1, dtype=torch.float64)
+    for j in range(length - width + 1):
+        data = torch.zeros(v ** width, dtype=torch.float64)
+        data.index_add_(0, (seqs[:, j:j + width].long() * powers).sum(-1), p.double())
+        seen = torch.zeros(v ** width, dtype=torch.float64)
+        seen.index_add_(0, (x[:, j:j + width] * powers).sum(-1), torch.ones(len(x), dtype=torch.float64))
+        out[j] = 0.5 * (float((seen / n - data).abs().sum()) + bad)
+    return out
 
 
 def exact_nll(samples: torch.Tensor, source) -> Distance:
