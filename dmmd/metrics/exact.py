@@ -100,15 +100,14 @@ def window_tv(samples: torch.Tensor, source, width: int = 1) -> torch.Tensor:
     length, v = source.length, source.vocab_size
     if not 1 <= width <= length:
         raise ValueError(f"width must be in [1, {length}], got {width}")
-    x = samples[valid].cpu().long()
-    powers = v ** torch.arange(width - 1, -1, -1, dtype=torch.long)
+    x = samples.cpu()[valid]
     bad = float((~valid).sum()) / n
     out = torch.empty(length - width + 1, dtype=torch.float64)
     for j in range(length - width + 1):
         data = torch.zeros(v ** width, dtype=torch.float64)
-        data.index_add_(0, (seqs[:, j:j + width].long() * powers).sum(-1), p.double())
+        data.index_add_(0, _sequence_ids(seqs[:, j:j + width], v), p.double())
         seen = torch.zeros(v ** width, dtype=torch.float64)
-        seen.index_add_(0, (x[:, j:j + width] * powers).sum(-1), torch.ones(len(x), dtype=torch.float64))
+        seen.index_add_(0, _sequence_ids(x[:, j:j + width], v), torch.ones(len(x), dtype=torch.float64))
         out[j] = 0.5 * (float((seen / n - data).abs().sum()) + bad)
     return out
 
