@@ -51,6 +51,10 @@ def test_first_difference_walks_nested_settings():
                             free=("steps", "out")) is None
     assert first_difference(saved, {"lr": 1.0, "run": {"steps": 5, "out": "a", "seed": 2}}) == ("run.seed", 1, 2)
     assert first_difference(saved, {"new_option": 3, "lr": 1.0}) is None  # added since: not compared
+    # ... unless what the writer did in its place is known and differs
+    assert first_difference(saved, {"new_option": 3}, absent={"new_option": 1}) == ("new_option", 1, 3)
+    assert first_difference(saved, {"new_option": 1}, absent={"new_option": 1}) is None
+    assert first_difference(saved, {"run": {"seed": 1, "new": 0}}, absent={"run.new": 2}) == ("run.new", 2, 0)
 
 
 class _Scripted:

@@ -269,9 +269,11 @@ class RunLoop:
 
     def __init__(self, cfg: RunConfig, ctx: RunContext, trained: dict[str, Trained], *, name: str,
                  state: Callable[[int], dict] | None = None, evaluate: Callable[[int], dict] | None = None,
-                 postfix: Callable[[dict, dict], dict] | None = None, settings: dict | None = None):
+                 postfix: Callable[[dict, dict], dict] | None = None, settings: dict | None = None,
+                 absent: dict | None = None):
         self.cfg, self.ctx, self.trained, self.name = cfg, ctx, trained, name
         self.settings = settings  # the run's resolved config, checked against a resumed checkpoint's
+        self.absent = absent  # what an option missing from an older checkpoint's config stood for
         self.state_fn = state or (lambda done: {})
         self.evaluate = evaluate or (lambda done: {})
         self.postfix = postfix or (lambda record, metrics: {})
@@ -310,7 +312,7 @@ class RunLoop:
                 return {}
             saved = read_state(self.checkpoint).get("config")
             if self.settings is not None and isinstance(saved, dict):
-                diff = first_difference(saved, self.settings, free=RESUME_FREE)
+                diff = first_difference(saved, self.settings, free=RESUME_FREE, absent=self.absent)
                 if diff is not None:
                     key, old, new = diff
                     raise UserError(f"{self.cfg.out} holds a run made with other settings: {key} was {old!r} there, "
@@ -470,16 +472,19 @@ def _rebuilt(optimizer: torch.optim.Optimizer, params) -> torch.optim.Optimizer:
     return type(optimizer)(params, **{k: v for k, v in optimizer.defaults.items() if k in takes})
 
 
-def first_difference(saved: dict, now: dict, *, free=(), prefix: str = "") -> tuple[str, object, object] | None:
+def first_difference(saved: dict, now: dict, *, free=(), absent: dict | None = None,
+                     prefix: str = "") -> tuple[str, object, object] | None:
     """The first option (``section.name``) whose value differs between two nested config dicts,
-    with both values, or ``None``; leaf names in ``free`` and keys only one side has (options
-    added since the other was written) are not compared."""
+    with both values, or ``None``; leaf names in ``free`` are not compared, nor keys only one side
+    has (options added since the other was written), unless ``absent`` (``section.name`` -> value)
+    says what the code that wrote ``saved`` did in the option's place."""
+    absent = absent or {}
     for key in now:
-        if key not in saved:
+        if key not in saved and f"{prefix}{key}" not in absent:
             continue
-        a, b = saved[key], now[key]
+        a, b = saved.get(key, absent.get(f"{prefix}{key}")), now[key]
         if isinstance(a, dict) and isinstance(b, dict):
-            found = first_difference(a, b, free=free, prefix=f"{prefix}{key}.")
+            found = first_difference(a, b, free=free, absent=absent, prefix=f"{prefix}{key}.")
             if found is not None:
                 return found
         elif key not in free and _normal(a) != _normal(b):
