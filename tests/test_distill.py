@@ -110,7 +110,7 @@ CASES = [("masked", {}), ("masked", {"soft_target": False, "temperature": 0.7, "
          ("masked", {"soft_target": True, "top_p": 0.9}), ("uniform", {}),
          ("uniform", {"temperature": 1.3, "top_p": 0.75, "delta": 3.0}),
          ("masked", {"entropy_penalty": 0.3}), ("uniform", {"entropy_penalty": 0.3}),
-         ("masked", {"aux_teacher_weight": 0.0}), ("masked", {"aux_teacher_weight": 0.3, "soft_target": False}),
+         ("masked", {"aux_teacher_weight": 1.0}), ("masked", {"aux_teacher_weight": 0.3, "soft_target": False}),
          ("uniform", {"aux_teacher_weight": 0.5, "top_p": 0.8})]
 
 
@@ -203,7 +203,8 @@ def _pi(process, probs, z_s, s_prev, s):
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_auxiliary_steps_without_the_teacher_term_do_not_run_the_teacher(fused):
-    d, process, cfg, batch = _setup("masked", aux_teacher_weight=0.0, fused_losses=fused)
+    d, process, cfg, batch = _setup("masked", fused_losses=fused)  # the masked default: weight 0
+    assert cfg.aux_teacher_weight == 0
     calls = []
     d.teacher.register_forward_hook(lambda *_: calls.append(1))
     d.aux_loss(batch, 5)
@@ -313,10 +314,11 @@ def test_generator_starts_as_the_teacher_and_noise_is_on_for_masked():
 def test_per_process_defaults_fill_only_unset_options():
     masked = DistillConfig().for_process("masked")
     assert (masked.lr_schedule, masked.soft_target, masked.noise_dim) == ("cosine", True, 32)
-    assert (masked.noise_into, masked.aux_per_gen) == ("blocks", 1)
+    assert (masked.noise_into, masked.aux_per_gen, masked.aux_teacher_weight) == ("blocks", 1, 0.0)
     uniform = DistillConfig().for_process("uniform")
     assert (uniform.lr_schedule, uniform.soft_target, uniform.noise_dim) == ("constant", False, 0)
-    assert uniform.aux_per_gen == 2
+    assert (uniform.aux_per_gen, uniform.aux_teacher_weight) == (2, 1.0)
+    assert DistillConfig.from_dict(dict(aux_teacher_weight=1.0)).for_process("masked").aux_teacher_weight == 1.0
     assert DistillConfig.from_dict(dict(aux_per_gen=3)).for_process("masked").aux_per_gen == 3
     mine = DistillConfig.from_dict(dict(lr_schedule="constant", noise_dim=4)).for_process("masked")
     assert (mine.lr_schedule, mine.noise_dim, mine.noise_into) == ("constant", 4, "blocks")

@@ -4,6 +4,7 @@ skipped and too many in a row fail the run with its last good checkpoint kept, a
 the steps is a failure (not a user error), and DDP ranks agree on when a time limit stops them."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,32 @@ def test_first_difference_walks_nested_settings():
     assert first_difference(saved, {"new_option": 3}, absent={"new_option": 1}) == ("new_option", 1, 3)
     assert first_difference(saved, {"new_option": 1}, absent={"new_option": 1}) is None
     assert first_difference(saved, {"run": {"seed": 1, "new": 0}}, absent={"run.new": 2}) == ("run.new", 2, 0)
+
+
+def test_a_masked_student_from_before_aux_teacher_weight_resumes_only_with_the_teacher_term(tmp_path, capsys):
+    """Such a run ran eq. 12 with its teacher term (weight 1); today's masked default is 0, so
+    resuming it with the defaults would silently change the run."""
+    teacher = str(tmp_path / "teacher")
+    train_teacher(TeacherConfig.from_dict({**TINY, "out": teacher}), progress=False)
+    student = str(tmp_path / "student")
+
+    def distill(steps: int, *options: str) -> int:
+        return main(["distill", "--teacher", os.path.join(teacher, "checkpoint"), "--student-steps", "2",
+                     "--steps", str(steps), "--batch-size", "8", "--out", student, "--no-progress", *options])
+
+    assert distill(2, "--aux-teacher-weight", "1") == 0
+    state_file = os.path.join(student, "checkpoint", "state.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    assert state["state"]["config"]["aux_teacher_weight"] == 1.0
+    del state["state"]["config"]["aux_teacher_weight"]  # as the code before the option wrote it
+    with open(state_file, "w") as f:
+        json.dump(state, f)
+    assert distill(4) == 2  # the masked default: refused, one line, nothing run
+    assert "aux_teacher_weight was 1.0 there, 0.0 now" in capsys.readouterr().err
+    assert read_state(os.path.join(student, "checkpoint"))["step"] == 2
+    assert distill(4, "--aux-teacher-weight", "1") == 0
+    assert read_state(os.path.join(student, "checkpoint"))["step"] == 4
 
 
 class _Scripted:

@@ -15,7 +15,7 @@ from dmmd.models.external import ExternalDenoiser
 from dmmd.training.checkpoint import save_checkpoint
 from dmmd.training.distill.algorithm import Distiller, draw_batch
 from dmmd.training.distill.monitor import CollapseMonitor
-from dmmd.training.distill.options import DistillConfig
+from dmmd.training.distill.options import ABSENT_OPTIONS, DistillConfig
 from dmmd.training.distill.teachers import DistillTeacher, load_distill_teacher, student_state
 from dmmd.training.loop import RunLoop, Trained, Update, UserError, run_context, warmup_constant, warmup_cosine
 from dmmd.training.masked_lm import is_masked_lm, save_masked_lm
@@ -125,7 +125,8 @@ def distill_teacher(teacher: DistillTeacher, cfg: DistillConfig, *, resume: bool
         return {"gen": f"{record['gen_loss']:.4f}", "H": f"{record['gen_entropy']:.3f}"}
 
     loop = RunLoop(run, ctx, trained, name=f"distill k={cfg.student_steps}", postfix=postfix,
-                   state=lambda done: student_state(d, cfg, teacher), settings=cfg.to_dict())
+                   state=lambda done: student_state(d, cfg, teacher), settings=cfg.to_dict(),
+                   absent=ABSENT_OPTIONS)
     if resume:
         loop.resume()
     if teacher.conventions is not None and ctx.rank == 0:  # what the teacher is taken to be, before the steps
