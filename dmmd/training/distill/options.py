@@ -21,9 +21,9 @@ FORMS = ("xhat", "posterior")
 # step), which the benchmark of exact sources measured better on five of its sources and digits
 # over three seeds and worse on one (README, "The benchmark of exact sources"); uniform students
 # keep two (one auxiliary step helped one of two rows tried and hurt the other).
-# aux_teacher_weight: masked students drop eq. 12's teacher term (0), better on five of seven
-# sources over three seeds at k = 2 (README, "Ninth round"); uniform students keep the paper's 1
-# (not measured without it).
+# aux_teacher_weight: masked students drop eq. 12's teacher term (0), better on 11 of the 14
+# masked rows of the benchmark and digits (k = 2 and 4, three seeds), worse on two (README,
+# "Ninth round"); uniform students keep the paper's 1 (0 was worse on both sources tried).
 PROCESS_DEFAULTS = {
     "masked": {"lr_schedule": "cosine", "soft_target": True, "noise_dim": 32, "noise_init": 0.1,
                "noise_into": "blocks", "aux_per_gen": 1, "aux_teacher_weight": 0.0},
