@@ -20,8 +20,9 @@ from dmmd.apps.verdicts import against_teacher
 
 # The demo's image settings: ImageStudyConfig fields (the rest keep the study's defaults)
 # (masked students need a longer distillation than uniform ones to beat their teacher: one k = 2
-# masked student of 2400 steps, 1200 of them generator steps, fits the demo's quarter of an hour
-# with a margin, see README "The main job")
+# masked student of 2400 steps, 1200 of them generator steps, fitted the demo's quarter of an hour
+# on the 2-core machine that measured it (12 min 55 s), not on one 1.4x slower (17 min 22 s): see
+# README "The main job")
 DEFAULTS = dict(out="runs/demo/digits", processes=("uniform", "masked"), parts=("main",), ks=(2, 4),
                 teacher_grid=(1, 2, 4, 8, 16, 32, 64), samples=1000, teacher_steps=2500, distill_steps=1200,
                 masked_ks=(2,), masked_distill_steps=2400)
