@@ -292,7 +292,9 @@ def test_one_step_losses_equal_eq11_and_eq12_with_the_familys_call_written_out(t
     teacher, _, meta = load_masked_lm(write_family(tmp_path, family), trust_remote_code=True)
     teacher = teacher.double()
     process = DiffusionProcess.of(teacher.config, meta["schedule"])
-    cfg = DistillConfig.from_dict({"batch_size": 6, "student_steps": 2, "draw_block": 3, "seed": 3})
+    # eq. 12 with its teacher term (the masked default leaves it out): the aux loss calls the teacher too
+    cfg = DistillConfig.from_dict({"batch_size": 6, "student_steps": 2, "draw_block": 3, "seed": 3,
+                                   "aux_teacher_weight": 1.0})
     d = Distiller(teacher, process, cfg)
     _perturb(d.generator, 0.2, 1)
     _perturb(d.aux, 0.2, 2)
