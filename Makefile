@@ -35,7 +35,8 @@ build: $(INSTALLED)
 	$(call quiet,compiling dmmd_ops._C (incremental),$(PY) setup.py build_ext --inplace)
 	@$(PY) -c "import dmmd_ops, sys; sys.exit(0 if dmmd_ops.EXTENSION_LOADED else 1)"
 
-# The test suite (12 min 31 s on a 2-core AMD EPYC, idle: CI on a clean clone of 644fc89, 2026-12-06) with its
+# The test suite (12 min 31 s on a 2-core AMD EPYC, idle: CI on a clean clone of 644fc89, 2026-12-06; 23 min 55 s
+# on the slower 2-core EPYC of 2026-12-07, 6f57510) with its
 # 15 slowest tests, then a smoke run of the benchmarks (55 s).
 test: build
 	$(PY) -m pytest -q --durations=15
