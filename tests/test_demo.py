@@ -1,5 +1,5 @@
-"""`dmmd demo`: the quick mode end to end (digits and words by default, the text part on its
-own; every stage resumed), the per-part settings, and the verdicts."""
+"""`dmmd demo`: the quick mode end to end (digits, the default, with words added; the text part
+on its own; every stage resumed), the per-part settings, and the verdicts."""
 import glob
 import json
 import os
@@ -23,8 +23,10 @@ def _png(path):
 
 
 def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
+    assert DemoConfig().data == ("digits",)  # words: a part to add
     out = str(tmp_path / "demo")
-    assert main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
+    both = ["--data", "digits", "words"]
+    assert main(["demo", "--quick", *both, "--out", out, "--no-progress"]) == 0
     printed = capsys.readouterr().out
     with open(os.path.join(out, "results.json")) as f:
         result = json.load(f)
@@ -64,7 +66,7 @@ def test_quick_demo_on_digits_and_words_end_to_end_and_resume(tmp_path, capsys):
                     "digits/student_uniform_k4-*/fid-*.json"):
         (path,) = glob.glob(os.path.join(out, pattern))
         os.remove(path)
-    assert main(["demo", "--quick", "--out", out, "--no-progress"]) == 0
+    assert main(["demo", "--quick", *both, "--out", out, "--no-progress"]) == 0
     capsys.readouterr()
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)
@@ -177,13 +179,16 @@ def test_unknown_demo_option_is_an_error():
 
 
 def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_run():
-    cfgs = part_configs(DemoConfig.from_dict({"teacher_steps": 7, "process": "masked", "ks": (3,)}), quick=True)
+    both = {"data": ("digits", "words")}
+    cfgs = part_configs(DemoConfig.from_dict({**both, "teacher_steps": 7, "process": "masked", "ks": (3,)}),
+                        quick=True)
     assert set(cfgs) == {"digits", "words"}
     assert cfgs["digits"].teacher_steps == cfgs["words"].teacher_steps == 7
     assert cfgs["digits"].processes == ("masked",) and cfgs["words"].process == "masked"
     assert cfgs["digits"].ks == cfgs["words"].ks == (3,)
     assert cfgs["digits"].out == os.path.join("runs/demo-quick", "digits")
-    plain = part_configs(DemoConfig(), quick=False)
+    assert set(part_configs(DemoConfig(), quick=False)) == {"digits"}
+    plain = part_configs(DemoConfig.from_dict(both), quick=False)
     assert plain["digits"].processes == ("uniform", "masked") and plain["words"].process == "uniform"
     # the digits' masked students: their own step counts and a longer distillation
     from dmmd.apps.image_study import distill_config, students
@@ -192,7 +197,7 @@ def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_r
     assert [k for _, k, _ in students(digits, "masked")] == [2]
     assert [k for _, k, _ in students(digits, "uniform")] == [2, 4]
     assert distill_config(digits, "masked", "student_masked_k2", 2, {}).run.steps == 2400
-    assert distill_config(digits, "uniform", "student_uniform_k2", 2, {}).run.steps == 1200
+    assert distill_config(digits, "uniform", "student_uniform_k2", 2, {}).run.steps == 1000
     mine = part_configs(DemoConfig.from_dict({"masked_ks": (4,), "masked_distill_steps": 50}))["digits"]
     assert mine.masked_ks == (4,) and mine.masked_distill_steps == 50
     with pytest.raises(ValueError, match="masked_ks applies to --data digits"):
@@ -202,7 +207,7 @@ def test_settings_change_every_part_that_has_them_and_refuse_parts_that_do_not_r
     with pytest.raises(ValueError, match="reference_steps applies to --data text"):
         part_configs(DemoConfig.from_dict({"reference_steps": 5}))
     with pytest.raises(ValueError, match="vocab_size applies to --data words"):
-        part_configs(DemoConfig.from_dict({"data": ("digits",), "vocab_size": 16}))
+        part_configs(DemoConfig.from_dict({"vocab_size": 16}))
 
 
 def _word_row(model, steps, impossible, se=0.01, entropy=0.7):

@@ -334,14 +334,13 @@ def _demo_parser(sub) -> None:
     from dmmd.apps.demo import QUICK, DemoConfig
 
     p = _config_parser(sub, "demo", DemoConfig, resumable=False,
-                       help="the main job: teachers and D-MMD students on digits and on words, tables and plots",
+                       help="the main job: teachers and D-MMD students on digits, tables, grids and plots",
                        description="D-MMD's effect in numbers and pictures, with no downloads: on scikit-learn's "
-                                   "digits (uniform and masked diffusion: FID by steps, side-by-side grids) and on "
-                                   "a Markov chain over words "
-                                   "(exact metrics), a teacher sampled with few to many steps against few-step "
-                                   "D-MMD students, with a verdict per student; --data text runs the embedded "
-                                   "English text instead (needs a GPU or a long run). Re-running resumes every "
-                                   "stage.")
+                                   "digits (uniform and masked diffusion: FID by steps, side-by-side grids), a "
+                                   "teacher sampled with few to many steps against few-step D-MMD students, with a "
+                                   "verdict per student; --data digits words adds a Markov chain over words (exact "
+                                   "metrics), --data text runs the embedded English text (needs a GPU or a long "
+                                   "run). Re-running resumes every stage.")
     p.add_argument("--quick", action="store_true",
                    help="tiny models and few steps (the smoke test; 35 s on a 2-core AMD EPYC, idle); per part: "
                         + "; ".join(f"{part} " + ", ".join(f"{k}={v}" for k, v in q.items())
