@@ -23,7 +23,7 @@ endef
 $(DEPS): pyproject.toml
 	$(call quiet,python environment $(VENV),test -x $(PY) || $(PYTHON) -m venv $(VENV))
 	$(call quiet,torch,$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0)
-	$(call quiet,python packages,$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest pytest-benchmark scipy scikit-learn pillow ruff)
+	$(call quiet,python packages,$(PY) -m pip install -q setuptools wheel ninja numpy tqdm safetensors transformers matplotlib pytest "pytest-xdist>=3.2" pytest-benchmark scipy scikit-learn pillow ruff)
 	@touch $@
 
 # The package in editable mode, without compiling: `build` compiles the extension once, in place.
@@ -35,11 +35,12 @@ build: $(INSTALLED)
 	$(call quiet,compiling dmmd_ops._C (incremental),$(PY) setup.py build_ext --inplace)
 	@$(PY) -c "import dmmd_ops, sys; sys.exit(0 if dmmd_ops.EXTENSION_LOADED else 1)"
 
-# The test suite (12 min 31 s on a 2-core AMD EPYC, idle: CI on a clean clone of 644fc89, 2026-12-06; 23 min 55 s
-# on the slower 2-core EPYC of 2026-12-07, 6f57510) with its
-# 15 slowest tests, then a smoke run of the benchmarks (55 s).
+# The test suite in TEST_WORKERS pytest-xdist workers, one per core (worksteal: an idle worker
+# takes tests queued for the other, so the slow ones do not leave a core idle at the end), with
+# its 15 slowest tests (TIMES), then a smoke run of the benchmarks (TIMES).
+TEST_WORKERS ?= 2
 test: build
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q -p no:cacheprovider bench --benchmark-disable
 
 bench: build
@@ -52,9 +53,10 @@ bench-quick: build
 	DMMD_BENCH_QUICK=1 $(PY) -m pytest -q bench --benchmark-json=runs/bench-quick.json
 	$(PY) bench/report.py runs/bench-quick.json --wide
 
-# The main job (README): `dmmd demo`: teachers and few-step D-MMD students on digits and on a
-# Markov chain over words, tables, verdicts and plots under runs/demo (re-running resumes).
-# DEMO_FLAGS=--quick for the smoke-test version; DEMO_FLAGS="--data text" for the embedded text.
+# The main job (README): `dmmd demo`: teachers and few-step D-MMD students on digits, uniform and
+# masked, tables, verdicts, grids and plots under runs/demo (re-running resumes).
+# DEMO_FLAGS=--quick for the smoke-test version; DEMO_FLAGS="--data digits words" adds the
+# Markov chain over words; DEMO_FLAGS="--data text" runs the embedded text.
 demo: build
 	$(PY) -m dmmd demo $(DEMO_FLAGS)
 

@@ -14,6 +14,12 @@ import dmmd_ops
 HAS_CUDA = torch.cuda.is_available()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# `make test` runs the tests in TEST_WORKERS pytest-xdist workers, one per core: each worker gets
+# one intra-op thread, or the workers' threads would outnumber the cores (the tests of thread
+# counts set their own).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def nvcc_host_program(tmp_path_factory, name: str):
     """tests/csrc/<name>.cu built by nvcc as a host program over the shared headers (skips

@@ -65,7 +65,7 @@ class AllSchedules:
         self.ops, self.schedules = ops, schedules
 
     def two_schedules(self) -> AllSchedules:
-        """Index order and a random order only: for the 1000-row draw tests, the slowest here."""
+        """Index order and a random order only: for the draw tests, the slowest here."""
         return AllSchedules(self.ops, (SCHEDULES[0], SCHEDULES[-1]))
 
     def __getattr__(self, name):
@@ -401,20 +401,26 @@ def _agree(x, y) -> float:
     return float((x == y).double().mean())
 
 
-# every dtype and every setting, not every pair (a case with top-p emulates 37,000 sorted draws: 25-45 s)
+# Rows per draw test: a row with top-p emulates a radix selection under two schedules (~0.1 s a
+# row on a 2-core machine); 250 rows still see every draw path, and at most one draw may differ
+# (a uniform that lands within float error of a boundary of the CDF).
+DRAW_ROWS = 250
+
+
+# every dtype and every setting, not every pair
 @pytest.mark.parametrize("dtype,temperature,top_p", [(DTYPES[0], *SETTINGS[1]), (DTYPES[1], *SETTINGS[2]),
                                                      (DTYPES[2], *SETTINGS[0])])
 def test_sample_categorical_same_draws_as_cpu(emu, dtype, temperature, top_p, gen):
-    x = (torch.randn(1000, 37, generator=gen) * 2).to(dtype)
+    x = (torch.randn(DRAW_ROWS, 37, generator=gen) * 2).to(dtype)
     got = emu.two_schedules().sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
     want = torch.ops.dmmd.sample_categorical(x, temperature, top_p, 2024, 2**40 + 3)
-    assert _agree(got, want) >= 0.999
+    assert int((got != want).sum()) <= 1
 
 
 @pytest.mark.parametrize("process", ["masked", "uniform"])
 @pytest.mark.parametrize("top_p", [1.0, 0.8])
 def test_denoise_step_same_draws_as_cpu(emu, process, top_p, gen):
-    rows, v = 1000, 61
+    rows, v = DRAW_ROWS, 61
     logits = (torch.randn(rows, 2 * v, generator=gen) * 2).to(torch.bfloat16)[:, :v]
     masked = process == "masked"
     mask_id = v - 1 if masked else -1
@@ -427,7 +433,7 @@ def test_denoise_step_same_draws_as_cpu(emu, process, top_p, gen):
     a_t = a_s * torch.rand(rows, generator=gen, dtype=torch.float64)
     got = emu.two_schedules().denoise_step(logits, z, a_s, a_t, process, mask_id, 0.9, top_p, 9, 3)
     want = torch.ops.dmmd.denoise_step(logits, z, a_s, a_t, process, mask_id, 0.9, top_p, 9, 3)
-    assert _agree(got, want) >= 0.999
+    assert int((got != want).sum()) <= 1
     if masked:
         assert not bool((got[z == mask_id] == mask_id).all()) and bool((got[z != mask_id] == z[z != mask_id]).all())
 
@@ -473,7 +479,7 @@ def test_the_gpu_block_size(emu256, gen):
     torch.testing.assert_close(emu256.generator_loss_backward(g, u, a, b, stats, 0.8, 0.9, 1.5).float(),
                                torch.ops.dmmd.generator_loss_backward(g, u, a, b, cpu_stats, 0.8, 0.9, 1.5).float(),
                                rtol=0, atol=2**-7)
-    x = (torch.randn(50, 3000, generator=gen) * 2).to(torch.bfloat16)
+    x = (torch.randn(20, 3000, generator=gen) * 2).to(torch.bfloat16)
     assert _agree(emu256.sample_categorical(x, 1.0, 0.9, 5, 1), torch.ops.dmmd.sample_categorical(x, 1.0, 0.9, 5, 1)) \
         >= 0.999
     ga, gg = torch.randn(3, 20, 7, generator=gen), torch.randn(3, 20, 9, generator=gen)

@@ -10,7 +10,9 @@ import torch
 from dmmd.apps.markov_study import StudyConfig, markdown_table, run_study
 
 
-@pytest.mark.parametrize("process,distill_steps", [("uniform", 400), ("masked", 800)])
+# 400 steps each (this machine, seed 0): TV 0.229 against the teacher's 0.397 (uniform), 0.181
+# against 0.312 (masked; 0.154 at 800 steps)
+@pytest.mark.parametrize("process,distill_steps", [("uniform", 400), ("masked", 400)])
 def test_two_step_student_beats_two_step_teacher(tmp_path, process, distill_steps):
     torch.manual_seed(0)
     cfg = StudyConfig(processes=(process,), ks=(2,), seeds=(0,), samples=20_000, teacher_steps=600,
