@@ -34,18 +34,24 @@ def _sequence_ids(x: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return (x.long() * powers).sum(-1)
 
 
-def _locate(samples: torch.Tensor, source):
-    """``samples [N, L]`` checked and placed among every sequence of ``source``: ``(N, valid,
-    pos, seqs, p)``, ``valid`` the rows whose ids are all in ``[0, V)``, ``pos`` their indices
-    into the enumeration ``seqs``, ``p`` its exact probabilities."""
+def _checked(samples: torch.Tensor, source) -> tuple[int, torch.Tensor]:
+    """``samples [N, L]`` checked against ``source``: ``(N, valid)``, ``valid`` the rows whose
+    ids are all in ``[0, V)``."""
     if samples.dim() != 2 or samples.shape[1] != source.length:
         raise ValueError(f"samples must have shape [N, {source.length}], got {tuple(samples.shape)}")
     n = samples.shape[0]
     if n == 0:
         raise ValueError("samples is empty")
+    return n, ((samples >= 0) & (samples < source.vocab_size)).all(-1)
+
+
+def _locate(samples: torch.Tensor, source):
+    """``samples [N, L]`` checked and placed among every sequence of ``source``: ``(N, valid,
+    pos, seqs, p)``, ``valid`` as in :func:`_checked`, ``pos`` the valid rows' indices into the
+    enumeration ``seqs``, ``p`` its exact probabilities."""
+    n, valid = _checked(samples, source)
     seqs, p = source.all_sequences()
     v = source.vocab_size
-    valid = ((samples >= 0) & (samples < v)).all(-1)
     all_ids = _sequence_ids(seqs, v)  # sorted: itertools.product order
     pos = torch.searchsorted(all_ids, _sequence_ids(samples[valid].cpu(), v))
     return n, valid.cpu(), pos, seqs, p
@@ -96,11 +102,12 @@ def window_tv(samples: torch.Tensor, source, width: int = 1) -> torch.Tensor:
     at ``width = L``); where the whole-sequence TV goes beyond them, the error is in the joint.
     A sample holding an id outside ``[0, V)`` counts fully in every window (as in
     :func:`total_variation`)."""
-    n, valid, _, seqs, p = _locate(samples, source)
+    n, valid = _checked(samples, source)
     length, v = source.length, source.vocab_size
     if not 1 <= width <= length:
         raise ValueError(f"width must be in [1, {length}], got {width}")
-    x = samples.cpu()[valid]
+    seqs, p = source.all_sequences()
+    x = samples.cpu()[valid.cpu()]
     bad = float((~valid).sum()) / n
     out = torch.empty(length - width + 1, dtype=torch.float64)
     for j in range(length - width + 1):
