@@ -36,7 +36,7 @@ from dmmd.models.image_classifier import CONFIG_FILE, is_classifier
 from dmmd.options import Options, check_keys, option
 from dmmd.training.checkpoint import write_json_atomic
 from dmmd.training.distill import DistillConfig, distill, load_student
-from dmmd.training.reference import reference_config, train_reference
+from dmmd.training.reference import CLASSIFIER_DEFAULTS, reference_config, train_reference
 from dmmd.training.teacher import TeacherConfig, load_teacher, train_teacher
 
 PARTS = ("main", "noise", "temperature")
@@ -64,6 +64,7 @@ class ImageStudyConfig(Options):
     temperatures: tuple[float, ...] = option((0.8, 0.9), "temperature part: teacher temperatures in distillation "
                                                          "(1.0 is the main student)")
     samples: int = option(2000, "draws per sampler for the FID")
+    classifier_steps: int = option(CLASSIFIER_DEFAULTS["steps"], "training steps of the FID classifier")
     teacher_width: int = option(64, "teacher width")
     teacher_depth: int = option(2, "teacher depth")
     teacher_heads: int = option(2, "teacher attention heads")
@@ -159,8 +160,8 @@ def distill_config(cfg: ImageStudyConfig, process: str, name: str, k: int, chang
 
 def classifier_config(cfg: ImageStudyConfig):
     """The FID classifier, in ``out/classifier-<key>``."""
-    return place(reference_config({"data": cfg.data, "levels": cfg.levels, "seed": cfg.seed, "out": ""}),
-                 cfg.out, "classifier")
+    return place(reference_config({"data": cfg.data, "levels": cfg.levels, "seed": cfg.seed, "out": "",
+                                   "steps": cfg.classifier_steps}), cfg.out, "classifier")
 
 
 def fid_file(cfg: ImageStudyConfig, stage_dir: str, name: str) -> str:
