@@ -122,9 +122,9 @@ class DemoConfig(Options):
     """What ``dmmd demo`` runs: the parts, and settings that change each part's defaults."""
 
     data: tuple[str, ...] = option(("digits",), "parts to run: digits (images, uniform and masked), words (a "
-                                                 "Markov chain with exact metrics; a third job, about 9 more CPU minutes), "
-                                                 "text (the embedded English text; needs a GPU or a long run to "
-                                                 "show the effect)")
+                                                 "Markov chain with exact metrics; a third job, about 9 more CPU "
+                                                 "minutes), text (the embedded English text; needs a GPU or a long "
+                                                 "run to show the effect)")
     out: str | None = option(None, "output directory, one folder per part; every stage resumes from what is "
                                    "there (default: runs/demo, with --quick runs/demo-quick)")
     device: str = option("cpu", "cpu or cuda")
