@@ -94,7 +94,7 @@ SETTINGS = {
 }
 # ``dmmd demo --quick``: tiny models and few steps, per part (the tests' smoke run)
 QUICK = {
-    "digits": dict(teacher_steps=100, distill_steps=20, masked_distill_steps=20, masked_ks=(2, 4), samples=200,
+    "digits": dict(teacher_steps=50, distill_steps=20, masked_distill_steps=20, masked_ks=(2, 4), samples=200,
                    teacher_grid=(1, 2, 4, 16), classifier_steps=500),
     "words": dict(teacher_steps=100, distill_steps=20, num_samples=200, teacher_ks=(2, 4, 8, 32)),
     "text": dict(length=32, teacher_width=64, teacher_depth=2, teacher_steps=150, teacher_batch=16, teacher_lr=2e-3,
