@@ -342,7 +342,8 @@ def _demo_parser(sub) -> None:
                                    "metrics), --data text runs the embedded English text (needs a GPU or a long "
                                    "run). Re-running resumes every stage.")
     p.add_argument("--quick", action="store_true",
-                   help="tiny models and few steps (the smoke test; 35 s on a 2-core AMD EPYC, idle); per part: "
+                   help="tiny models and few steps (the smoke test; 50 s by make on a 2-core AMD EPYC, idle); "
+                        "per part: "
                         + "; ".join(f"{part} " + ", ".join(f"{k}={v}" for k, v in q.items())
                                     for part, q in QUICK.items()))
 
