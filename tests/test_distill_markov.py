@@ -10,17 +10,17 @@ import torch
 from dmmd.apps.markov_study import StudyConfig, markdown_table, run_study
 
 
-# 400 steps each (this machine, seed 0): TV 0.229 against the teacher's 0.397 (uniform), 0.181
-# against 0.312 (masked; 0.154 at 800 steps)
+# 400 steps each (this machine, seed 0, 10,000 draws per TV): TV 0.226 against the teacher's 0.395
+# (uniform), 0.186 against 0.311 (masked; 20,000 draws: 0.229 / 0.397 and 0.181 / 0.312)
 @pytest.mark.parametrize("process,distill_steps", [("uniform", 400), ("masked", 400)])
 def test_two_step_student_beats_two_step_teacher(tmp_path, process, distill_steps):
     torch.manual_seed(0)
-    cfg = StudyConfig(processes=(process,), ks=(2,), seeds=(0,), samples=20_000, teacher_steps=600,
+    cfg = StudyConfig(processes=(process,), ks=(2,), seeds=(0,), samples=10_000, teacher_steps=600,
                       distill_steps=distill_steps, out=str(tmp_path))
     rows = run_study(cfg, progress=False, log=lambda *_: None)
     print(markdown_table(rows))
     (row,) = rows
     teacher, student = row["teacher_k"], row["student_k"]
-    # The sampling noise of each TV estimate is ~0.003 (stderr); the margin asked for is 25%.
+    # The sampling noise of each TV estimate is ~0.004 (stderr); the margin asked for is 25%.
     assert student["tv"] < 0.75 * teacher["tv"], markdown_table(rows)
     assert teacher["tv"] > 0.2  # 2 factorised steps are far from the data: the check has room
