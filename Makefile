@@ -37,8 +37,8 @@ build: $(INSTALLED)
 
 # The test suite in TEST_WORKERS pytest-xdist workers, one per core (worksteal: an idle worker
 # takes tests queued for the other, so the slow ones do not leave a core idle at the end), with
-# its 15 slowest tests (12 min 45 s on the 2-core AMD EPYC of 2026-12-07, idle; 26 min 40 s in
-# one process there), then a smoke run of the benchmarks (1.5 min).
+# its 15 slowest tests (12 min 45 s to 14 min 25 s on the 2-core AMD EPYC of 2026-12-07, idle; 26 min 40 s in
+# one process there), then a smoke run of the benchmarks (2 min).
 TEST_WORKERS ?= 2
 test: build
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
