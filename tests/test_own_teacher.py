@@ -51,6 +51,14 @@ def _dmmd(*args, **kw):
                           **kw)
 
 
+def _refused_by_a_process(*args) -> str:
+    """``dmmd ARGS`` as its own process: it must exit with status 2 and one line on stderr, which
+    is returned."""
+    r = _dmmd(*args)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    return r.stderr
+
+
 def _refused(capsys, *args) -> str:
     """``dmmd ARGS`` run in this process (one subprocess per test shows the real command's
     stderr; the rest need no interpreter start-up each): it must exit with status 2 and one line
@@ -402,8 +410,7 @@ def test_bad_transformers_directories_are_refused_by_name(bert_teacher, tmp_path
         distill(DistillConfig.from_dict(dict(teacher=str(no_mask), mask_id=256, out=str(tmp_path / "x"))))
     # on the command line: one line naming it, before any work (the first as its own process)
     never = ["--out", str(tmp_path / "never"), "--no-progress"]
-    r = _dmmd("distill", "--teacher", str(gpt2), *never)
-    assert r.returncode == 2 and "not a masked LM" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a masked LM" in _refused_by_a_process("distill", "--teacher", str(gpt2), *never)
     for args, message in [
         (["--teacher", str(bert_teacher / "model"), "--mask-id", "999"], "mask_id 999 is outside"),
         (["--teacher", str(bert_teacher / "model"), "--data", "markov", "--vocab-size", "300"],
@@ -425,6 +432,7 @@ def test_train_teacher_model_config_is_checked(tmp_path, capsys):
         cfg_file.write_text(json.dumps(values))
         assert message in _refused(capsys, "train-teacher", "--model-config", str(cfg_file), "--data", "text",
                                    "--length", "16", "--out", str(tmp_path / "t"), "--no-progress")
-    r = _dmmd("train-teacher", "--model-config", str(cfg_file), "--process", "uniform", "--out", str(tmp_path / "t"))
-    assert r.returncode == 2 and "masked-diffusion teacher only" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    err = _refused_by_a_process("train-teacher", "--model-config", str(cfg_file), "--process", "uniform",
+                                "--out", str(tmp_path / "t"))
+    assert "masked-diffusion teacher only" in err
     assert not (tmp_path / "t" / "checkpoint").exists()
