@@ -346,18 +346,19 @@ def test_noise_per_sequence_is_shared_by_the_tokens():
         Distiller(teacher, process, DistillConfig.from_dict(dict(noise_per="pixel")))
 
 
-def test_times_follow_algorithm_1():
+@pytest.mark.parametrize("window", [1.0, 2.0])
+def test_times_follow_algorithm_1(window):
     teacher, process = _tiny_models("masked")
-    cfg = DistillConfig.from_dict(dict(batch_size=4000, student_steps=4))
+    cfg = DistillConfig.from_dict(dict(batch_size=4000, student_steps=4, step_window=window))
     b = draw_batch(_Source(7, 5), process, cfg, None, step=0)
     delta = b.t - b.s
+    h = window / 4  # the window's width: delta ~ U(0, step_window / k)
     assert (b.s >= 0).all() and (b.s < 1).all() and (b.t <= 1).all() and (delta >= 0).all()
-    assert float(delta.max()) <= 0.25 + 1e-12
-    assert abs(float((b.t == 1).double().mean()) - 0.125) < 0.02  # P(s + delta >= 1) = 1/(2k)
+    assert h - 0.01 < float(delta.max()) <= h + 1e-12
+    assert abs(float((b.t == 1).double().mean()) - h / 2) < 0.02  # P(s + delta >= 1) = E[delta]
     free = b.t < 1
-    # delta ~ U(0, 1/k); given t < 1 (s < 1 - delta) its density is proportional to 1 - delta, so
-    # E[delta | t < 1] = int d (1 - d) / int (1 - d) over (0, 1/k) = 0.11905 for k = 4 (not 1/8)
-    h = 0.25
+    # given t < 1 (s < 1 - delta) delta's density is proportional to 1 - delta, so E[delta | t < 1]
+    # = int d (1 - d) / int (1 - d) over (0, h) = 0.11905 for h = 1/4 (not 1/8)
     expected = (h ** 2 / 2 - h ** 3 / 3) / (h - h ** 2 / 2)
     se = float(delta[free].std()) / float(free.sum()) ** 0.5
     assert abs(float(delta[free].mean()) - expected) < 4 * se
@@ -369,7 +370,8 @@ def test_times_follow_algorithm_1():
     ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"), ({"noise_dim": -2}, "noise_dim"),
     ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block"),
     ({"entropy_penalty": -0.1}, "entropy_penalty"), ({"extra_blocks": -1}, "extra_blocks"),
-    ({"aux_teacher_weight": -0.5}, "aux_teacher_weight"), ({"aux_teacher_weight": float("nan")}, "aux_teacher_weight")])
+    ({"aux_teacher_weight": -0.5}, "aux_teacher_weight"), ({"aux_teacher_weight": float("nan")}, "aux_teacher_weight"),
+    ({"step_window": 0.0}, "step_window"), ({"step_window": float("nan")}, "step_window")])
 def test_bad_options_name_the_option(kw, match):
     kind = "masked" if kw.get("form") == "posterior" else "uniform"
     teacher, process = _tiny_models(kind)

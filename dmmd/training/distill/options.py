@@ -2,6 +2,7 @@
 defaults that differ by diffusion process. Imports nothing of the distiller."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dmmd.data import DataConfig
@@ -66,6 +67,11 @@ class DistillConfig(Options):
                                "family's, or what dmmd saved with it; loglinear for others)")
     source: DataConfig = nested(DataConfig, data="")
     student_steps: int = option(4, "k, the student's sampling steps")
+    # Algorithm 1 draws t - s ~ U(0, 1/k): z_s reveals anything from one of the generator's tokens
+    # to a whole sampler step. The benchmark of sources measured the window's width (README,
+    # "Tenth round"): for masked students the paper's is the best tried.
+    step_window: float = option(1.0, "Algorithm 1's window in student steps: t - s ~ U(0, step_window / k), t "
+                                     "clamped at 1 (1: the paper's)")
     teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
     aux_per_gen: int | None = option(None, "auxiliary-model steps after each generator step"
                                      + _per_process("aux_per_gen"))
@@ -137,6 +143,8 @@ class DistillConfig(Options):
         process ``kind``, ``"masked"`` or ``"uniform"``) the first that does not fit it."""
         if self.student_steps < 1:
             raise ValueError(f"student_steps must be >= 1, got {self.student_steps}")
+        if not 0 < self.step_window < math.inf:  # nan too
+            raise ValueError(f"step_window must be > 0 and finite, got {self.step_window}")
         if self.extra_blocks < 0:
             raise ValueError(f"extra_blocks must be >= 0, got {self.extra_blocks}")
         if self.aux_per_gen is not None and self.aux_per_gen < 1:
