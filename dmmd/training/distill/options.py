@@ -69,7 +69,8 @@ class DistillConfig(Options):
     student_steps: int = option(4, "k, the student's sampling steps")
     # Algorithm 1 draws t - s ~ U(0, 1/k): z_s reveals anything from one of the generator's tokens
     # to a whole sampler step. The benchmark of sources measured the window's width (README,
-    # "Tenth round"): for masked students the paper's is the best tried.
+    # "Tenth round"): for masked students the paper's is the best tried; twice it helped uniform
+    # students on four sources and hurt them on the fifth (one seed each), so 1 stays for both.
     step_window: float = option(1.0, "Algorithm 1's window in student steps: t - s ~ U(0, step_window / k), t "
                                      "clamped at 1 (1: the paper's)")
     teacher_raw_weights: bool = option(False, "distill the teacher's raw weights instead of its EMA")
