@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from dmmd_ops.reference import DIVERGENCES
+
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 REDUCTIONS = ("none", "sum", "mean")
 PROCESSES = ("masked", "uniform")
@@ -68,6 +70,18 @@ def top_p(value: float) -> float:
 def delta(value: float) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"delta must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def divergence(value: str) -> str:
+    if value not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {value!r}")
+    return value
+
+
+def ratio_max(value: float) -> float:
+    if not isinstance(value, (int, float)) or not value >= 1:  # nan too; inf: no cap
+        raise ValueError(f"ratio_max must be a number >= 1, got {value!r}")
     return float(value)
 
 

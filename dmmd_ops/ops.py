@@ -13,9 +13,12 @@ from dmmd_ops import _validate as check
 from dmmd_ops._ext import has_kernel, warn_fallback
 
 
-def _use_kernel(op: str, device: torch.device, *tensors: torch.Tensor | None) -> bool:
-    """Whether to run the compiled kernel. float64 inputs (gradcheck, test oracles) run the
-    float64 reference on purpose; a missing kernel falls back to it with one warning."""
+def _use_kernel(op: str | None, device: torch.device, *tensors: torch.Tensor | None) -> bool:
+    """Whether to run the compiled kernel. float64 inputs (gradcheck, test oracles) and forms
+    with no kernel (``op`` None) run the float64 reference on purpose; a missing kernel falls
+    back to it with one warning."""
+    if op is None:
+        return False
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return False
     if has_kernel(op, device):
@@ -80,7 +83,7 @@ def teacher_logprobs(teacher_logits: torch.Tensor, *, temperature: float = 1.0, 
 
 
 def _check_loss_common(logits_args: dict[str, torch.Tensor | None], weight: torch.Tensor | None,
-                       temperature: float, top_p: float, delta: float, reduction: str, op: str):
+                       temperature: float, top_p: float, delta: float, reduction: str, op: str | None):
     """Shapes, devices, scalars and NaNs shared by the two loss ops; the first logits is the reference.
 
     Returns ``(use_kernel, weight, temperature, top_p, delta, reduction)``. The kernels check
@@ -105,10 +108,14 @@ def _check_loss_common(logits_args: dict[str, torch.Tensor | None], weight: torc
 
 def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, aux_logits: torch.Tensor,
                    *, weight: torch.Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                   delta: float = 2.0, reduction: str = "sum") -> torch.Tensor:
+                   delta: float = 2.0, reduction: str = "sum", divergence: str = "reverse_kl",
+                   ratio_max: float = 20.0) -> torch.Tensor:
     """D-MMD generator loss (paper eq. 11); the gradient flows to ``student_logits`` only.
 
     Per row: ``-sum_c softmax(u)_c (teacher_logprobs(a) - log_softmax(b))_c``, times ``weight[row]``.
+    With ``divergence="jeffreys"`` the difference ``log r`` becomes ``(log r + min(r, ratio_max)
+    - 1) / 2`` (:func:`dmmd_ops.reference.generator_pull`); that form has no kernel: it runs the
+    float64 reference on every device.
 
     Args:
         student_logits: ``u`` ``[..., V]``, the generator's logits at ``z_t``.
@@ -116,10 +123,14 @@ def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
         aux_logits: ``b`` ``[..., V]``, the auxiliary model's logits at ``z_s``.
         weight: optional per-row weights ``[...]`` (e.g. ``w(s)``).
         reduction: ``"none"`` (float32 ``[...]``), ``"sum"`` or ``"mean"`` (weighted sum / rows).
+        divergence: ``"reverse_kl"`` (the paper's eq. 11) or ``"jeffreys"``.
+        ratio_max: ``"jeffreys"``: the cap on ``r = teacher / aux`` per class.
     """
+    divergence, ratio_max = check.divergence(divergence), check.ratio_max(ratio_max)
+    logits = {"student_logits": student_logits, "teacher_logits": teacher_logits, "aux_logits": aux_logits}
+    op = "generator_loss_forward" if divergence == "reverse_kl" else None
     use_kernel, weight, temperature, top_p, delta, reduction = _check_loss_common(
-        {"student_logits": student_logits, "teacher_logits": teacher_logits, "aux_logits": aux_logits},
-        weight, temperature, top_p, delta, reduction, "generator_loss_forward")
+        logits, weight, temperature, top_p, delta, reduction, op)
     if use_kernel:
         u, a, b = (_rows(t) for t in _one_dtype(student_logits, teacher_logits, aux_logits))
         rows, stats = torch.ops.dmmd.generator_loss_forward(u, a, b, temperature, top_p, delta)
@@ -127,7 +138,8 @@ def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, a
                        {"student_logits": u, "teacher_logits": a, "aux_logits": b})
         return reference.reduce_rows(rows.reshape(student_logits.shape[:-1]), weight, reduction)
     return reference.generator_loss(student_logits, teacher_logits, aux_logits, weight=weight,
-                                    temperature=temperature, top_p=top_p, delta=delta, reduction=reduction)
+                                    temperature=temperature, top_p=top_p, delta=delta, reduction=reduction,
+                                    divergence=divergence, ratio_max=ratio_max)
 
 
 def aux_loss(aux_logits: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor | None = None,

@@ -134,19 +134,43 @@ def teacher_logprobs(teacher_logits: torch.Tensor, *, temperature: float = 1.0, 
     return out.to(_out_dtype(teacher_logits))
 
 
+DIVERGENCES = ("reverse_kl", "jeffreys")
+
+
+def generator_pull(log_ratio: torch.Tensor, divergence: str = "reverse_kl", ratio_max: float = 20.0) -> torch.Tensor:
+    """How eq. 11 pulls the generator towards each class, from ``log r = log(theta / phi)``
+    (teacher over auxiliary model, per class).
+
+    ``"reverse_kl"`` (the paper's): ``log r``, the gradient of KL(generator || teacher): it
+    pushes hard out of classes the teacher rules out and pulls gently into those it lacks.
+    ``"jeffreys"``: ``(log r + min(r, ratio_max) - 1) / 2``, half the gradient of the symmetric
+    KL(g || t) + KL(t || g): the same pull near the fixed point (``log r ~ r - 1``), a linear
+    one into classes the generator lacks (capped: where the auxiliary model gives a class
+    almost nothing, ``r`` would carry its error unbounded).
+    """
+    if divergence == "reverse_kl":
+        return log_ratio
+    if divergence == "jeffreys":
+        return 0.5 * (log_ratio + log_ratio.exp().clamp(max=ratio_max) - 1.0)
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
 def generator_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, aux_logits: torch.Tensor,
                    *, weight: torch.Tensor | None = None, temperature: float = 1.0, top_p: float = 1.0,
-                   delta: float = 2.0, reduction: str = "sum") -> torch.Tensor:
+                   delta: float = 2.0, reduction: str = "sum", divergence: str = "reverse_kl",
+                   ratio_max: float = 20.0) -> torch.Tensor:
     """D-MMD generator loss (paper eq. 11), gradient to ``student_logits`` only.
 
-    Per row: ``-sum_c softmax(u)_c (teacher_logprobs(a) - log_softmax(b))_c``, times
-    ``weight[row]``. Classes with ``softmax(u)_c = 0`` contribute exactly zero.
-    ``[..., V]`` logits; returns ``[...]`` for ``reduction="none"``, else a scalar.
+    Per row: ``-sum_c softmax(u)_c pull_c``, times ``weight[row]``, with ``pull =``
+    :func:`generator_pull` of ``teacher_logprobs(a) - log_softmax(b)`` (for the paper's
+    ``"reverse_kl"`` that difference itself). Classes with ``softmax(u)_c = 0`` contribute
+    exactly zero. ``[..., V]`` logits; returns ``[...]`` for ``reduction="none"``, else a scalar.
     """
     logp = torch.log_softmax(student_logits.to(F64), dim=-1)
     p = logp.exp()
     diff = _teacher_logprobs64(teacher_logits.detach(), temperature, top_p, delta) - \
         torch.log_softmax(aux_logits.detach().to(F64), dim=-1)
+    diff = generator_pull(diff, divergence, ratio_max)
     diff = torch.where(p > 0, diff, torch.zeros_like(diff))  # 0 * (-inf) must be 0, not NaN
     rows = -(p * diff).sum(-1)
     out = reduce_rows(rows, weight, reduction)

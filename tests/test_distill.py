@@ -112,13 +112,15 @@ CASES = [("masked", {}), ("masked", {"soft_target": False, "temperature": 0.7, "
          ("masked", {"entropy_penalty": 0.3}), ("uniform", {"entropy_penalty": 0.3}),
          ("masked", {"aux_teacher_weight": 1.0}), ("masked", {"aux_teacher_weight": 0.3, "soft_target": False}),
          ("uniform", {"aux_teacher_weight": 0.5, "top_p": 0.8})]
+# The symmetric pull has no fused linear loss: whole logits only.
+JEFFREYS = [("masked", {"divergence": "jeffreys"}), ("uniform", {"divergence": "jeffreys", "top_p": 0.8})]
 
 
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("kind,kw", CASES)
+@pytest.mark.parametrize("kind,kw,fused", [(k, kw, f) for k, kw in CASES for f in (False, True)]
+                         + [(k, kw, False) for k, kw in JEFFREYS])
 def test_one_step_gradients_equal_eq11_and_eq12_in_float64(kind, kw, fused):
     """Both ways to the losses: whole logits, and the fused linear losses on the models' final
-    hidden states and output heads (chunked)."""
+    hidden states and output heads (chunked); eq. 11 with either divergence."""
     d, process, cfg, batch = _setup(kind, fused_losses=fused, **kw)
     assert d.fused == fused
     assert_step_matches_eq11_eq12(d, process, batch, step=4)
@@ -148,7 +150,12 @@ def assert_step_matches_eq11_eq12(d: Distiller, process, batch, step: int) -> No
     p = torch.softmax(u[rows], -1)
     lt = _teacher_logprobs(a[rows], cfg.temperature, cfg.top_p, cfg.delta)
     la = torch.log_softmax(b[rows], -1)
-    per_token = -(_xlogy(p, lt) - _xlogy(p, la)).sum(-1)
+    if cfg.divergence == "jeffreys":  # half the symmetric KL's pull, r = teacher / aux capped at 20
+        log_r = lt - la
+        pull = 0.5 * (log_r + log_r.exp().clamp(max=20.0) - 1.0)
+        per_token = -(p * torch.where(p > 0, pull, 0.0)).sum(-1)  # the mask class: p = 0, log r undefined
+    else:
+        per_token = -(_xlogy(p, lt) - _xlogy(p, la)).sum(-1)
     w = w_seq.unsqueeze(-1).expand_as(z_s)[rows]
     hand = (w * per_token).sum() / z_s.numel()
     if cfg.entropy_penalty:  # plus the weight times the output entropy at every undecided z_t position
@@ -213,10 +220,11 @@ def test_auxiliary_steps_without_the_teacher_term_do_not_run_the_teacher(fused):
     assert calls
 
 
-@pytest.mark.parametrize("aux_teacher_weight", [1.0, 0.4])
-def test_appendix_d_posterior_form_equals_eq24_and_eq26(aux_teacher_weight):
+@pytest.mark.parametrize("aux_teacher_weight,divergence", [(1.0, "reverse_kl"), (0.4, "reverse_kl"),
+                                                           (1.0, "jeffreys")])
+def test_appendix_d_posterior_form_equals_eq24_and_eq26(aux_teacher_weight, divergence):
     d, process, cfg, batch = _setup("uniform", form="posterior", posterior_ds=0.1, top_p=0.8,
-                                    aux_teacher_weight=aux_teacher_weight)
+                                    aux_teacher_weight=aux_teacher_weight, divergence=divergence)
     step = 4
     loss, _ = d.generator_loss(batch, step)
     loss.backward()
@@ -232,7 +240,9 @@ def test_appendix_d_posterior_form_equals_eq24_and_eq26(aux_teacher_weight):
     pi_g = _pi(process, torch.softmax(u, -1), z_s, s_prev, batch.s)
     pi_t = _pi(process, q_t, z_s, s_prev, batch.s)
     pi_a = _pi(process, torch.softmax(b, -1), z_s, s_prev, batch.s)
-    hand = (pi_g * (pi_a.log() - pi_t.log())).sum() / z_s.numel()  # eq. 24
+    log_r = pi_t.log() - pi_a.log()
+    pull = log_r if divergence == "reverse_kl" else 0.5 * (log_r + log_r.exp().clamp(max=20.0) - 1.0)
+    hand = -(pi_g * pull).sum() / z_s.numel()  # eq. 24
     torch.testing.assert_close(loss.double(), hand, rtol=1e-10, atol=1e-12)
     hand.backward()
     for g, h in zip(got, _grads(d.generator), strict=True):
@@ -371,7 +381,8 @@ def test_times_follow_algorithm_1(window):
     ({"noise_init": -0.1}, "noise_init"), ({"draw_block": 0}, "draw_block"),
     ({"entropy_penalty": -0.1}, "entropy_penalty"), ({"extra_blocks": -1}, "extra_blocks"),
     ({"aux_teacher_weight": -0.5}, "aux_teacher_weight"), ({"aux_teacher_weight": float("nan")}, "aux_teacher_weight"),
-    ({"step_window": 0.0}, "step_window"), ({"step_window": float("nan")}, "step_window")])
+    ({"step_window": 0.0}, "step_window"), ({"step_window": float("nan")}, "step_window"),
+    ({"divergence": "forward_kl"}, "divergence")])
 def test_bad_options_name_the_option(kw, match):
     kind = "masked" if kw.get("form") == "posterior" else "uniform"
     teacher, process = _tiny_models(kind)
@@ -488,6 +499,10 @@ def test_fused_losses_by_default_from_16384_classes_and_refused_where_they_canno
     assert not Distiller(teacher, process, cfg.replace(fused_losses=False)).fused
     with pytest.raises(ValueError, match="fused_losses: the posterior form"):
         Distiller(teacher, process, cfg.replace(fused_losses=True, form="posterior"))
+    with pytest.raises(ValueError, match="fused_losses: divergence='jeffreys' has no fused linear loss"):
+        Distiller(teacher, process, cfg.replace(fused_losses=True, divergence="jeffreys"))
+    wide = Denoiser(DenoiserConfig(num_classes=16384, length=4, process="uniform", width=8, depth=1, heads=2))
+    assert not Distiller(wide, DiffusionProcess("uniform", 16384, "linear"), cfg.replace(divergence="jeffreys")).fused
 
 
 def assert_ddp_equals_one_process(teacher: str, tmp_path, *extra: str):

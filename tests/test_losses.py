@@ -175,6 +175,84 @@ def test_generator_loss_minus_inf_classes(ops, gen):
     assert float(u.grad[:, 3].abs().max()) == 0.0
 
 
+def brute_jeffreys_rows(u, a, b, temperature, top_p, delta, ratio_max):
+    """``-sum_c p_c (log r_c + min(r_c, ratio_max) - 1) / 2`` with ``r = teacher / aux``, written out."""
+    u, b = u.astype(np.float64), b.astype(np.float64)
+    tlp = brute_teacher_logprobs(a, temperature, top_p, delta)
+    rows = []
+    for r in range(u.shape[0]):
+        p = np.exp(u[r] - u[r].max())
+        p /= p.sum()
+        alp = b[r] - (b[r].max() + math.log(np.exp(b[r] - b[r].max()).sum()))
+        terms = []
+        for c in range(u.shape[1]):
+            if p[c] > 0:
+                log_r = tlp[r, c] - alp[c]
+                terms.append(-p[c] * 0.5 * (log_r + min(math.exp(log_r), ratio_max) - 1.0))
+        rows.append(math.fsum(terms))
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio_max", [20.0, 3.0])
+def test_generator_loss_jeffreys_value(ops, dtype, ratio_max, gen):
+    """The symmetric pull, against the formula, with rows where the auxiliary model gives a class
+    almost nothing (the cap at work) and one where it is off by little (the cap idle)."""
+    u, a, b = (torch.randn(3, 7, 29, generator=gen).to(dtype) for _ in range(3))
+    b[0, :, 5] = -12.0  # r ~ e^12 at class 5: capped
+    b[1] = a[1] + (0.05 * torch.randn(7, 29, generator=gen)).to(dtype)  # r ~ 1: no cap
+    got = ops.generator_loss(u, a, b, top_p=0.8, reduction="none", divergence="jeffreys", ratio_max=ratio_max)
+    assert got.dtype == torch.float32 and got.shape == (3, 7)
+    flat = [t.float().reshape(21, 29).numpy() for t in (u, a, b)]
+    want = brute_jeffreys_rows(*flat, 1.0, 0.8, 2.0, ratio_max)
+    np.testing.assert_allclose(got.reshape(-1).numpy(), want, rtol=1e-5, atol=1e-5)
+    paper = ops.generator_loss(u, a, b, top_p=0.8, reduction="none")
+    assert not torch.allclose(got, paper, atol=1e-3)  # it is not eq. 11 under another name
+
+
+def test_generator_loss_jeffreys_gradient(gen):
+    """d/du_j of -sum_c p_c d_c is -p_j (d_j - sum_c p_c d_c) with d the capped symmetric pull;
+    float64 finite differences agree; near the fixed point it is eq. 11's gradient."""
+    u = torch.randn(4, 3, 29, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 3, 29, generator=gen, dtype=torch.float64)
+    b = torch.randn(4, 3, 29, generator=gen, dtype=torch.float64)
+    b[0, 0, 2] = -15.0
+    w = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    reference.generator_loss(u, a, b, weight=w, top_p=0.7, divergence="jeffreys").backward()
+    p = torch.softmax(u.detach(), -1)
+    log_r = reference.teacher_logprobs(a, top_p=0.7) - torch.log_softmax(b, -1)
+    d = 0.5 * (log_r + log_r.exp().clamp(max=20.0) - 1.0)
+    want = -p * (d - (p * d).sum(-1, keepdim=True)) * w.unsqueeze(-1)
+    torch.testing.assert_close(u.grad, want, rtol=1e-10, atol=1e-12)
+    x = u.detach()[:2, 0].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: reference.generator_loss(
+        v, a[:2, 0], b[:2, 0], top_p=0.7, divergence="jeffreys", reduction="none"), (x,))
+    near = a + 1e-3 * torch.randn(a.shape, generator=gen, dtype=torch.float64)
+    g = [torch.autograd.grad(reference.generator_loss(u, a, near, divergence=div), u)[0]
+         for div in ("reverse_kl", "jeffreys")]
+    torch.testing.assert_close(g[1], g[0], rtol=0, atol=1e-3 * float(g[0].abs().max()))
+
+
+def test_generator_loss_jeffreys_fixed_point_and_minus_inf(ops, gen):
+    """Teacher == auxiliary model: loss and gradient vanish; a class no model can produce
+    contributes exactly 0 (its ``log r`` is undefined)."""
+    u = torch.randn(5, 40, generator=gen, requires_grad=True)
+    a = torch.randn(5, 40, generator=gen)
+    loss = ops.generator_loss(u, a, a.clone(), divergence="jeffreys")
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6 and float(u.grad.abs().max()) < 1e-6
+    u, a, b = (torch.randn(4, 12, generator=gen) for _ in range(3))
+    for t in (u, a, b):
+        t[:, 3] = float("-inf")
+    u.requires_grad_(True)
+    loss = ops.generator_loss(u, a, b, divergence="jeffreys")
+    loss.backward()
+    keep = [c for c in range(12) if c != 3]
+    assert torch.isfinite(u.grad).all() and float(u.grad[:, 3].abs().max()) == 0.0
+    torch.testing.assert_close(loss, ops.generator_loss(*(t.detach()[:, keep] for t in (u, a, b)),
+                                                        divergence="jeffreys"))
+
+
 def brute_aux_loss_rows(b, x, a, temperature, top_p, delta):
     b = b.astype(np.float64)
     q = np.exp(brute_teacher_logprobs(a, temperature, top_p, delta)) if a is not None else np.zeros_like(b)

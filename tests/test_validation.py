@@ -33,6 +33,9 @@ def test_loss_shapes_dtypes_devices(logits3):
     raises("weight", dmmd_ops.generator_loss, u, a, b, weight=torch.ones(5))
     raises("weight", dmmd_ops.generator_loss, u, a, b, weight=torch.ones(4, dtype=torch.int64))
     raises("reduction", dmmd_ops.generator_loss, u, a, b, reduction="avg")
+    raises("divergence", dmmd_ops.generator_loss, u, a, b, divergence="forward_kl")
+    for bad in (0.5, float("nan"), "20"):
+        raises("ratio_max", dmmd_ops.generator_loss, u, a, b, divergence="jeffreys", ratio_max=bad)
     raises("aux_logits", dmmd_ops.aux_loss, u.long(), torch.zeros(4, dtype=torch.int64))
     raises("teacher_logits", dmmd_ops.aux_loss, b, torch.zeros(4, dtype=torch.int64), a[:2])
     raises("target", dmmd_ops.aux_loss, b, torch.zeros(4, 9))

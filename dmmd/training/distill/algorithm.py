@@ -229,11 +229,15 @@ class Distiller:
         if cfg.fused_losses:
             if cfg.form == "posterior":
                 raise ValueError("fused_losses: the posterior form (Appendix D) needs whole probability rows")
+            if cfg.divergence != "reverse_kl":
+                raise ValueError(f"fused_losses: divergence={cfg.divergence!r} has no fused linear loss "
+                                 "(the paper's reverse_kl has)")
             if not exposes:
                 raise ValueError("fused_losses: the teacher exposes no output layer (as_denoiser(..., head=...))")
             return True
         if cfg.fused_losses is None:
-            return exposes and cfg.form == "xhat" and teacher.config.num_classes >= FUSED_MIN_CLASSES
+            return exposes and cfg.form == "xhat" and cfg.divergence == "reverse_kl" and \
+                teacher.config.num_classes >= FUSED_MIN_CLASSES
         return False
 
     def check_fused_head(self, batch: DistillBatch, rows: int = 4) -> None:
@@ -355,7 +359,8 @@ class LogitsHead:
     def generator_loss(self, u, a, b, keep, w, z_s, s) -> torch.Tensor:
         """Eq. 11 summed over the kept positions: generator ``u`` at ``z_t``, teacher ``a`` and
         auxiliary ``b`` at ``z_s``."""
-        return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep], **self._teacher_options())
+        return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep], divergence=self.d.cfg.divergence,
+                                       **self._teacher_options())
 
     def aux_loss(self, b, a, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
         """Eq. 12 summed over the kept positions: auxiliary ``b`` and teacher ``a`` at ``z_s``
@@ -376,7 +381,7 @@ class PosteriorHead(LogitsHead):
         with torch.no_grad():
             a = d._log_posterior(d._teacher_probs(a), z_s, s)
             b = d._log_posterior(torch.softmax(b, -1), z_s, s)
-        return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep])
+        return dmmd_ops.generator_loss(u[keep], a[keep], b[keep], weight=w[keep], divergence=d.cfg.divergence)
 
     def aux_loss(self, b, a, keep, w, z_s, s, *, x, gen, z_t) -> torch.Tensor:
         d = self.d
