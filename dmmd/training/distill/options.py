@@ -94,9 +94,9 @@ class DistillConfig(Options):
                                                    "paper's; 0: the auxiliary model learns the generator's samples "
                                                    "alone)" + _per_process("aux_teacher_weight"))
     # Eq. 11 pulls the generator by log(teacher / aux) per class, the gradient of the reverse KL:
-    # mode-seeking. The tenth round of the benchmark of sources (README) found half the symmetric
-    # (Jeffreys) divergence better on two masked sources at seed 0; the paper's stays the default
-    # until it holds over seeds and sources.
+    # mode-seeking. Half the symmetric (Jeffreys) divergence's pull was 5-6% better for masked
+    # students on the benchmark's three chains, worse on parity2x5 and for uniform students on four
+    # sources (README, "Eleventh round"): the paper's stays the default for both processes.
     divergence: str = option("reverse_kl", "the generator's divergence in eq. 11: reverse_kl (the paper's) or "
                                            "jeffreys (half the symmetric KL: also pulls linearly into the classes "
                                            "the generator lacks; no fused linear loss)")
