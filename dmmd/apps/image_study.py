@@ -26,7 +26,7 @@ from functools import partial
 import torch
 
 from dmmd.apps.draws import draw
-from dmmd.apps.stages import cached, keyed_file, place
+from dmmd.apps.stages import cached, keyed_file, place, shared_stage
 from dmmd.apps.verdicts import reaches, summarize
 from dmmd.data import make_source
 from dmmd.data.images import save_grid
@@ -231,7 +231,7 @@ def run_process(cfg: ImageStudyConfig, process: str, scorer: Scorer, *, progress
     :func:`run_image_study` runs per process, and what may run beside another process's."""
     tcfg = teacher_config(cfg, process)
     t0 = time.perf_counter()
-    train_teacher(tcfg, progress=progress)
+    shared_stage(partial(train_teacher, tcfg, progress=progress), log=log)
     teacher, proc, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
     log(f"{process}: teacher ready ({time.perf_counter() - t0:.0f} s)")
     if "main" in cfg.parts:

@@ -15,9 +15,10 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 
 from dmmd.apps.draws import draw
-from dmmd.apps.stages import place
+from dmmd.apps.stages import place, shared_stage
 from dmmd.data import make_source
 from dmmd.metrics import total_variation
 from dmmd.options import Options, check_keys, option
@@ -98,7 +99,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, log=print) -> list[dic
     for kind in cfg.processes:
         tcfg = _teacher_config(cfg, kind)
         t0 = time.perf_counter()
-        train_teacher(tcfg, progress=progress)
+        shared_stage(partial(train_teacher, tcfg, progress=progress), log=log)
         teacher, process, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
         source = make_source(tcfg.source)
         log(f"{kind}: teacher ready ({time.perf_counter() - t0:.0f} s)")

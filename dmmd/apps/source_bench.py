@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from dmmd.apps.draws import draw
-from dmmd.apps.stages import cached, keyed_file, place, settings_key
+from dmmd.apps.stages import cached, keyed_file, place, settings_key, shared_stage
 from dmmd.apps.verdicts import reaches as verdict
 from dmmd.apps.verdicts import summarize
 from dmmd.data import make_source
@@ -218,7 +218,7 @@ def run_bench(cfg: BenchConfig, *, progress: bool = True, log=print) -> list[dic
         for kind in cfg.processes:
             tcfg = cfg.teacher_config(src, kind)
             t0 = time.perf_counter()
-            train_teacher(tcfg, progress=progress)
+            shared_stage(partial(train_teacher, tcfg, progress=progress), log=log)
             teacher, process, _ = load_teacher(os.path.join(tcfg.run.out, "checkpoint"), device=cfg.device)
             source = make_source(tcfg.source)
             log(f"{src} {kind}: teacher ready ({time.perf_counter() - t0:.0f} s)")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 from dmmd.options import Options
 from dmmd.training.checkpoint import write_json_atomic
-from dmmd.training.loop import NOT_RESULT
+from dmmd.training.loop import NOT_RESULT, OutputInUse
 
 
 def settings_key(settings: Options | dict) -> str:
@@ -53,4 +54,20 @@ def cached(path: str, compute) -> dict:
     return result
 
 
-__all__ = ["cached", "keyed_file", "place", "settings_key"]
+def shared_stage(run, *, log=print, poll: float = 2.0):
+    """``run()`` (a resumable stage such as a teacher's training) for a stage that studies run
+    side by side share: while another process holds the stage's output directory (training it,
+    or finding it finished), wait for that process instead of failing, then run (or find the
+    stage finished)."""
+    told = False
+    while True:
+        try:
+            return run()
+        except OutputInUse as e:
+            if not told:
+                log(f"waiting: {e}")
+                told = True
+            time.sleep(poll)
+
+
+__all__ = ["cached", "keyed_file", "place", "settings_key", "shared_stage"]
