@@ -356,13 +356,15 @@ def test_noise_per_sequence_is_shared_by_the_tokens():
         Distiller(teacher, process, DistillConfig.from_dict(dict(noise_per="pixel")))
 
 
-@pytest.mark.parametrize("window", [1.0, 2.0])
-def test_times_follow_algorithm_1(window):
-    teacher, process = _tiny_models("masked")
+@pytest.mark.parametrize("kind,window,width", [("masked", 1.0, 1.0), ("masked", 2.0, 2.0),
+                                               ("masked", None, 1.0), ("uniform", None, 1.5)])
+def test_times_follow_algorithm_1(kind, window, width):
+    # unset, the window is the process's default: the paper's for masked, 1.5 steps for uniform
+    teacher, process = _tiny_models(kind)
     cfg = DistillConfig.from_dict(dict(batch_size=4000, student_steps=4, step_window=window))
     b = draw_batch(_Source(7, 5), process, cfg, None, step=0)
     delta = b.t - b.s
-    h = window / 4  # the window's width: delta ~ U(0, step_window / k)
+    h = width / 4  # the window's width: delta ~ U(0, step_window / k)
     assert (b.s >= 0).all() and (b.s < 1).all() and (b.t <= 1).all() and (delta >= 0).all()
     assert h - 0.01 < float(delta.max()) <= h + 1e-12
     assert abs(float((b.t == 1).double().mean()) - h / 2) < 0.02  # P(s + delta >= 1) = E[delta]

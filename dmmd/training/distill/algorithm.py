@@ -61,7 +61,8 @@ def draw_batch(source, process: DiffusionProcess, cfg: DistillConfig, noise: Noi
     b = cfg.run.batch_size
     x0 = source.sample(b, gen)
     s = torch.rand(b, generator=gen, dtype=torch.float64)
-    delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps * cfg.step_window
+    window = cfg.step_window if cfg.step_window is not None else cfg.for_process(process.kind).step_window
+    delta = torch.rand(b, generator=gen, dtype=torch.float64) / cfg.student_steps * window
     t = torch.clamp(s + delta, max=1.0)
     z_t = process.diffuse(x0, t, gen)
     drawn = None if noise is None else noise.draw(b, x0.shape[1], gen, getattr(source, "shape", None))
